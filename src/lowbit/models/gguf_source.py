@@ -1,0 +1,208 @@
+"""GGUF files as model sources: dequantize into a cached Hugging Face folder.
+
+llama.cpp's converter renames tensors, permutes llama's q/k rows for its rotary layout and
+stores Gemma's RMSNorm weights as ``1 + w``; this module undoes each step so the result is
+the Hugging Face model those weights came from (to the precision of the GGUF's blocks).
+Tensors are processed one at a time, so memory stays about one tensor plus the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from ..errors import LowbitError
+from ..fileio import atomic_dir
+from ..progress import track
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+_COMMON = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GEMMA3_BLOCK = {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+
+
+def hf_name(gguf_name: str, arch: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None for tensors the HF model lacks."""
+    if gguf_name in _COMMON:
+        return _COMMON[gguf_name]
+    m = _BLOCK_RE.match(gguf_name)
+    if not m:
+        return None
+    layer, part, kind = m.groups()
+    table = {**_BLOCK, **_GEMMA3_BLOCK} if arch == "gemma3" else _BLOCK
+    if part not in table:
+        return None
+    return f"model.layers.{layer}.{table[part]}.{kind}"
+
+
+def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of q/k rows (its rotary layout) back to Hugging Face's."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def hf_config(reader: Any, path: Path) -> dict[str, Any]:
+    """A Hugging Face config.json dict from GGUF metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise LowbitError(path, f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+    names = {t.name for t in reader.tensors}
+
+    def need(key: str) -> Any:
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise LowbitError(path, f"missing metadata key {arch}.{key}")
+        return v
+
+    embd = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    if not embd:
+        raise LowbitError(path, "missing tensor token_embd.weight")
+    n_head = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    cfg: dict[str, Any] = {
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "vocab_size": int(embd[0].shape[1]),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    head_dim = _field(reader, f"{arch}.attention.key_length") or _field(reader, f"{arch}.rope.dimension_count")
+    if head_dim:
+        cfg["head_dim"] = int(head_dim)
+    theta = _field(reader, f"{arch}.rope.freq_base")
+    if arch == "gemma3":
+        cfg.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"])
+        cfg["sliding_window"] = int(_field(reader, "gemma3.attention.sliding_window", 4096))
+        cfg["query_pre_attn_scalar"] = cfg.get("head_dim", hidden // n_head)
+        cfg["rope_theta"] = float(theta or 1_000_000.0)
+    else:
+        model_type = {"mistral": "llama"}.get(arch, arch)
+        cls = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
+        cfg.update(model_type=model_type, architectures=[cls])
+        cfg["rope_theta"] = float(theta or 10000.0)
+        if model_type == "llama":
+            cfg["attention_bias"] = "blk.0.attn_q.bias" in names
+            cfg["mlp_bias"] = False
+    return cfg
+
+
+def _dequantize_tensor(tensor: Any) -> torch.Tensor:
+    from gguf import quants  # imported lazily: gguf-py is a hard dependency, but heavy-ish
+
+    data = np.array(tensor.data)  # a private copy: the memory map is read-only
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    values = quants.dequantize(data, tensor.tensor_type)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+
+
+def open_gguf(path: Path) -> Any:
+    """Open a GGUF file with gguf-py after lowbit's bounded header validation."""
+    try:
+        from ..gguf.reader import open_reader  # bounded validation, when available
+    except ImportError:
+        open_reader = None
+    if open_reader is not None:
+        return open_reader(path)
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - gguf-py raises many kinds on bad files
+        raise LowbitError(path, f"not a readable GGUF file ({exc.__class__.__name__}: {exc})") from None
+
+
+def cache_key(path: Path) -> str:
+    """A key that changes when the file changes (name, size, first and last MiB)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def convert_gguf_to_hf(path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF model into a Hugging Face folder (config, safetensors, tokenizer)."""
+    reader = open_gguf(path)
+    cfg = hf_config(reader, path)
+    arch = _field(reader, "general.architecture")
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    tensors: dict[str, torch.Tensor] = {}
+    for t in track(reader.tensors, desc=f"dequantize {path.name}", total=len(reader.tensors), unit="tensor"):
+        name = hf_name(t.name, arch)
+        if name is None:
+            continue
+        w = _dequantize_tensor(t)
+        if not torch.isfinite(w).all():
+            raise LowbitError(path, f"tensor {t.name} has NaN or Inf values")
+        if arch in ("llama", "mistral") and name.endswith("q_proj.weight"):
+            w = unpermute_rotary(w, n_head)
+        elif arch in ("llama", "mistral") and name.endswith("k_proj.weight"):
+            w = unpermute_rotary(w, n_kv)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1.0
+        tensors[name] = w.contiguous()
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": path.name})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        _save_tokenizer(path, tmp)
+        (tmp / "lowbit_source.json").write_text(json.dumps({"gguf": str(path), "key": cache_key(path)}))
+    return out_dir
+
+
+def _save_tokenizer(path: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as exc:  # noqa: BLE001
+            raise LowbitError(path, f"could not read the tokenizer ({exc.__class__.__name__}: {exc})") from None
+    tok.save_pretrained(str(out))
