@@ -281,6 +281,9 @@ def open_gguf(path: str | Path):
         raise LowbitError(path, f"cannot read GGUF file: {e}") from None
 
 
+open_reader = open_gguf  # name used by lowbit.models.gguf_source
+
+
 def _field_value(reader_field) -> Any:
     """Decode one GGUFReader field into Python values (strings decoded, arrays as lists)."""
     types = reader_field.types
