@@ -1,0 +1,343 @@
+"""GGUF block types in vectorized torch, byte-identical to llama.cpp's quantizers.
+
+Public API::
+
+    quantize(t, qtype, imatrix=None) -> uint8 [rows, bytes_per_row]
+    dequantize(data, qtype, shape)   -> float32 tensor of ``shape``
+    can_quantize(qtype) -> bool
+    block_size(qtype)   -> (elements per block, bytes per block)
+
+``t`` is a 2-D float tensor ``[rows, cols]`` on any device; computation happens in
+float32 on that device. ``imatrix`` is the per-column importance (llama.cpp's
+``quant_weights``), shape ``[cols]``. Types llama.cpp quantizes differently when given
+an importance matrix (Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, IQ4_NL, IQ4_XS) follow
+that path when ``imatrix`` is given; the others ignore it, as llama.cpp does.
+
+This module holds the float types and the legacy 32-element types; the K-quants are
+in :mod:`lowbit.gguf.kquants` and the IQ types in :mod:`lowbit.gguf.iquants`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..errors import LowbitError
+from ._base import REGISTRY, BlockType, blocks_of, bytes_rows, element_major, register
+from ._blockops import (
+    first_abs_max,
+    fp16_bytes,
+    fp16_round,
+    make_qkx,
+    make_qx_quants,
+    recip,
+    roundf,
+    row_sigma_sum,
+    seq_max,
+    seq_min,
+    u32_bytes,
+)
+
+__all__ = ["quantize", "dequantize", "can_quantize", "block_size", "parse_qtype"]
+
+QType = GGMLQuantizationType | str | int
+
+
+# --------------------------------------------------------------------------- float types
+
+
+@register(GGMLQuantizationType.F32)
+class F32(BlockType):
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        return x.float().contiguous().view(torch.uint8)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return blocks.contiguous().view(torch.float32)
+
+
+@register(GGMLQuantizationType.F16)
+class F16(BlockType):
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        return x.to(torch.float16).contiguous().view(torch.uint8)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return blocks.contiguous().view(torch.float16).float()
+
+
+@register(GGMLQuantizationType.BF16)
+class BF16(BlockType):
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        return x.to(torch.bfloat16).contiguous().view(torch.uint8)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        return blocks.contiguous().view(torch.bfloat16).float()
+
+
+# --------------------------------------------------------------------------- legacy helpers
+
+
+def _pack_nibbles(L: torch.Tensor) -> torch.Tensor:
+    """``[N, 32]`` 4-bit codes -> ``[N, 16]`` bytes: element j low nibble, j+16 high nibble."""
+    L = L.to(torch.uint8)
+    return L[:, :16] | (L[:, 16:] << 4)
+
+
+def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_pack_nibbles` -> int32 ``[N, 32]``."""
+    q = qs.to(torch.int32)
+    return torch.cat([q & 0x0F, q >> 4], dim=1)
+
+
+def _pack_q5(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """5-bit codes ``[N, 32]`` -> (qh ``[N, 4]`` bit j = bit 4 of code j, qs ``[N, 16]``)."""
+    L = L.to(torch.int64)
+    hi = (L >> 4) & 1
+    qh = (hi << torch.arange(32, device=L.device)).sum(dim=1)
+    return u32_bytes(qh), _pack_nibbles(L & 0x0F)
+
+
+def _unpack_q5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    h = qh.to(torch.int64)
+    word = h[:, 0] | (h[:, 1] << 8) | (h[:, 2] << 16) | (h[:, 3] << 24)
+    bits = (word.unsqueeze(1) >> torch.arange(32, device=qh.device)) & 1
+    return _unpack_nibbles(qs) | (bits.to(torch.int32) << 4)
+
+
+def _row_weights(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """Legacy imatrix weights ``qw * sqrt(sigma2 + x*x)``, sigma2 = mean of x*x over the row. -> ``[R, C]``."""
+    sigma2 = row_sigma_sum(x) / float(x.shape[1])
+    return qw.unsqueeze(0) * torch.sqrt(sigma2.unsqueeze(1) + x * x)
+
+
+def _half(d: torch.Tensor) -> torch.Tensor:
+    return fp16_bytes(d)
+
+
+# --------------------------------------------------------------------------- legacy types
+
+
+@register(GGMLQuantizationType.Q4_0)
+class Q4_0(BlockType):
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        rows = x.shape[0]
+        if qw is not None:
+            w = _row_weights(x, qw)
+            d, L = make_qx_quants(element_major(x, 32), 8, element_major(w, 32))
+            L = L.t()
+        else:
+            b = blocks_of(x, 32)
+            _, mx = first_abs_max(b.t())
+            d = mx / -8.0
+            idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
+            L = torch.trunc(b * idv.unsqueeze(1) + 8.5).clamp_(max=15)
+        return bytes_rows(torch.cat([_half(d), _pack_nibbles(L)], dim=1), rows)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
+        return (_unpack_nibbles(blocks[:, 2:]) - 8).float() * d
+
+
+@register(GGMLQuantizationType.Q4_1)
+class Q4_1(BlockType):
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        rows = x.shape[0]
+        if qw is not None:
+            w = _row_weights(x, qw)
+            d, the_min, L = make_qkx(element_major(x, 32), element_major(w, 32), 15, -0.9, 0.05, 36, False)
+            m, L = -the_min, L.t()
+        else:
+            b = blocks_of(x, 32)
+            bt = b.t()
+            m, mx = seq_min(bt), seq_max(bt)
+            d = (mx - m) / 15.0
+            idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
+            L = torch.trunc((b - m.unsqueeze(1)) * idv.unsqueeze(1) + 0.5).clamp_(max=15)
+        return bytes_rows(torch.cat([_half(d), _half(m), _pack_nibbles(L)], dim=1), rows)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
+        m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+        return _unpack_nibbles(blocks[:, 4:]).float() * d + m
+
+
+@register(GGMLQuantizationType.Q5_0)
+class Q5_0(BlockType):
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        rows = x.shape[0]
+        if qw is not None:
+            w = _row_weights(x, qw)
+            d, L = make_qx_quants(element_major(x, 32), 16, element_major(w, 32))
+            L = L.t()
+        else:
+            b = blocks_of(x, 32)
+            _, mx = first_abs_max(b.t())
+            d = mx / -16.0
+            idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
+            L = torch.trunc(b * idv.unsqueeze(1) + 16.5).clamp_(max=31)
+        qh, qs = _pack_q5(L)
+        return bytes_rows(torch.cat([_half(d), qh, qs], dim=1), rows)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
+        return (_unpack_q5(blocks[:, 2:6], blocks[:, 6:]) - 16).float() * d
+
+
+@register(GGMLQuantizationType.Q5_1)
+class Q5_1(BlockType):
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        rows = x.shape[0]
+        if qw is not None:
+            w = _row_weights(x, qw)
+            d, the_min, L = make_qkx(element_major(x, 32), element_major(w, 32), 31, -0.9, 0.05, 36, False)
+            m, L = -the_min, L.t()
+        else:
+            b = blocks_of(x, 32)
+            bt = b.t()
+            m, mx = seq_min(bt), seq_max(bt)
+            d = (mx - m) / 31.0
+            idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
+            # C casts to uint8 without clamping; the value never exceeds 31.5
+            L = torch.trunc((b - m.unsqueeze(1)) * idv.unsqueeze(1) + 0.5)
+        qh, qs = _pack_q5(L)
+        return bytes_rows(torch.cat([_half(d), _half(m), qh, qs], dim=1), rows)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
+        m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+        return _unpack_q5(blocks[:, 4:8], blocks[:, 8:]).float() * d + m
+
+
+@register(GGMLQuantizationType.Q8_0)
+class Q8_0(BlockType):
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        rows = x.shape[0]
+        b = blocks_of(x, 32)
+        amax = b.abs().amax(dim=1)
+        d = amax / 127.0
+        idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
+        q = roundf(b * idv.unsqueeze(1)).to(torch.int8).view(torch.uint8)
+        return bytes_rows(torch.cat([_half(d), q], dim=1), rows)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
+        return blocks[:, 2:].contiguous().view(torch.int8).float() * d
+
+
+# K-quants and IQ types register themselves on import.
+from . import kquants as _kquants  # noqa: E402,F401
+from . import iquants as _iquants  # noqa: E402,F401
+
+# --------------------------------------------------------------------------- public API
+
+
+def parse_qtype(qtype: QType) -> GGMLQuantizationType:
+    """Accept a ``GGMLQuantizationType``, its name (``"q4_k"``) or its integer id."""
+    if isinstance(qtype, GGMLQuantizationType):
+        return qtype
+    if isinstance(qtype, str):
+        try:
+            return GGMLQuantizationType[qtype.upper()]
+        except KeyError:
+            raise LowbitError(None, f"unknown GGUF tensor type {qtype!r}") from None
+    try:
+        return GGMLQuantizationType(int(qtype))
+    except ValueError:
+        raise LowbitError(None, f"unknown GGUF tensor type {qtype!r}") from None
+
+
+def block_size(qtype: QType) -> tuple[int, int]:
+    """``(elements per block, bytes per block)`` of a type."""
+    return GGML_QUANT_SIZES[parse_qtype(qtype)]
+
+
+def can_quantize(qtype: QType) -> bool:
+    """Whether :func:`quantize` can write this type."""
+    cls = REGISTRY.get(parse_qtype(qtype))
+    return cls is not None and cls.can_quantize
+
+
+def _chunk_rows(rows: int, cols: int, device: torch.device) -> int:
+    budget = (1 << 24) if device.type == "cuda" else (1 << 19)
+    return max(1, min(rows, budget // max(cols, 1)))
+
+
+def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize a 2-D float tensor ``[rows, cols]`` to GGUF blocks, llama.cpp byte for byte.
+
+    Returns uint8 ``[rows, cols / block_size * type_size]`` on ``t``'s device.
+    Raises :class:`LowbitError` for a row length that is not a multiple of the block
+    size, non-finite values, a bad importance matrix, or block scales that overflow fp16.
+    """
+    qt = parse_qtype(qtype)
+    cls = REGISTRY.get(qt)
+    if cls is None or not cls.can_quantize:
+        raise LowbitError(None, f"quantization to {qt.name} is not supported")
+    if t.dim() != 2:
+        raise LowbitError(None, f"quantize expects a 2-D tensor [rows, cols], got shape {tuple(t.shape)}")
+    rows, cols = t.shape
+    if cols % cls.block_size != 0:
+        raise LowbitError(None, f"row length {cols} is not a multiple of the {qt.name} block size {cls.block_size}")
+    x = t.detach().float().contiguous()
+    if not bool(torch.isfinite(x).all()):
+        raise LowbitError(None, f"cannot quantize to {qt.name}: the tensor contains NaN or Inf values")
+    qw = None
+    if imatrix is not None and qt not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        qw = imatrix.detach().float().reshape(-1).to(x.device)
+        if qw.numel() != cols:
+            raise LowbitError(None, f"importance matrix has {qw.numel()} values, expected one per column ({cols})")
+        if not bool(torch.isfinite(qw).all()):
+            raise LowbitError(None, "importance matrix contains NaN or Inf values")
+    out = torch.empty((rows, cols // cls.block_size * cls.type_size), dtype=torch.uint8, device=x.device)
+    step = _chunk_rows(rows, cols, x.device)
+    for r0 in range(0, rows, step):
+        out[r0 : r0 + step] = cls.quantize_rows(x[r0 : r0 + step], qw)
+    return out
+
+
+def _numpy_dequantize(data: torch.Tensor, qt: GGMLQuantizationType) -> torch.Tensor:
+    """Fallback through gguf-py's numpy dequantizers (types without a torch implementation)."""
+    from gguf import quants as gq
+
+    arr = data.detach().cpu().contiguous().numpy().view(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(gq.dequantize(arr, qt), dtype=np.float32)).to(data.device)
+
+
+def dequantize(data: torch.Tensor, qtype: QType, shape: tuple[int, ...]) -> torch.Tensor:
+    """Decode GGUF bytes (any shape of uint8 holding whole rows) to float32 of ``shape``."""
+    qt = parse_qtype(qtype)
+    bs, ts = GGML_QUANT_SIZES[qt]
+    shape = tuple(int(s) for s in shape)
+    n = int(np.prod(shape)) if shape else 1
+    if shape and shape[-1] % bs != 0:
+        raise LowbitError(None, f"row length {shape[-1]} is not a multiple of the {qt.name} block size {bs}")
+    raw = data.detach().contiguous().reshape(-1)
+    if raw.dtype != torch.uint8:
+        raw = raw.view(torch.uint8)
+    if raw.numel() != n // bs * ts:
+        raise LowbitError(None, f"{raw.numel()} bytes do not hold {qt.name} data of shape {shape}")
+    cls = REGISTRY.get(qt)
+    blocks = raw.reshape(-1, ts)
+    try:
+        vals = cls.dequantize_blocks(blocks) if cls is not None else None
+    except NotImplementedError:
+        vals = None
+    if vals is None:
+        vals = _numpy_dequantize(blocks, qt)
+    return vals.reshape(shape)
