@@ -1,0 +1,210 @@
+"""Pieces shared by the checkpoint writers and readers: source files, tensors, config.json.
+
+Every writer produces a Hugging Face folder: ``config.json`` (the source config plus a
+``quantization_config``), one ``model.safetensors`` (or shards with an index), and the
+tokenizer / generation files copied unchanged from the source folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import LowbitError
+from ..methods.base import QuantizedWeight
+
+#: Files never copied from the source folder (weights, the config we rewrite, stale indexes).
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx", ".lock")
+_SKIP_NAMES = {
+    "config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "quantize_config.json",
+    "quant_config.json",
+    "README.md",
+}
+
+#: safetensors metadata written by every writer (fixed, so output bytes are reproducible).
+SAFETENSORS_METADATA = {"format": "pt"}
+
+#: Shard size limit for ``model-0000x-of-0000y.safetensors`` files.
+MAX_SHARD_BYTES = 5 * 1024**3
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float": torch.float32,
+    "half": torch.float16,
+}
+
+
+def module_of(weight_name: str) -> str:
+    """``model.layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj``."""
+    if not weight_name.endswith(".weight"):
+        raise LowbitError(weight_name, "quantized tensors must be named '<module>.weight'")
+    return weight_name[: -len(".weight")]
+
+
+def load_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` of a Hugging Face folder as a dict."""
+    path = folder / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LowbitError(path, "missing (not a Hugging Face model folder)") from None
+    except json.JSONDecodeError as exc:
+        raise LowbitError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def model_dtype(config: Mapping[str, Any]) -> torch.dtype:
+    """The float dtype a config declares (``dtype`` or the older ``torch_dtype``); float32 if none."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return _DTYPES.get(str(name).replace("torch.", ""), torch.float32)
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Deterministic JSON: sorted keys, two-space indent, trailing newline."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer, generation config and other small non-weight files; returns their names."""
+    copied = []
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.name in _SKIP_NAMES or f.name.endswith(_SKIP_SUFFIXES):
+            continue
+        shutil.copyfile(f, dst / f.name)
+        copied.append(f.name)
+    return copied
+
+
+def save_tensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write tensors (sorted by name) as one ``model.safetensors`` or shards plus an index."""
+    names = sorted(tensors)
+    clean = {n: tensors[n].detach().contiguous().cpu() for n in names}
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        nbytes = clean[n].numel() * clean[n].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nbytes
+    if len(shards) == 1:
+        save_file(clean, str(folder / "model.safetensors"), metadata=SAFETENSORS_METADATA)
+        return ["model.safetensors"]
+    files = []
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: clean[n] for n in shard}, str(folder / fname), metadata=SAFETENSORS_METADATA)
+        files.append(fname)
+        for n in shard:
+            weight_map[n] = fname
+            total += clean[n].numel() * clean[n].element_size()
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return files
+
+
+def linear_modules(config: Mapping[str, Any]) -> list[str]:
+    """Names of every ``nn.Linear`` in the model a config describes (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
+    model_type = cfg_dict.pop("model_type", None)
+    if model_type is None:
+        raise LowbitError("config.json", "no model_type; cannot tell which modules are linear layers")
+    cfg = AutoConfig.for_model(model_type, **cfg_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+def float_tensors(source: Path, quantized: Mapping[str, QuantizedWeight], overrides: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The source checkpoint's tensors that stay in float: all but the quantized weights.
+
+    ``overrides`` replace source tensors of the same name (or add new ones, e.g. a
+    smoothed norm weight).
+    """
+    from ..models.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(source)
+    out = {name: ckpt.get(name) for name in ckpt.keys() if name not in quantized}
+    for name, t in overrides.items():
+        if name in quantized:
+            raise LowbitError(name, "is both quantized and given as a float override")
+        out[name] = t
+    return out
+
+
+def check_weight(name: str, qw: QuantizedWeight) -> None:
+    """Internal consistency of one :class:`QuantizedWeight` (codes range, shapes, symmetric zeros)."""
+    s = qw.scheme
+    out_f, in_f = qw.codes.shape
+    if qw.codes.numel() and (int(qw.codes.min()) < 0 or int(qw.codes.max()) > s.qmax):
+        raise LowbitError(name, f"codes outside [0, {s.qmax}] for {s.bits}-bit")
+    if s.group_size == 0:
+        expected = (1, 1)
+    elif s.group_size == -1:
+        expected = (out_f, 1)
+    else:
+        if in_f % s.group_size:
+            raise LowbitError(name, f"group size {s.group_size} does not divide the {in_f} input columns")
+        expected = (out_f, in_f // s.group_size)
+    if tuple(qw.scale.shape) != expected:
+        raise LowbitError(name, f"scale has shape {tuple(qw.scale.shape)}, expected {expected} for {s.describe()}")
+    if s.symmetric and not bool((qw.zero == s.mid).all()):
+        raise LowbitError(name, f"symmetric scheme but zero points differ from {s.mid}")
+    z = qw.zero
+    if bool((z != torch.round(z)).any()) or float(z.min()) < 0 or float(z.max()) > s.qmax:
+        raise LowbitError(name, f"zero points must be integers in [0, {s.qmax}]")
+    if qw.g_idx is not None:
+        n_groups = qw.scale.shape[1]
+        if int(qw.g_idx.min()) < 0 or int(qw.g_idx.max()) >= n_groups:
+            raise LowbitError(name, f"g_idx values must lie in [0, {n_groups})")
+
+
+def per_channel(qw: QuantizedWeight) -> QuantizedWeight:
+    """A per-tensor weight rewritten exactly as per-channel (its one scale repeated per row)."""
+    from ..core.scheme import PER_CHANNEL, QuantScheme
+
+    if qw.scheme.group_size != 0:
+        return qw
+    out_f = qw.codes.shape[0]
+    scheme = QuantScheme(qw.scheme.bits, PER_CHANNEL, qw.scheme.symmetric)
+    return QuantizedWeight(qw.codes, qw.scale.reshape(1, 1).expand(out_f, 1).clone(),
+                           qw.zero.reshape(1, 1).expand(out_f, 1).clone(), scheme, None)
+
+
+def trivial_g_idx(qw: QuantizedWeight) -> bool:
+    """True when ``g_idx`` is absent or equals the default ``column // group_size`` mapping."""
+    if qw.g_idx is None:
+        return True
+    in_f = qw.codes.shape[1]
+    n_groups = qw.scale.shape[1]
+    default = torch.arange(in_f) // (in_f // n_groups) if n_groups > 1 else torch.zeros(in_f, dtype=torch.int64)
+    return bool((qw.g_idx.to(torch.int64).cpu() == default).all())
+
+
+def pad_columns(codes: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Right-pad the last dimension with zeros to a multiple of ``multiple``."""
+    n = codes.shape[-1]
+    extra = (-n) % multiple
+    if not extra:
+        return codes
+    return torch.nn.functional.pad(codes, (0, extra))
+
+
+def exact_regex(module: str) -> str:
+    """An anchored regex matching exactly one module name."""
+    return "^" + re.escape(module) + "$"

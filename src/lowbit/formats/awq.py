@@ -1,0 +1,177 @@
+"""AWQ checkpoints in AutoAWQ's GEMM layout, read by vLLM (``awq`` / ``awq_marlin``) and transformers.
+
+Layout of one quantized linear ``<m>`` (weight ``[out, in]``, 4-bit, ``G = in / group_size``):
+
+* ``<m>.qweight`` int32 ``[in, out / 8]``: row ``i`` packs the codes of input column ``i``
+  along the output dimension, eight per word; nibble ``k`` (bits ``4k..4k+3``) of word ``c``
+  holds output channel ``8c + ORDER[k]`` with ``ORDER = [0, 2, 4, 6, 1, 3, 5, 7]``.
+* ``<m>.qzeros``  int32 ``[G, out / 8]``: the integer zero points, same interleaved packing
+  (no offset).
+* ``<m>.scales``  float16 ``[G, out]``.
+
+``config.json`` gains ``quantization_config = {quant_method: awq, bits: 4, group_size,
+zero_point: true, version: gemm, modules_to_not_convert}``; the last lists float linear
+layers (vLLM skips a layer when one of these names is a substring of its name).
+
+Rules: asymmetric (``zero_point: true``) 4-bit with groups, no act-order, ``out % 8 == 0``,
+``lm_head`` not quantized.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..core.packing import pack, unpack
+from ..core.scheme import QuantScheme
+from ..errors import LowbitError
+from ..methods.base import QuantizedWeight
+from ._common import check_weight, module_of, trivial_g_idx
+
+#: Output channel stored in nibble k of a packed word.
+ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+#: Nibble that holds output channel j (the inverse permutation of ORDER).
+REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+BITS = 4
+MARLIN_MIN_N = 64
+MARLIN_MIN_K = 128
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+
+
+def validate(name: str, qw: QuantizedWeight) -> None:
+    """Raise :class:`LowbitError` when ``qw`` cannot be stored as AWQ GEMM."""
+    check_weight(name, qw)
+    s = qw.scheme
+    out_f, in_f = qw.codes.shape
+    if s.bits != BITS:
+        raise LowbitError(name, f"AWQ GEMM stores 4-bit weights only, not {s.bits}-bit")
+    if s.symmetric:
+        raise LowbitError(name, "AWQ GEMM needs an asymmetric scheme (zero_point=true); use gptq or compressed-tensors "
+                          "for symmetric weights")
+    if s.group_size <= 0:
+        raise LowbitError(name, f"AWQ GEMM needs grouped quantization (group_size > 0), not {s.granularity}")
+    if not trivial_g_idx(qw):
+        raise LowbitError(name, "AWQ has no act-order (g_idx); use the gptq format")
+    if out_f % 8:
+        raise LowbitError(name, f"AWQ packs 8 output channels per int32: out={out_f} is not a multiple of 8")
+    if module_of(name) == "lm_head":
+        raise LowbitError(name, "AWQ checkpoints keep lm_head in float")
+
+
+def _interleave(x: torch.Tensor) -> torch.Tensor:
+    """``[rows, out]`` -> same shape with each block of 8 columns reordered by ORDER."""
+    rows, out_f = x.shape
+    return x.reshape(rows, out_f // 8, 8)[:, :, list(ORDER)].reshape(rows, out_f)
+
+
+def _deinterleave(x: torch.Tensor) -> torch.Tensor:
+    rows, out_f = x.shape
+    return x.reshape(rows, out_f // 8, 8)[:, :, list(REVERSE_ORDER)].reshape(rows, out_f)
+
+
+def encode_weight(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """``qweight``, ``qzeros``, ``scales`` of one module (local names)."""
+    codes = qw.codes.detach().cpu().t().contiguous()  # [in, out]
+    zeros = qw.zero.detach().cpu().round().to(torch.int32).t().contiguous()  # [G, out]
+    return {
+        "qweight": pack(_interleave(codes), BITS, dim=1, dtype=torch.int32).contiguous(),
+        "qzeros": pack(_interleave(zeros), BITS, dim=1, dtype=torch.int32).contiguous(),
+        "scales": qw.scale.detach().cpu().t().to(torch.float16).contiguous(),
+    }
+
+
+def encode(weights: Mapping[str, QuantizedWeight], linears: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All AWQ tensors (full names) and the ``quantization_config`` dict."""
+    tensors: dict[str, torch.Tensor] = {}
+    group_sizes = set()
+    for name in sorted(weights):
+        validate(name, weights[name])
+        module = module_of(name)
+        for k, v in encode_weight(weights[name]).items():
+            tensors[f"{module}.{k}"] = v
+        group_sizes.add(weights[name].scheme.group_size)
+    if len(group_sizes) != 1:
+        raise LowbitError(None, f"AWQ has one group size per checkpoint; got {sorted(group_sizes)}")
+    quantized = {module_of(n) for n in weights}
+    skipped = sorted(m for m in linears if m not in quantized and m != "lm_head")
+    qconfig = {
+        "bits": BITS,
+        "group_size": group_sizes.pop(),
+        "modules_to_not_convert": skipped or None,
+        "quant_method": "awq",
+        "version": "gemm",
+        "zero_point": True,
+    }
+    return tensors, qconfig
+
+
+def decode(
+    get: Callable[[str], torch.Tensor], names: list[str], config: Mapping[str, Any]
+) -> tuple[dict[str, QuantizedWeight], set[str]]:
+    """Quantized weights keyed ``<module>.weight``, and the tensor names they consumed."""
+    qconfig = config.get("quantization_config") or {}
+    version = str(qconfig.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise LowbitError("config.json", f"AWQ version {version!r} is not supported (only gemm)")
+    bits = int(qconfig.get("bits", qconfig.get("w_bit", BITS)))
+    if bits != BITS:
+        raise LowbitError("config.json", f"AWQ with {bits} bits is not supported (only 4)")
+    group_size = int(qconfig.get("group_size", qconfig.get("q_group_size", 128)))
+    zero_point = bool(qconfig.get("zero_point", True))
+    out: dict[str, QuantizedWeight] = {}
+    used: set[str] = set()
+    for qname in sorted(n for n in names if n.endswith(".qweight")):
+        module = qname[: -len(".qweight")]
+        qweight = get(qname)
+        in_f, out_f = qweight.shape[0], qweight.shape[1] * 8
+        codes = _deinterleave(unpack(qweight, BITS, out_f, dim=1)).t().contiguous()
+        scales = get(f"{module}.scales").float()
+        zname = f"{module}.qzeros"
+        if zero_point:
+            zero = _deinterleave(unpack(get(zname), BITS, out_f, dim=1)).float()
+        else:
+            zero = torch.full_like(scales, float(1 << (BITS - 1)))
+        if scales.shape[0] * group_size != in_f:
+            raise LowbitError(module, f"scales have {scales.shape[0]} groups, expected {in_f} / {group_size}")
+        scheme = QuantScheme(BITS, group_size, not zero_point)
+        out[f"{module}.weight"] = QuantizedWeight(codes, scales.t().contiguous(), zero.t().contiguous(), scheme, None)
+        used.update({qname, zname, f"{module}.scales"})
+    return out, used
+
+
+def marlin_issues(weights: Mapping[str, QuantizedWeight]) -> list[str]:
+    """Why vLLM's ``awq_marlin`` kernel would not take these weights (empty list: it qualifies).
+
+    Rules (vLLM ``awq_marlin.py`` / ``marlin_utils.py``): 4-bit with zero points, group size
+    in -1/32/64/128, and per layer ``out % 64 == 0``, ``in % 128 == 0``, group dividing ``in``.
+    """
+    issues = []
+    for name in sorted(weights):
+        qw = weights[name]
+        out_f, in_f = qw.codes.shape
+        why = []
+        if qw.scheme.group_size not in MARLIN_GROUP_SIZES:
+            why.append(f"group size {qw.scheme.group_size} (needs -1/32/64/128)")
+        if out_f % MARLIN_MIN_N:
+            why.append(f"out={out_f} not divisible by {MARLIN_MIN_N}")
+        if in_f % MARLIN_MIN_K:
+            why.append(f"in={in_f} not divisible by {MARLIN_MIN_K}")
+        if why:
+            issues.append(f"{module_of(name)}: {', '.join(why)}")
+    return issues
+
+
+def warn_if_not_marlin(weights: Mapping[str, QuantizedWeight]) -> list[str]:
+    """Emit one warning listing why ``awq_marlin`` would not apply; returns the issues."""
+    issues = marlin_issues(weights)
+    if issues:
+        more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
+        warnings.warn(
+            "AWQ checkpoint does not qualify for vLLM's fast awq_marlin kernel; vLLM falls back to the "
+            f"slower awq kernel: {'; '.join(issues[:3])}{more}",
+            stacklevel=3,
+        )
+    return issues
