@@ -1,0 +1,18 @@
+"""Measurement: perplexity, KL-divergence, top-1 agreement, size and speed."""
+
+from .perplexity import KLResult, PerplexityResult, kl_divergence, perplexity
+from .size import SizeReport, folder_size
+from .text import default_text, model_adds_bos, read_text, tokenize
+
+__all__ = [
+    "KLResult",
+    "PerplexityResult",
+    "SizeReport",
+    "default_text",
+    "folder_size",
+    "kl_divergence",
+    "model_adds_bos",
+    "perplexity",
+    "read_text",
+    "tokenize",
+]

@@ -179,9 +179,10 @@ def load(source: str | Path | ModelSource, dtype: torch.dtype = torch.float32,
     """Load any source as a float transformers model (quantized outputs are dequantized)."""
     src = resolve(source)
     if src.kind == "quantized":
-        from ..formats import read_dequantized  # a lowbit or third-party quantized checkpoint
+        from ..formats import read_checkpoint  # a lowbit or third-party quantized checkpoint
 
-        tensors = read_dequantized(src.hf_dir)
+        weights, floats, _ = read_checkpoint(src.hf_dir)
+        tensors = {**floats, **{name: qw.dequantize() for name, qw in weights.items()}}
     else:
         tensors = Checkpoint(src.hf_dir)
     model = build_empty_model(src.hf_dir, dtype)

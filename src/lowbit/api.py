@@ -1,0 +1,178 @@
+"""The Python API behind every CLI command: quantize, evaluate, inspect, demo."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .core.scheme import QuantScheme
+from .errors import LowbitError
+from .eval import default_text, folder_size, kl_divergence, perplexity, read_text, tokenize
+from .methods.base import QuantizedWeight
+from .methods.rtn import rtn
+from .models import Checkpoint, load, resolve
+from .models.loader import read_config
+from .progress import track
+from .recipe import Recipe
+
+
+@dataclass
+class QuantizedModel:
+    """Quantized weights keyed by Hugging Face name, plus float tensors a method changed."""
+
+    weights: dict[str, QuantizedWeight]
+    float_overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    method: str = "rtn"
+
+
+def quantize_rtn(source: Any, recipe: Recipe) -> QuantizedModel:
+    """Round-to-nearest over a whole model, one tensor in memory at a time."""
+    src = resolve(source)
+    ckpt = Checkpoint(src.hf_dir)
+    plan = recipe.plan({n: ckpt.shape(n) for n in ckpt.keys()}, where=src.spec)
+    weights: dict[str, QuantizedWeight] = {}
+    for name in track(plan, desc="rtn", total=len(plan), unit="tensor"):
+        w = ckpt.get(name).float()
+        if not torch.isfinite(w).all():
+            raise LowbitError(ckpt.file_of(name), f"tensor {name} has NaN or Inf values")
+        weights[name] = rtn(w, plan[name], mse_clip=recipe.mse_clip)
+    return QuantizedModel(weights, {}, read_config(src.hf_dir), "rtn")
+
+
+def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe | None = None,
+             format: str = "compressed-tensors", overwrite: bool = False, **method_args: Any) -> Path:  # noqa: A002
+    """Quantize ``source`` with ``method`` and write it to ``out`` in ``format``."""
+    from . import formats
+
+    recipe = recipe or Recipe()
+    src = resolve(source)
+    if format not in formats.FORMATS:
+        raise LowbitError(out, f"unknown format {format!r} (choose from {', '.join(formats.FORMATS)}, gguf)")
+    if method == "rtn":
+        qm = quantize_rtn(src, recipe)
+    else:
+        from .methods import quantize_model  # calibrated methods (GPTQ, AWQ)
+
+        qm = quantize_model(src, method=method, recipe=recipe, **method_args)
+    return formats.save(qm, src.hf_dir, out, format=format, overwrite=overwrite)
+
+
+@dataclass
+class EvalSettings:
+    text: str | Path | None = None
+    ctx: int = 512
+    max_chunks: int | None = None
+    batch_size: int = 4
+    score_all: bool = False
+
+
+def _text_tokens(tokenizer: Any, settings: EvalSettings) -> tuple[str, torch.Tensor]:
+    if settings.text is None:
+        name, text = default_text()
+    else:
+        name, text = str(settings.text), read_text(settings.text)
+    # Only what the chunks need is tokenized, so a large file costs no more than the evaluation.
+    if settings.max_chunks is not None:
+        text = text[: settings.ctx * settings.max_chunks * 12]
+    return name, tokenize(tokenizer, text, where=name)
+
+
+def evaluate(model: Any, ref: Any = None, settings: EvalSettings | None = None) -> dict[str, Any]:
+    """Perplexity of ``model`` (and KL-divergence against ``ref`` when given), plus its size."""
+    settings = settings or EvalSettings()
+    loaded = load(model)
+    text_name, tokens = _text_tokens(loaded.tokenizer, settings)
+    bos = loaded.tokenizer.bos_token_id if tokens[0].item() == loaded.tokenizer.bos_token_id else None
+    kwargs = dict(ctx=settings.ctx, batch_size=settings.batch_size, bos_id=bos,
+                  score_all=settings.score_all, max_chunks=settings.max_chunks)
+    result: dict[str, Any] = {"model": str(model), "text": text_name, "ctx": settings.ctx}
+    if ref is None:
+        result.update(perplexity(loaded.model, tokens, **kwargs).as_dict())
+    else:
+        ref_model = load(ref).model
+        result["ref"] = str(ref)
+        result.update(kl_divergence(ref_model, loaded.model, tokens, **kwargs).as_dict())
+    result["size"] = folder_size(loaded.source.hf_dir).as_dict() if loaded.source.kind in ("quantized", "hf") else None
+    return result
+
+
+def inspect(path: str | Path) -> dict[str, Any]:
+    """Tensors, dtypes, quantization, bits per weight, parameters and architecture of a model."""
+    p = Path(path)
+    if p.is_file():
+        from .gguf.reader import inspect_gguf
+
+        return inspect_gguf(p)
+    src = resolve(path)
+    cfg = read_config(src.hf_dir)
+    ckpt = Checkpoint(src.hf_dir)
+    tensors = [{"name": n, "shape": list(ckpt.shape(n)), "dtype": ckpt.dtype(n)} for n in sorted(ckpt.keys())]
+    from .formats import detect_format
+
+    qcfg = cfg.get("quantization_config")
+    return {
+        "path": str(src.hf_dir),
+        "kind": src.kind,
+        "architecture": cfg.get("model_type"),
+        "layers": cfg.get("num_hidden_layers"),
+        "hidden_size": cfg.get("hidden_size"),
+        "format": detect_format(src.hf_dir) or "float",
+        "quantization": qcfg,
+        "size": folder_size(src.hf_dir).as_dict(),
+        "tensors": tensors,
+    }
+
+
+DEMO_SETTINGS: tuple[tuple[str, QuantScheme, bool], ...] = (
+    ("int8 g64 sym", QuantScheme(8, 64, True), False),
+    ("int4 g64 sym", QuantScheme(4, 64, True), False),
+    ("int4 g64 asym+clip", QuantScheme(4, 64, False), True),
+    ("int4 per-channel sym", QuantScheme(4, -1, True), False),
+)
+
+
+def demo(model: str = "smollm2-135m", settings: EvalSettings | None = None,
+         schemes: tuple[tuple[str, QuantScheme, bool], ...] = DEMO_SETTINGS) -> dict[str, Any]:
+    """Quantize ``model`` at a few RTN settings and measure size, perplexity and KL-divergence."""
+    settings = settings or EvalSettings(max_chunks=8)
+    src = resolve(model)
+    ref = load(src)
+    text_name, tokens = _text_tokens(ref.tokenizer, settings)
+    bos = ref.tokenizer.bos_token_id if tokens[0].item() == ref.tokenizer.bos_token_id else None
+    kwargs = dict(ctx=settings.ctx, batch_size=settings.batch_size, bos_id=bos,
+                  score_all=settings.score_all, max_chunks=settings.max_chunks)
+    base = perplexity(ref.model, tokens, **kwargs)
+    ref_size = folder_size(src.hf_dir)
+    rows = [{"setting": "float32 (reference)", "bytes": ref_size.file_bytes, "bpw": 32.0,
+             "ppl": base.ppl, "kl_mean": 0.0, "kl_p99": 0.0, "top1": 1.0, "quantize_s": 0.0}]
+    with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
+        for label, scheme, clip in schemes:
+            out = Path(tmp) / label.replace(" ", "_").replace("+", "_")
+            t0 = time.perf_counter()
+            quantize(src, out, recipe=Recipe(scheme=scheme, mse_clip=clip))
+            seconds = time.perf_counter() - t0
+            q = load(out)
+            kl = kl_divergence(ref.model, q.model, tokens, **kwargs)
+            size = folder_size(out)
+            rows.append({"setting": label, "bytes": size.file_bytes, "bpw": size.bpw_quantized, "ppl": kl.ppl,
+                         "kl_mean": kl.kl_mean, "kl_p99": kl.kl_p99, "top1": kl.top1_agreement,
+                         "quantize_s": seconds})
+    return {"model": model, "text": text_name, "ctx": settings.ctx, "tokens_scored": base.n_tokens,
+            "eval_tokens_per_s": base.tokens_per_s, "rows": rows,
+            "note": "SmolLM2/Gemma demo weights already sit on a 4-bit grid: 4-bit rows look better than on FP16 models."}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of demo rows."""
+    head = f"{'setting':<22} {'MB':>8} {'bpw':>6} {'PPL':>9} {'KL mean':>9} {'KL p99':>8} {'top-1':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['setting']:<22} {r['bytes'] / 1e6:>8.1f} {r['bpw']:>6.2f} {r['ppl']:>9.3f} "
+                     f"{r['kl_mean']:>9.5f} {r['kl_p99']:>8.4f} {100 * r['top1']:>6.2f}%")
+    return "\n".join(lines)

@@ -1,0 +1,240 @@
+"""Command line: a thin layer over :mod:`lowbit.api`.
+
+Exit codes: 0 success, 1 bad input (a one-line ``lowbit: error: <file>: <problem>``),
+2 bad command-line usage, 3 an unexpected internal error (traceback with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import LowbitError
+
+EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def _add_scheme_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, default=4, help="integer bits, 2-8 (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 per channel, 0 per tensor")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid with zero points")
+    p.add_argument("--mse-clip", action="store_true", help="search the clipping range that minimises MSE (RTN)")
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN=SPEC",
+                   help="per-tensor scheme, first match wins: 'down_proj=bits:8', 'mlp=group:64,asym', 'q_proj=float'")
+    p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                   help="regular expression of tensor names to keep in float (repeatable)")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", help="UTF-8 text file to evaluate on (default: WikiText-2 test if found)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    p.add_argument("--chunks", type=int, default=None, help="evaluate at most this many chunks")
+    p.add_argument("--batch-size", type=int, default=4, help="chunks per forward pass")
+    p.add_argument("--all-positions", action="store_true", help="score every position, not only each chunk's second half")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model (RTN, GPTQ, AWQ, or a GGUF type/mix)")
+    q.add_argument("model", help="HF folder, .gguf file, hf:ORG/NAME or demo name (smollm2-135m, gemma3-270m)")
+    q.add_argument("-o", "--output", required=True, help="output folder (HF formats) or .gguf file")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    q.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn")
+    q.add_argument("--format", choices=("compressed-tensors", "gptq", "awq", "gguf"), default=None,
+                   help="checkpoint format (default compressed-tensors; gguf when --to is given)")
+    _add_scheme_args(q)
+    q.add_argument("--to", metavar="TYPE", help="GGUF type or mix: Q4_K_M, Q8_0, Q6_K, IQ4_XS, F16 ...")
+    q.add_argument("--imatrix", help="llama.cpp importance matrix file (GGUF or .dat)")
+    q.add_argument("--pure", action="store_true", help="GGUF: one type for every tensor, no mix rules")
+    q.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE", help="GGUF per-tensor type")
+    q.add_argument("--output-tensor-type", help="GGUF type of output.weight")
+    q.add_argument("--token-embedding-type", help="GGUF type of token_embd.weight")
+    q.add_argument("--calib", help="calibration text or JSONL chat file (GPTQ/AWQ)")
+    q.add_argument("--samples", type=int, default=None, help="calibration samples (GPTQ 128, AWQ 128)")
+    q.add_argument("--seq-len", type=int, default=None, help="tokens per sample (GPTQ 2048, AWQ 512)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of Hessian diagonal")
+    q.add_argument("--device", default="cpu", help="cpu or cuda")
+    q.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("eval", help="perplexity, KL-divergence against a reference, size")
+    e.add_argument("model", help="model or lowbit output to evaluate")
+    e.add_argument("--ref", help="reference (unquantized) model for KL-divergence and top-1 agreement")
+    _eval_args(e)
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+
+    i = sub.add_parser("inspect", help="tensors, dtypes, quant types, bits per weight, architecture")
+    i.add_argument("path")
+    i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("imatrix", help="compute a llama.cpp importance matrix from calibration text")
+    m.add_argument("model")
+    m.add_argument("--text", required=True)
+    m.add_argument("-o", "--output", required=True)
+    m.add_argument("--ctx", type=int, default=512)
+    m.add_argument("--chunks", type=int, default=None)
+    m.add_argument("--overwrite", action="store_true")
+
+    d = sub.add_parser("demo", help="quantize the built-in demo model at a few settings and compare")
+    d.add_argument("--model", default="smollm2-135m")
+    _eval_args(d)
+    d.set_defaults(chunks=8)
+    d.add_argument("--plot", help="also save a plot (PNG) of KL-divergence against bits per weight")
+    d.add_argument("--json", action="store_true")
+    return parser
+
+
+def _recipe(args: argparse.Namespace) -> Any:
+    from .core.scheme import QuantScheme
+    from .recipe import Recipe, parse_override
+
+    try:
+        scheme = QuantScheme(args.bits, args.group_size, args.symmetric)
+    except ValueError as exc:
+        raise LowbitError(None, str(exc)) from None
+    overrides = [(p, None) for p in args.keep] + [parse_override(o, scheme) for o in args.override]
+    return Recipe(scheme=scheme, overrides=tuple(overrides), mse_clip=args.mse_clip)
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from . import api
+
+    fmt = args.format or ("gguf" if args.to else "compressed-tensors")
+    if fmt == "gguf" or args.to:
+        if not args.to:
+            raise LowbitError(None, "--format gguf needs --to TYPE (e.g. Q4_K_M)")
+        from .gguf.convert import quantize_to_gguf
+
+        out = quantize_to_gguf(args.model, args.output, args.to, imatrix_path=args.imatrix, pure=args.pure,
+                               output_tensor_type=args.output_tensor_type,
+                               token_embedding_type=args.token_embedding_type,
+                               tensor_types=list(args.tensor_type), overwrite=args.overwrite)
+        return {"output": str(out), "format": "gguf", "type": args.to}
+    method_args: dict[str, Any] = {}
+    if args.method != "rtn":
+        method_args = {"calib": args.calib, "samples": args.samples, "seq_len": args.seq_len,
+                       "act_order": args.act_order, "device": args.device, "seed": args.seed}
+    out = api.quantize(args.model, args.output, method=args.method, recipe=_recipe(args), format=fmt,
+                       overwrite=args.overwrite, **method_args)
+    from .eval import folder_size
+
+    return {"output": str(out), "format": fmt, "method": args.method, "size": folder_size(out).as_dict()}
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .api import EvalSettings
+
+    return EvalSettings(text=args.text, ctx=args.ctx, max_chunks=args.chunks, batch_size=args.batch_size,
+                        score_all=args.all_positions)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import evaluate
+
+    return evaluate(args.model, ref=args.ref, settings=_settings(args))
+
+
+def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import inspect
+
+    return inspect(args.path)
+
+
+def cmd_imatrix(args: argparse.Namespace) -> dict[str, Any]:
+    from .gguf.convert import compute_imatrix
+
+    out = compute_imatrix(args.model, args.text, args.output, ctx=args.ctx, chunks=args.chunks)
+    return {"output": str(out)}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import demo
+
+    result = demo(args.model, _settings(args))
+    if args.plot:
+        from .eval.report import plot_demo
+
+        result["plot"] = str(plot_demo(result, args.plot))
+    return result
+
+
+def _print_human(command: str, result: dict[str, Any], args: argparse.Namespace) -> None:
+    if command == "demo":
+        from .api import format_table
+
+        print(f"model: {result['model']}   text: {result['text']}   ctx: {result['ctx']}   "
+              f"scored tokens: {result['tokens_scored']}   eval speed: {result['eval_tokens_per_s']:.0f} tok/s")
+        print(format_table(result["rows"]))
+        print(f"note: {result['note']}")
+        if result.get("plot"):
+            print(f"plot: {result['plot']}")
+        return
+    if command == "inspect" and not args.tensors:
+        result = {k: v for k, v in result.items() if k != "tensors"}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {_fmt(v)}")
+        elif isinstance(value, list):
+            print(f"{key}: ({len(value)})")
+            for item in value:
+                print(f"  {_fmt(item)}")
+        else:
+            print(f"{key}: {_fmt(value)}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, dict):
+        return " ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "imatrix": cmd_imatrix, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet:
+        from .progress import set_enabled
+
+        set_enabled(False)
+    try:
+        result = COMMANDS[args.command](args)
+    except LowbitError as exc:
+        if args.debug:
+            raise
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
+        if args.debug:
+            raise
+        print(f"lowbit: internal error: {exc.__class__.__name__}: {exc} (run with --debug for a traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        _print_human(args.command, result, args)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

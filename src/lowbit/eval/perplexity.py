@@ -1,0 +1,152 @@
+"""Perplexity and KL-divergence the llama.cpp way, batched on CPU or GPU.
+
+The token stream is cut into ``ctx``-token chunks; each chunk's first token is replaced by BOS
+when the model uses one, and by default only the second half of each chunk is scored (every
+scored token then has at least ``ctx/2`` tokens of context), as llama.cpp's perplexity tool does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LowbitError
+from ..progress import bar
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    ppl_stderr: float
+    nll_mean: float
+    n_tokens: int
+    n_chunks: int
+    ctx: int
+    seconds: float
+    tokens_per_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class KLResult:
+    kl_mean: float
+    kl_median: float
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float
+    ppl_ref: float
+    ppl: float
+    ppl_ratio: float
+    ln_ppl_ratio: float
+    n_tokens: int
+    seconds: float
+    tokens_per_s: float
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_chunks(tokens: torch.Tensor, ctx: int, bos_id: int | None, max_chunks: int | None = None) -> torch.Tensor:
+    """``[n_chunks, ctx]`` windows of the token stream (first token -> BOS when given)."""
+    if ctx < 4:
+        raise LowbitError(None, f"context length {ctx} is too small")
+    n = tokens.numel() // ctx
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    if n == 0:
+        raise LowbitError(None, f"the text has {tokens.numel()} tokens, fewer than one {ctx}-token chunk")
+    chunks = tokens[: n * ctx].reshape(n, ctx).clone()
+    if bos_id is not None:
+        chunks[:, 0] = bos_id
+    return chunks
+
+
+def _first_scored(ctx: int, score_all: bool) -> int:
+    return 0 if score_all else ctx // 2
+
+
+@torch.inference_mode()
+def _logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=batch.to(device), use_cache=False).logits.float()
+
+
+def _nll(logits: torch.Tensor, batch: torch.Tensor, first: int) -> torch.Tensor:
+    """Negative log-likelihood of tokens ``first+1 .. ctx-1`` given their prefixes, flat."""
+    lp = F.log_softmax(logits[:, first:-1], dim=-1)
+    target = batch[:, first + 1 :].to(lp.device)
+    return -lp.gather(-1, target[..., None]).squeeze(-1).reshape(-1).cpu()
+
+
+def _summarize(nll: torch.Tensor) -> tuple[float, float, float]:
+    mean = float(nll.double().mean())
+    std = float(nll.double().std()) if nll.numel() > 1 else 0.0
+    stderr = std / math.sqrt(max(1, nll.numel()))
+    ppl = math.exp(mean)
+    return ppl, ppl * stderr, mean
+
+
+def perplexity(model: torch.nn.Module, tokens: torch.Tensor, ctx: int = 512, batch_size: int = 4,
+               bos_id: int | None = None, score_all: bool = False, max_chunks: int | None = None,
+               desc: str = "perplexity") -> PerplexityResult:
+    """Perplexity of ``model`` over ``tokens`` (1-D ids)."""
+    chunks = make_chunks(tokens, ctx, bos_id, max_chunks)
+    first = _first_scored(ctx, score_all)
+    nlls: list[torch.Tensor] = []
+    start = time.perf_counter()
+    with bar(chunks.shape[0], desc, unit="chunk") as pbar:
+        for i in range(0, chunks.shape[0], batch_size):
+            batch = chunks[i : i + batch_size]
+            nlls.append(_nll(_logits(model, batch), batch, first))
+            pbar.update(batch.shape[0])
+    seconds = time.perf_counter() - start
+    nll = torch.cat(nlls)
+    ppl, err, mean = _summarize(nll)
+    n_eval = chunks.numel()
+    return PerplexityResult(ppl, err, mean, nll.numel(), chunks.shape[0], ctx, seconds, n_eval / seconds)
+
+
+def kl_divergence(ref: torch.nn.Module, model: torch.nn.Module, tokens: torch.Tensor, ctx: int = 512,
+                  batch_size: int = 4, bos_id: int | None = None, score_all: bool = False,
+                  max_chunks: int | None = None, desc: str = "kl-divergence") -> KLResult:
+    """KL(ref || model) per scored token, top-1 agreement and both perplexities."""
+    chunks = make_chunks(tokens, ctx, bos_id, max_chunks)
+    first = _first_scored(ctx, score_all)
+    kls, same, nll_ref, nll_q = [], [], [], []
+    start = time.perf_counter()
+    with bar(chunks.shape[0], desc, unit="chunk") as pbar:
+        for i in range(0, chunks.shape[0], batch_size):
+            batch = chunks[i : i + batch_size]
+            lp_ref = F.log_softmax(_logits(ref, batch)[:, first:-1], dim=-1)
+            lp_q = F.log_softmax(_logits(model, batch)[:, first:-1].to(lp_ref.device), dim=-1)
+            target = batch[:, first + 1 :].to(lp_ref.device)[..., None]
+            kls.append((lp_ref.exp() * (lp_ref - lp_q)).sum(-1).reshape(-1).cpu())
+            same.append((lp_ref.argmax(-1) == lp_q.argmax(-1)).reshape(-1).cpu())
+            nll_ref.append(-lp_ref.gather(-1, target).reshape(-1).cpu())
+            nll_q.append(-lp_q.gather(-1, target).reshape(-1).cpu())
+            pbar.update(batch.shape[0])
+    seconds = time.perf_counter() - start
+    kl = torch.cat(kls).double().clamp_min(0)
+    ppl_ref, _, mean_ref = _summarize(torch.cat(nll_ref))
+    ppl_q, _, mean_q = _summarize(torch.cat(nll_q))
+    return KLResult(
+        kl_mean=float(kl.mean()),
+        kl_median=float(kl.median()),
+        kl_p99=float(torch.quantile(kl.float(), 0.99)),
+        kl_max=float(kl.max()),
+        top1_agreement=float(torch.cat(same).float().mean()),
+        ppl_ref=ppl_ref,
+        ppl=ppl_q,
+        ppl_ratio=ppl_q / ppl_ref,
+        ln_ppl_ratio=mean_q - mean_ref,
+        n_tokens=kl.numel(),
+        seconds=seconds,
+        tokens_per_s=2 * chunks.numel() / seconds,
+    )
