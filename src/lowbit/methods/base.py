@@ -79,3 +79,19 @@ class QuantizedWeight:
     def from_tensors(cls, t: dict[str, torch.Tensor], scheme: QuantScheme, prefix: str = "") -> "QuantizedWeight":
         """Inverse of :meth:`tensors`."""
         return cls(t[f"{prefix}codes"], t[f"{prefix}scale"], t[f"{prefix}zero"], scheme, t.get(f"{prefix}g_idx"))
+
+
+@dataclass
+class QuantizedModel:
+    """The result of quantizing a whole model.
+
+    ``weights`` maps HF weight names (``model.layers.0.self_attn.q_proj.weight``) to their
+    quantized form; ``float_overrides`` maps HF names to float tensors that replace the original
+    ones (AWQ-folded norms, a MoE router); every other tensor is the original checkpoint's.
+    ``config`` is the HF model config (a dict) plus ``info`` about the run (``config["lowbit"]``).
+    """
+
+    weights: dict[str, QuantizedWeight]
+    float_overrides: dict[str, torch.Tensor]
+    config: dict
+    method: str
