@@ -48,6 +48,25 @@ def recip(v: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(v) / v
 
 
+def sqrtf(v: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root.
+
+    torch's float32 CPU ``sqrt`` is not always correctly rounded (it differs from C's
+    ``sqrtf`` in the last bit for some inputs); a float64 root rounded once to float32 is.
+    """
+    return torch.sqrt(v.double()).float()
+
+
+def sdiv(c: float, v: torch.Tensor) -> torch.Tensor:
+    """``c / v`` as one float32 division (``c / tensor`` in torch is ``reciprocal(v) * c``)."""
+    return torch.full_like(v, c) / v
+
+
+def divs(v: torch.Tensor, c: float) -> torch.Tensor:
+    """``v / c`` as one float32 division (CUDA turns ``tensor / scalar`` into a multiply by ``1/c``)."""
+    return v / torch.full_like(v, c)
+
+
 def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
     """float32 ``[..., ]`` -> uint8 ``[..., 2]`` little-endian IEEE half (round to nearest even)."""
     return v.to(torch.float16).unsqueeze(-1).contiguous().view(torch.uint8)
@@ -223,63 +242,46 @@ def make_qkx(
 
     x, w: ``[n, M]``. Returns ``(scale [M], the_min [M] (>= 0, subtract it), L [n, M] int32 in [0, nmax])``.
     The two C variants differ only in ``max == min`` vs ``max <= min``, which agree since ``min <= max``.
+    The candidate scales are tried one after the other: each accepted candidate moves the
+    offset ``min`` that the following candidates quantize against, exactly as in C.
     """
-    n = x.shape[0]
     mn = seq_min(x)
     mx = x.amax(dim=0)
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     flat = mx <= mn
-    rng = torch.where(flat, torch.ones_like(mx), mx - mn)
+    mx = torch.where(flat, mn + 1.0, mx)
     sum_w = seq_sum(w, from_first=True)
     sum_x = seq_sum(w * x, from_first=True)
-    xm = x - mn  # [n, M]
 
-    iscale = torch.full_like(rng, float(nmax)) / rng
+    def err_of(scale: torch.Tensor, lf: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+        diff = (scale * lf + off) - x
+        diff = diff.abs() if use_mad else diff * diff
+        return seq_sum(w * diff)
+
+    iscale = torch.full_like(mx, float(nmax)) / (mx - mn)
     scale = recip(iscale)
-    L = nearest_int(iscale * xm).clamp_(0, nmax)
-    diff = (scale * L.float() + mn) - x
-    diff = diff.abs() if use_mad else diff * diff
-    best = seq_sum(w * diff)
-
-    cvals = torch.tensor(
-        [f32(f32(f32(rmin) + f32(f32(rdelta) * s)) + nmax) for s in range(nstep + 1)],
-        dtype=torch.float32,
-        device=x.device,
-    )
-    isc = cvals.unsqueeze(0) / rng.unsqueeze(1)  # [M, S]
-    laux = torch.empty((n, *isc.shape), dtype=torch.uint8, device=x.device)
-    sum_l = torch.zeros_like(isc)
-    sum_l2 = torch.zeros_like(isc)
-    sum_xl = torch.zeros_like(isc)
-    for i in range(n):
-        li = nearest_int(isc * xm[i].unsqueeze(1)).clamp_(0, nmax)
-        laux[i] = li.to(torch.uint8)
-        lf = li.float()
-        wl = w[i].unsqueeze(1) * lf
-        sum_l = sum_l + wl
-        sum_l2 = sum_l2 + wl * lf
-        sum_xl = sum_xl + wl * x[i].unsqueeze(1)
-    sw = sum_w.unsqueeze(1)
-    sx = sum_x.unsqueeze(1)
-    D = sw * sum_l2 - sum_l * sum_l
-    this_scale = (sw * sum_xl - sx * sum_l) / D
-    this_min = (sum_l2 * sx - sum_l * sum_xl) / D
-    clip = this_min > 0
-    this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
-    this_scale = torch.where(clip, sum_xl / sum_l2, this_scale)
-    err = torch.zeros_like(isc)
-    for i in range(n):
-        d = (this_scale * laux[i].float() + this_min) - x[i].unsqueeze(1)
-        d = d.abs() if use_mad else d * d
-        err = err + w[i].unsqueeze(1) * d
-    err = torch.where(D > 0, err, torch.full_like(err, float("inf")))
-    take, k = first_argmin_below(err, best)
-    take &= ~flat
-    k1 = k.unsqueeze(1)
-    scale = torch.where(take, torch.gather(this_scale, 1, k1).squeeze(1), scale)
-    mn = torch.where(take, torch.gather(this_min, 1, k1).squeeze(1), mn)
-    lbest = torch.gather(laux, 2, k1.unsqueeze(0).expand(n, -1, 1)).squeeze(2).to(torch.int32)
-    L = torch.where(take.unsqueeze(0), lbest, L)
+    L = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
+    best = err_of(scale, L.float(), mn)
+    for s in range(nstep + 1):
+        c = f32(f32(f32(rmin) + f32(f32(rdelta) * s)) + nmax)
+        isc = torch.full_like(mx, c) / (mx - mn)
+        la = nearest_int(isc * (x - mn)).clamp_(0, nmax)
+        lf = la.float()
+        wl = w * lf
+        sums = seq_sum(torch.stack([wl, wl * lf, wl * x], dim=1))
+        sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        clip = this_min > 0
+        this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(clip, sum_xl / sum_l2, this_scale)
+        cur = err_of(this_scale, lf, this_min)
+        take = (D > 0) & (cur < best) & ~flat
+        best = torch.where(take, cur, best)
+        scale = torch.where(take, this_scale, scale)
+        mn = torch.where(take, this_min, mn)
+        L = torch.where(take.unsqueeze(0), la, L)
     L = torch.where(flat.unsqueeze(0), torch.zeros_like(L), L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     return scale, -mn, L

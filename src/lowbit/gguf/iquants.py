@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from ._base import BlockType, blocks_of, bytes_rows, register
-from ._blockops import first_abs_max, fp16_bytes, f32, nearest_int, recip, seq_sum, u16_bytes
+from ._blockops import divs, f32, first_abs_max, fp16_bytes, nearest_int, recip, seq_sum, sqrtf, u16_bytes
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 NTRY = 7  # llama.cpp's quantize_iq4_nl / quantize_iq4_xs search width
@@ -43,7 +43,7 @@ def _block_scales(xb: torch.Tensor, w: torch.Tensor, mids: torch.Tensor, lv: tor
     amax, mx = first_abs_max(xb)
     zero = amax < 1e-15
     mx = torch.where(zero, torch.ones_like(mx), mx)
-    d = -mx / float(KVALUES[0])
+    d = divs(-mx, float(KVALUES[0]))
     idv = recip(d)
     # the first guess and the 2*NTRY+1 alternative inverse scales, as [M, S]
     alts = torch.tensor([float(t + KVALUES[0]) for t in range(-NTRY, NTRY + 1)], dtype=torch.float32, device=xb.device)
@@ -74,7 +74,7 @@ def _weights(b: torch.Tensor, qw: torch.Tensor | None, rows: int, sb: int) -> to
         return b * b
     sigma2 = seq_sum((b * b).t().contiguous()) * f32(2.0 / sb)
     qb = qw.reshape(1, -1, sb).expand(rows, -1, -1).reshape(-1, sb)
-    return qb * torch.sqrt(sigma2.unsqueeze(1) + b * b)
+    return qb * sqrtf(sigma2.unsqueeze(1) + b * b)
 
 
 def _pack(L: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ class IQ4_XS(BlockType):
         sc = _block_scales(b.reshape(-1, 32).t().contiguous(), w.reshape(-1, 32).t().contiguous(), mids, lv)
         sc = sc.reshape(N, 8)
         _, max_scale = first_abs_max(sc.t())
-        d = -max_scale / 32.0
+        d = divs(-max_scale, 32.0)
         idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
         l = nearest_int(idv.unsqueeze(1) * sc).clamp_(-32, 31)
         dl = d.unsqueeze(1) * l.float()

@@ -23,7 +23,10 @@ from ._blockops import (
     make_qx_quants,
     nearest_int,
     recip,
+    sdiv,
+    divs,
     seq_sum,
+    sqrtf,
 )
 
 QK_K = 256
@@ -51,6 +54,12 @@ def _block_sumsq(b: torch.Tensor) -> torch.Tensor:
 def _imatrix_blocks(qw: torch.Tensor, rows: int) -> torch.Tensor:
     """Per-column importance ``[C]`` -> per-super-block ``[rows * C / 256, 256]``."""
     return qw.reshape(1, -1, QK_K).expand(rows, -1, -1).reshape(-1, QK_K)
+
+
+def _pos_max(v: torch.Tensor) -> torch.Tensor:
+    """Row max of ``[N, k]`` starting from +0.0 (C's ``if (v > m) m = v`` with ``m = 0``)."""
+    m = v.amax(dim=1)
+    return torch.where(m > 0, m, torch.zeros_like(m))
 
 
 def _requant(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, lo: int, hi: int, dm: torch.Tensor | None) -> torch.Tensor:
@@ -147,21 +156,21 @@ class Q2_K(BlockType):
         if qw is None:
             sc, mn, L = make_qkx(xs, xs.abs(), 3, -0.5, 0.1, 15, True)
             sc, mn = sc.reshape(N, 16), mn.reshape(N, 16)
-            max_scale = sc.amax(1).clamp(min=0)
-            max_min = mn.amax(1).clamp(min=0)
+            max_scale = _pos_max(sc)
+            max_min = _pos_max(mn)
             has_s = max_scale > 0
-            iscale = torch.where(has_s, 15.0 / torch.where(has_s, max_scale, torch.ones_like(max_scale)), torch.zeros_like(max_scale))
+            iscale = torch.where(has_s, sdiv(15.0, torch.where(has_s, max_scale, torch.ones_like(max_scale))), torch.zeros_like(max_scale))
             ls = torch.where(has_s.unsqueeze(1), nearest_int(iscale.unsqueeze(1) * sc) & 0xFF, torch.zeros_like(sc, dtype=torch.int32))
-            d = torch.where(has_s, max_scale / 15.0, torch.zeros_like(max_scale))
+            d = torch.where(has_s, divs(max_scale, 15.0), torch.zeros_like(max_scale))
             has_m = max_min > 0
-            imin = 15.0 / torch.where(has_m, max_min, torch.ones_like(max_min))
+            imin = sdiv(15.0, torch.where(has_m, max_min, torch.ones_like(max_min)))
             lm = torch.where(has_m.unsqueeze(1), nearest_int(imin.unsqueeze(1) * mn), torch.zeros_like(ls))
             byte = (ls | ((lm << 4) & 0xFF)) & 0xFF
-            dmin = torch.where(has_m, max_min / 15.0, torch.zeros_like(max_min))
+            dmin = torch.where(has_m, divs(max_min, 15.0), torch.zeros_like(max_min))
         else:
             qb = _imatrix_blocks(qw, rows)
             sigma2 = _block_sumsq(b) / 256.0
-            w = qb * torch.sqrt(sigma2.unsqueeze(1) + b * b)
+            w = qb * sqrtf(sigma2.unsqueeze(1) + b * b)
             ws = _sub(w, 16)
             sw = seq_sum(ws).reshape(N, 16)
             sc, mn, L = make_qkx(xs, ws, 3, -0.9, 0.05, 36, False)
@@ -205,7 +214,7 @@ class Q3_K(BlockType):
             sc = sc.reshape(N, 16)
             amax, max_scale = first_abs_max(sc.t())
             nz = max_scale != 0
-            iscale = -32.0 / torch.where(nz, max_scale, torch.ones_like(max_scale))
+            iscale = sdiv(-32.0, torch.where(nz, max_scale, torch.ones_like(max_scale)))
             l = nearest_int(iscale.unsqueeze(1) * sc).clamp_(-32, 31) + 32
             l = torch.where(nz.unsqueeze(1), l, torch.zeros_like(l))
             packed = _pack_scales_q3(l)
@@ -214,7 +223,7 @@ class Q3_K(BlockType):
         else:
             qb = _imatrix_blocks(qw, rows)
             sigma2 = 2.0 * _block_sumsq(b) / 256.0
-            w = qb * torch.sqrt(sigma2.unsqueeze(1) + b * b)
+            w = qb * sqrtf(sigma2.unsqueeze(1) + b * b)
             ws = _sub(w, 16)
             sw = seq_sum(ws).reshape(N, 16)
             sc, L = make_qx_quants(xs, 4, ws)
@@ -251,23 +260,23 @@ def _q45_scales(x: torch.Tensor, qw: torch.Tensor | None, rows: int, nmax: int, 
     xs = _sub(b, 32)
     if qw is None:
         sum_x2 = seq_sum(xs * xs)
-        av_x = torch.sqrt(sum_x2 / 32.0)
+        av_x = sqrtf(sum_x2 / 32.0)
         w = av_x.unsqueeze(0) + xs.abs()
         rmin, rdelta, nstep = ref_search
         sc, mn, L = make_qkx(xs, w, nmax, rmin, rdelta, nstep, False)
         sc, mn = sc.reshape(N, 8), mn.reshape(N, 8)
-        max_scale = sc.amax(1).clamp(min=0)
-        max_min = mn.amax(1).clamp(min=0)
-        inv_s = torch.where(max_scale > 0, 63.0 / torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale)), torch.zeros_like(max_scale))
-        inv_m = torch.where(max_min > 0, 63.0 / torch.where(max_min > 0, max_min, torch.ones_like(max_min)), torch.zeros_like(max_min))
+        max_scale = _pos_max(sc)
+        max_min = _pos_max(mn)
+        inv_s = torch.where(max_scale > 0, sdiv(63.0, torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale))), torch.zeros_like(max_scale))
+        inv_m = torch.where(max_min > 0, sdiv(63.0, torch.where(max_min > 0, max_min, torch.ones_like(max_min))), torch.zeros_like(max_min))
         ls = (nearest_int(inv_s.unsqueeze(1) * sc) & 0xFF).clamp_(max=63)
         lm = (nearest_int(inv_m.unsqueeze(1) * mn) & 0xFF).clamp_(max=63)
-        d = max_scale / 63.0
-        dmin = max_min / 63.0
+        d = divs(max_scale, 63.0)
+        dmin = divs(max_min, 63.0)
     else:
         qb = _imatrix_blocks(qw, rows)
         sigma2 = 2.0 * _block_sumsq(b) / 256.0
-        w = _sub(qb * torch.sqrt(sigma2.unsqueeze(1) + b * b), 32)
+        w = _sub(qb * sqrtf(sigma2.unsqueeze(1) + b * b), 32)
         sw = seq_sum(w).reshape(N, 8).t().contiguous()
         sc, mn, L = make_qkx(xs, w, nmax, -0.9, 0.05, 36, False)
         d, ls = make_qp_quants(sc.reshape(N, 8).t().contiguous(), 63, sw)
@@ -345,7 +354,7 @@ class Q6_K(BlockType):
         sc = sc.reshape(N, 16)
         amax, max_scale = first_abs_max(sc.t())
         zero = amax < 1e-15
-        iscale = -128.0 / torch.where(zero, torch.ones_like(max_scale), max_scale)
+        iscale = sdiv(-128.0, torch.where(zero, torch.ones_like(max_scale), max_scale))
         d = recip(iscale)
         s8 = nearest_int(iscale.unsqueeze(1) * sc).clamp_(max=127)
         dl = fp16_round(d).unsqueeze(1) * s8.float()

@@ -31,10 +31,12 @@ from ._blockops import (
     fp16_round,
     make_qkx,
     make_qx_quants,
+    divs,
     recip,
     roundf,
     row_sigma_sum,
     seq_max,
+    sqrtf,
     seq_min,
     u32_bytes,
 )
@@ -112,8 +114,8 @@ def _unpack_q5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
 
 def _row_weights(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     """Legacy imatrix weights ``qw * sqrt(sigma2 + x*x)``, sigma2 = mean of x*x over the row. -> ``[R, C]``."""
-    sigma2 = row_sigma_sum(x) / float(x.shape[1])
-    return qw.unsqueeze(0) * torch.sqrt(sigma2.unsqueeze(1) + x * x)
+    sigma2 = divs(row_sigma_sum(x), float(x.shape[1]))
+    return qw.unsqueeze(0) * sqrtf(sigma2.unsqueeze(1) + x * x)
 
 
 def _half(d: torch.Tensor) -> torch.Tensor:
@@ -135,7 +137,7 @@ class Q4_0(BlockType):
         else:
             b = blocks_of(x, 32)
             _, mx = first_abs_max(b.t())
-            d = mx / -8.0
+            d = divs(mx, -8.0)
             idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
             L = torch.trunc(b * idv.unsqueeze(1) + 8.5).clamp_(max=15)
         return bytes_rows(torch.cat([_half(d), _pack_nibbles(L)], dim=1), rows)
@@ -159,7 +161,7 @@ class Q4_1(BlockType):
             b = blocks_of(x, 32)
             bt = b.t()
             m, mx = seq_min(bt), seq_max(bt)
-            d = (mx - m) / 15.0
+            d = divs(mx - m, 15.0)
             idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
             L = torch.trunc((b - m.unsqueeze(1)) * idv.unsqueeze(1) + 0.5).clamp_(max=15)
         return bytes_rows(torch.cat([_half(d), _half(m), _pack_nibbles(L)], dim=1), rows)
@@ -183,7 +185,7 @@ class Q5_0(BlockType):
         else:
             b = blocks_of(x, 32)
             _, mx = first_abs_max(b.t())
-            d = mx / -16.0
+            d = divs(mx, -16.0)
             idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
             L = torch.trunc(b * idv.unsqueeze(1) + 16.5).clamp_(max=31)
         qh, qs = _pack_q5(L)
@@ -208,7 +210,7 @@ class Q5_1(BlockType):
             b = blocks_of(x, 32)
             bt = b.t()
             m, mx = seq_min(bt), seq_max(bt)
-            d = (mx - m) / 31.0
+            d = divs(mx - m, 31.0)
             idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
             # C casts to uint8 without clamping; the value never exceeds 31.5
             L = torch.trunc((b - m.unsqueeze(1)) * idv.unsqueeze(1) + 0.5)
@@ -229,7 +231,7 @@ class Q8_0(BlockType):
         rows = x.shape[0]
         b = blocks_of(x, 32)
         amax = b.abs().amax(dim=1)
-        d = amax / 127.0
+        d = divs(amax, 127.0)
         idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
         q = roundf(b * idv.unsqueeze(1)).to(torch.int8).view(torch.uint8)
         return bytes_rows(torch.cat([_half(d), q], dim=1), rows)
