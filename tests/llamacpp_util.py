@@ -16,6 +16,7 @@ fallback type; :func:`llamacpp_quantize` returns the type it actually wrote.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import tempfile
 import time
@@ -76,9 +77,10 @@ def quiet_llama_logs() -> None:
     llama_cpp.llama_log_set(_quiet_cb, ctypes.c_void_p(0))
 
 
-def layer_names(n: int) -> list[str]:
+def layer_names(n: int, first_layer: int = 0) -> list[str]:
     """``n`` distinct llama weight names (``blk.0.attn_q.weight``, ``blk.0.attn_k.weight``, ...)."""
-    return [f"blk.{i // len(LAYER_TENSORS)}.{LAYER_TENSORS[i % len(LAYER_TENSORS)]}.weight" for i in range(n)]
+    k = len(LAYER_TENSORS)
+    return [f"blk.{first_layer + i // k}.{LAYER_TENSORS[i % k]}.weight" for i in range(n)]
 
 
 def write_llama_gguf(path: str | Path, tensors: dict[str, np.ndarray], n_layer: int | None = None) -> None:
@@ -180,19 +182,30 @@ def smollm2_path() -> Path | None:
 
 
 def smollm2_tensors(names: list[str] | None = None, max_rows: int | None = None) -> dict[str, np.ndarray]:
-    """Dequantized (gguf-py) 2-D weights of SmolLM2 as float32 ``[rows, cols]``; optionally the first rows only."""
+    """Dequantized (gguf-py) 2-D weights of SmolLM2 as float32 ``[rows, cols]``; optionally the first rows only.
+
+    Parsing the GGUF (its 49k-token vocabulary) is slow, so results are cached in the temp dir.
+    """
     from gguf import quants as gq
 
     path = smollm2_path()
     if path is None:
         return {}
+    key = f"{path.stat().st_mtime_ns}-{max_rows}-{','.join(sorted(names)) if names else 'all'}"
+    cache = Path(tempfile.gettempdir()) / f"lowbit_smollm2_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return {k: z[k] for k in z.files}
     r = GGUFReader(str(path))
     out = {}
     for t in r.tensors:
         if len(t.shape) != 2 or (names is not None and t.name not in names):
             continue
-        arr = gq.dequantize(np.array(t.data), T(t.tensor_type)).reshape(int(t.shape[1]), int(t.shape[0]))
-        if max_rows is not None:
-            arr = arr[:max_rows]
+        raw = np.array(t.data)
+        rows = int(t.shape[1]) if max_rows is None else min(max_rows, int(t.shape[1]))
+        arr = gq.dequantize(raw.reshape(int(t.shape[1]), -1)[:rows], T(t.tensor_type)).reshape(rows, int(t.shape[0]))
         out[t.name] = np.ascontiguousarray(arr, dtype=np.float32)
+    tmp = cache.with_suffix(f".{os.getpid()}.npz")
+    np.savez(tmp, **out)
+    os.replace(tmp, cache)
     return out

@@ -43,6 +43,20 @@ def roundf(v: torch.Tensor) -> torch.Tensor:
     return torch.where(frac.abs() >= 0.5, t + torch.sign(v), t)
 
 
+def c_int8_cast(v: torch.Tensor) -> torch.Tensor:
+    """C's ``(int8_t)(float)v`` as compiled for x86-64 (returns int32 in [-128, 127]).
+
+    The float is truncated to a 32-bit integer (``cvttss2si``; NaN and out-of-range values
+    give INT_MIN) and the low byte is kept. llama.cpp hits the out-of-range case when a
+    block of subnormal values makes ``1/d`` overflow to infinity.
+    """
+    t = torch.trunc(v)
+    ok = torch.isfinite(t) & (t.abs() < 2147483648.0)
+    i = torch.where(ok, t, torch.zeros_like(t)).to(torch.int64)
+    i = torch.where(ok, i, torch.full_like(i, -(2**31)))
+    return (((i & 0xFF) ^ 0x80) - 0x80).to(torch.int32)
+
+
 def recip(v: torch.Tensor) -> torch.Tensor:
     """``1/v`` as one IEEE float32 division."""
     return torch.ones_like(v) / v

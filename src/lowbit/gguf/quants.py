@@ -26,6 +26,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..errors import LowbitError
 from ._base import REGISTRY, BlockType, blocks_of, bytes_rows, element_major, register
 from ._blockops import (
+    c_int8_cast,
     first_abs_max,
     fp16_bytes,
     fp16_round,
@@ -139,7 +140,7 @@ class Q4_0(BlockType):
             _, mx = first_abs_max(b.t())
             d = divs(mx, -8.0)
             idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
-            L = torch.trunc(b * idv.unsqueeze(1) + 8.5).clamp_(max=15)
+            L = c_int8_cast(b * idv.unsqueeze(1) + 8.5).clamp_(max=15) & 0xFF
         return bytes_rows(torch.cat([_half(d), _pack_nibbles(L)], dim=1), rows)
 
     @classmethod
@@ -163,7 +164,7 @@ class Q4_1(BlockType):
             m, mx = seq_min(bt), seq_max(bt)
             d = divs(mx - m, 15.0)
             idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
-            L = torch.trunc((b - m.unsqueeze(1)) * idv.unsqueeze(1) + 0.5).clamp_(max=15)
+            L = c_int8_cast((b - m.unsqueeze(1)) * idv.unsqueeze(1) + 0.5).clamp_(max=15) & 0xFF
         return bytes_rows(torch.cat([_half(d), _half(m), _pack_nibbles(L)], dim=1), rows)
 
     @classmethod
@@ -187,7 +188,7 @@ class Q5_0(BlockType):
             _, mx = first_abs_max(b.t())
             d = divs(mx, -16.0)
             idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
-            L = torch.trunc(b * idv.unsqueeze(1) + 16.5).clamp_(max=31)
+            L = c_int8_cast(b * idv.unsqueeze(1) + 16.5).clamp_(max=31) & 0xFF
         qh, qs = _pack_q5(L)
         return bytes_rows(torch.cat([_half(d), qh, qs], dim=1), rows)
 
@@ -212,8 +213,8 @@ class Q5_1(BlockType):
             m, mx = seq_min(bt), seq_max(bt)
             d = divs(mx - m, 31.0)
             idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
-            # C casts to uint8 without clamping; the value never exceeds 31.5
-            L = torch.trunc((b - m.unsqueeze(1)) * idv.unsqueeze(1) + 0.5)
+            # C casts to uint8 without clamping (same low byte as the int8 cast)
+            L = c_int8_cast((b - m.unsqueeze(1)) * idv.unsqueeze(1) + 0.5) & 0xFF
         qh, qs = _pack_q5(L)
         return bytes_rows(torch.cat([_half(d), _half(m), qh, qs], dim=1), rows)
 

@@ -1,0 +1,220 @@
+"""lowbit.gguf.quants: byte equality with llama.cpp / gguf-py, dequantization, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gq
+
+from lowbit.errors import LowbitError
+from lowbit.gguf import quants as Q
+
+import llamacpp_util as lu
+
+LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+KQUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+IQ4 = [T.IQ4_NL, T.IQ4_XS]
+WRITTEN = LEGACY + KQUANTS + IQ4
+
+
+# --------------------------------------------------------------------------- data
+
+
+def synthetic(cols: int = 512, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    """Small tensors with the distributions that trip quantizers up."""
+    rng = np.random.default_rng(seed)
+    g = lambda s=0.02: (rng.standard_normal((rows, cols)) * s).astype(np.float32)  # noqa: E731
+    out = {}
+    x = g()
+    x[:, rng.choice(cols, 6, replace=False)] *= 40.0  # outlier columns
+    out["outliers"] = x
+    x = g()
+    x[1] = 0.0  # an all-zero row
+    x[3, :256] = 0.0  # all-zero blocks
+    x[5, 32:64] = -0.0
+    out["zeros"] = x
+    out["tiny"] = g(1e-6)
+    x = g(1e-39)  # float32 subnormals
+    x[0] = g(1e-4)[0]
+    out["subnormal"] = x
+    out["huge"] = g(2e3)
+    x = np.empty((rows, cols), np.float32)
+    x[:] = np.resize(np.array([0.5, -0.25, 3.0, 0.0, 1e-3, -7.0, 1.0, -1.0], np.float32), rows)[:, None]
+    out["constant"] = x
+    x = (rng.standard_t(3, (rows, cols)) * 0.01).astype(np.float32)  # heavy tails
+    x[2, 100] = 0.8
+    out["student_t"] = x
+    x = np.abs(g())  # one-signed rows (min > 0 paths)
+    x[1] = -x[1]
+    out["one_signed"] = x
+    return out
+
+
+def importance(cols: int, seed: int) -> np.ndarray:
+    """A plausible imatrix row: mean squared activations, a few very large, a few zero."""
+    rng = np.random.default_rng(seed)
+    v = np.exp(rng.standard_normal(cols) * 1.5).astype(np.float32) * 0.1
+    v[rng.choice(cols, 4, replace=False)] *= 100.0
+    v[rng.choice(cols, 3, replace=False)] = 0.0
+    return v
+
+
+def real_tensors() -> dict[str, np.ndarray]:
+    """A few SmolLM2-135M weights (dequantized from its Q4_1 GGUF), first rows only."""
+    names = ["blk.0.ffn_down.weight", "blk.3.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight"]
+    return lu.smollm2_tensors(names, max_rows=48)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many small torch ops: extra intra-op threads only contend on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict[str, np.ndarray]:
+    """Named inputs (llama tensor names), synthetic and real."""
+    syn = synthetic()
+    names = lu.layer_names(len(syn), first_layer=20)
+    out = {n: v for n, v in zip(names, syn.values())}
+    out.update(real_tensors())
+    return out
+
+
+@pytest.fixture(scope="module")
+def imatrices(cases) -> dict[str, np.ndarray]:
+    return {n: importance(v.shape[1], i) for i, (n, v) in enumerate(sorted(cases.items()))}
+
+
+def ours(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None) -> np.ndarray:
+    im = None if imatrix is None else torch.from_numpy(imatrix)
+    return Q.quantize(torch.from_numpy(x), qtype, im).numpy()
+
+
+# --------------------------------------------------------------------------- gguf-py
+
+
+@pytest.mark.parametrize("qtype", LEGACY + [T.BF16, T.F16])
+def test_bytes_equal_ggufpy(qtype):
+    for name, x in synthetic(cols=256, rows=8, seed=1).items():
+        if name == "subnormal":
+            continue  # gguf-py is not llama.cpp's twin here (1/d overflows; C's float->int cast of inf differs)
+        x = x + np.float32(0.0)  # gguf-py loses the sign of an all -0.0 block's scale; llama.cpp keeps it
+        ref = np.asarray(gq.quantize(x, qtype)).view(np.uint8).reshape(x.shape[0], -1)
+        got = ours(x, qtype)
+        assert np.array_equal(got, ref), f"{qtype.name} {name}: {(got != ref).sum()} bytes differ"
+
+
+@pytest.mark.parametrize("qtype", WRITTEN)
+@pytest.mark.parametrize("with_imatrix", [False, True])
+def test_dequantize_matches_ggufpy(qtype, with_imatrix):
+    x = synthetic(cols=512, rows=8, seed=2)["outliers"]
+    im = importance(512, 3) if with_imatrix else None
+    b = ours(x, qtype, im)
+    got = Q.dequantize(torch.from_numpy(b), qtype, x.shape).numpy()
+    ref = gq.dequantize(b, qtype).reshape(x.shape)
+    assert np.array_equal(got, ref)
+    rel = np.abs(got - x).mean() / np.abs(x).mean()
+    assert rel < 0.75  # sanity only (Q2_K on outlier-heavy rows is coarse)
+
+
+DEQ_ONLY = [t for t in T if t in gq._type_traits or t in (T.F32, T.F16)]
+
+
+@pytest.mark.parametrize("qtype", DEQ_ONLY, ids=lambda t: t.name)
+def test_dequantize_any_type_equals_ggufpy(qtype):
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    rows, cols = 3, max(bs, 256)
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, size=(rows, cols // bs * ts), dtype=np.uint8)
+    # keep fp16/bf16 fields finite: clear the top exponent bit of every odd byte
+    if qtype in (T.F16, T.BF16, T.F32):
+        data[:, 1::2] &= 0x3F
+    ref = gq.dequantize(data, qtype).reshape(rows, cols)
+    got = Q.dequantize(torch.from_numpy(data), qtype, (rows, cols)).numpy()
+    assert np.array_equal(got, ref, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- llama.cpp
+
+
+@pytest.fixture(scope="module")
+def llama_bytes(cases, imatrices, tmp_path_factory):
+    """Memoized llama.cpp output per (type, with_imatrix)."""
+    pytest.importorskip("llama_cpp")
+    memo: dict = {}
+    work = tmp_path_factory.mktemp("llamacpp")
+
+    def get(qtype: T, with_imatrix: bool):
+        key = (qtype, with_imatrix)
+        if key not in memo:
+            memo[key] = lu.llamacpp_quantize(cases, qtype, imatrices if with_imatrix else None, workdir=work)
+        return memo[key]
+
+    return get
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("qtype", WRITTEN, ids=lambda t: t.name)
+def test_bytes_equal_llamacpp(qtype, with_imatrix, cases, imatrices, llama_bytes):
+    ref = llama_bytes(qtype, with_imatrix)
+    bad = []
+    for name, x in cases.items():
+        wtype, rb = ref[name]  # llama.cpp falls back to another type for rows it cannot block
+        got = ours(x, wtype, imatrices[name] if with_imatrix else None)
+        if not np.array_equal(got, rb):
+            bad.append(f"{name}[{wtype.name}]: {(got != rb).any(1).sum()}/{rb.shape[0]} rows")
+    assert not bad, "; ".join(bad)
+
+
+# --------------------------------------------------------------------------- bad input and API
+
+
+def test_bad_row_length():
+    with pytest.raises(LowbitError, match="multiple"):
+        Q.quantize(torch.zeros(2, 100), "q4_k")
+    with pytest.raises(LowbitError, match="multiple"):
+        Q.quantize(torch.zeros(2, 48), T.Q8_0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_input(bad):
+    x = torch.zeros(2, 256)
+    x[1, 7] = bad
+    with pytest.raises(LowbitError, match="NaN or Inf"):
+        Q.quantize(x, T.Q6_K)
+    im = torch.ones(256)
+    im[3] = bad
+    with pytest.raises(LowbitError, match="importance"):
+        Q.quantize(torch.zeros(2, 256), T.Q4_K, im)
+
+
+def test_api_helpers():
+    assert Q.block_size("q4_k") == (256, 144)
+    assert Q.block_size(T.Q8_0) == (32, 34)
+    assert Q.can_quantize("IQ4_XS") and Q.can_quantize(T.Q2_K)
+    assert not Q.can_quantize(T.IQ2_XXS)
+    with pytest.raises(LowbitError):
+        Q.parse_qtype("q9_z")
+    with pytest.raises(LowbitError):
+        Q.quantize(torch.zeros(1, 256), T.Q4_K, torch.ones(3))
+    out = Q.quantize(torch.randn(3, 512), "q5_k")
+    assert out.dtype == torch.uint8 and out.shape == (3, 2 * 176)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qtype", WRITTEN, ids=lambda t: t.name)
+def test_cuda_equals_cpu(qtype):
+    x = torch.from_numpy(synthetic(cols=1024, rows=16, seed=7)["outliers"])
+    im = torch.from_numpy(importance(1024, 8))
+    for imx in (None, im):
+        a = Q.quantize(x, qtype, imx)
+        b = Q.quantize(x.cuda(), qtype, None if imx is None else imx.cuda()).cpu()
+        assert torch.equal(a, b)
