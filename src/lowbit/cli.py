@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="quantize the built-in demo model at a few settings and compare")
     d.add_argument("--model", default="smollm2-135m")
     _eval_args(d)
-    d.set_defaults(chunks=8)
+    d.set_defaults(chunks=4)
     d.add_argument("--plot", help="also save a plot (PNG) of KL-divergence against bits per weight")
     d.add_argument("--json", action="store_true")
     return parser

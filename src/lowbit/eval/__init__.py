@@ -1,6 +1,6 @@
 """Measurement: perplexity, KL-divergence, top-1 agreement, size and speed."""
 
-from .perplexity import KLResult, PerplexityResult, kl_divergence, perplexity
+from .perplexity import KLResult, PerplexityResult, compare_models, kl_divergence, perplexity
 from .size import SizeReport, folder_size
 from .text import default_text, model_adds_bos, read_text, tokenize
 
@@ -8,6 +8,7 @@ __all__ = [
     "KLResult",
     "PerplexityResult",
     "SizeReport",
+    "compare_models",
     "default_text",
     "folder_size",
     "kl_divergence",

@@ -117,36 +117,52 @@ def kl_divergence(ref: torch.nn.Module, model: torch.nn.Module, tokens: torch.Te
                   batch_size: int = 4, bos_id: int | None = None, score_all: bool = False,
                   max_chunks: int | None = None, desc: str = "kl-divergence") -> KLResult:
     """KL(ref || model) per scored token, top-1 agreement and both perplexities."""
+    return compare_models(ref, {"model": model}, tokens, ctx, batch_size, bos_id, score_all, max_chunks, desc)["model"]
+
+
+def compare_models(ref: torch.nn.Module, models: dict[str, torch.nn.Module], tokens: torch.Tensor, ctx: int = 512,
+                   batch_size: int = 4, bos_id: int | None = None, score_all: bool = False,
+                   max_chunks: int | None = None, desc: str = "kl-divergence") -> dict[str, KLResult]:
+    """:func:`kl_divergence` of several models against one reference, running the reference once."""
     chunks = make_chunks(tokens, ctx, bos_id, max_chunks)
     first = _first_scored(ctx, score_all)
-    kls, same, nll_ref, nll_q = [], [], [], []
-    start = time.perf_counter()
+    stats: dict[str, dict[str, list[torch.Tensor]]] = {k: {"kl": [], "same": [], "nll": []} for k in models}
+    nll_ref: list[torch.Tensor] = []
+    seconds = dict.fromkeys(models, 0.0)
     with bar(chunks.shape[0], desc, unit="chunk") as pbar:
         for i in range(0, chunks.shape[0], batch_size):
             batch = chunks[i : i + batch_size]
             lp_ref = F.log_softmax(_logits(ref, batch)[:, first:-1], dim=-1)
-            lp_q = F.log_softmax(_logits(model, batch)[:, first:-1].to(lp_ref.device), dim=-1)
+            p_ref = lp_ref.exp()
+            top_ref = lp_ref.argmax(-1)
             target = batch[:, first + 1 :].to(lp_ref.device)[..., None]
-            kls.append((lp_ref.exp() * (lp_ref - lp_q)).sum(-1).reshape(-1).cpu())
-            same.append((lp_ref.argmax(-1) == lp_q.argmax(-1)).reshape(-1).cpu())
             nll_ref.append(-lp_ref.gather(-1, target).reshape(-1).cpu())
-            nll_q.append(-lp_q.gather(-1, target).reshape(-1).cpu())
+            for key, model in models.items():
+                t0 = time.perf_counter()
+                lp_q = F.log_softmax(_logits(model, batch)[:, first:-1].to(lp_ref.device), dim=-1)
+                seconds[key] += time.perf_counter() - t0
+                st = stats[key]
+                st["kl"].append((p_ref * (lp_ref - lp_q)).sum(-1).reshape(-1).cpu())
+                st["same"].append((top_ref == lp_q.argmax(-1)).reshape(-1).cpu())
+                st["nll"].append(-lp_q.gather(-1, target).reshape(-1).cpu())
             pbar.update(batch.shape[0])
-    seconds = time.perf_counter() - start
-    kl = torch.cat(kls).double().clamp_min(0)
     ppl_ref, _, mean_ref = _summarize(torch.cat(nll_ref))
-    ppl_q, _, mean_q = _summarize(torch.cat(nll_q))
-    return KLResult(
-        kl_mean=float(kl.mean()),
-        kl_median=float(kl.median()),
-        kl_p99=float(torch.quantile(kl.float(), 0.99)),
-        kl_max=float(kl.max()),
-        top1_agreement=float(torch.cat(same).float().mean()),
-        ppl_ref=ppl_ref,
-        ppl=ppl_q,
-        ppl_ratio=ppl_q / ppl_ref,
-        ln_ppl_ratio=mean_q - mean_ref,
-        n_tokens=kl.numel(),
-        seconds=seconds,
-        tokens_per_s=2 * chunks.numel() / seconds,
-    )
+    results: dict[str, KLResult] = {}
+    for key, st in stats.items():
+        kl = torch.cat(st["kl"]).double().clamp_min(0)
+        ppl_q, _, mean_q = _summarize(torch.cat(st["nll"]))
+        results[key] = KLResult(
+            kl_mean=float(kl.mean()),
+            kl_median=float(kl.median()),
+            kl_p99=float(torch.quantile(kl.float(), 0.99)),
+            kl_max=float(kl.max()),
+            top1_agreement=float(torch.cat(st["same"]).float().mean()),
+            ppl_ref=ppl_ref,
+            ppl=ppl_q,
+            ppl_ratio=ppl_q / ppl_ref,
+            ln_ppl_ratio=mean_q - mean_ref,
+            n_tokens=kl.numel(),
+            seconds=seconds[key],
+            tokens_per_s=chunks.numel() / max(seconds[key], 1e-9),
+        )
+    return results

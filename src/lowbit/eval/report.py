@@ -17,11 +17,11 @@ def plot_demo(result: dict[str, Any], path: str | Path) -> Path:
 
     rows = [r for r in result["rows"] if r["bpw"] < 32]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in rows:
-        ax1.scatter(r["bpw"], r["kl_mean"])
-        ax1.annotate(r["setting"], (r["bpw"], r["kl_mean"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
-        ax2.scatter(r["bpw"], r["ppl"])
-        ax2.annotate(r["setting"], (r["bpw"], r["ppl"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    markers = "osD^vP*X"
+    for i, r in enumerate(rows):
+        ax1.scatter(r["bpw"], r["kl_mean"], marker=markers[i % len(markers)], s=50, label=r["setting"])
+        ax2.scatter(r["bpw"], r["ppl"], marker=markers[i % len(markers)], s=50, label=r["setting"])
+    ax1.legend(fontsize=8)
     ref = result["rows"][0]["ppl"]
     ax2.axhline(ref, color="gray", linestyle="--", label=f"float reference {ref:.2f}")
     ax1.set(xlabel="bits per weight (quantized tensors)", ylabel="mean KL-divergence (nats)", yscale="log",
