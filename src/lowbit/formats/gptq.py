@@ -14,7 +14,9 @@ Layout of one quantized linear ``<m>`` (weight ``[out, in]``, ``G`` groups, ``b`
 ``quantize_config.json`` and ``config.json``'s ``quantization_config`` hold ``bits``,
 ``group_size`` (-1 per channel), ``desc_act``, ``sym``, ``lm_head``, ``quant_method: gptq``,
 ``checkpoint_format: gptq``; per-module differences and float linear layers go in GPTQModel's
-``dynamic`` map (``"+:regex": {overrides}``, ``"-:regex": {}`` = not quantized), which vLLM reads.
+``dynamic`` map (``"+:regex": {overrides}``, ``"-:regex": {}`` = not quantized), which vLLM reads;
+float linear layers are also excluded through ``modules_in_block_to_quantize`` (optimum /
+transformers).
 
 v1 cannot store an asymmetric zero point of 0 (it would be written as -1); such weights are
 refused with a clear error.
@@ -119,7 +121,27 @@ def encode(weights: Mapping[str, QuantizedWeight], linears: list[str]) -> tuple[
     }
     if dynamic:
         qconfig["dynamic"] = dynamic
+    body_linears = [m for m in linears if m != "lm_head"]
+    if any(m not in per_module for m in body_linears):
+        qconfig["modules_in_block_to_quantize"] = [_block_selection(body_linears, set(per_module))]
     return tensors, qconfig
+
+
+def _block_selection(linears: list[str], quantized: set[str]) -> list[str]:
+    """Names for optimum's ``modules_in_block_to_quantize`` (a layer is kept if its name ends with one).
+
+    The in-block suffixes (``self_attn.q_proj``) when every block quantizes the same set,
+    else the full module names.
+    """
+    full = sorted(m for m in linears if m in quantized)
+    suffixes = set()
+    for m in full:
+        match = re.match(r"^.*\.\d+\.(.+)$", m)
+        if match is None:
+            return full
+        suffixes.add(match.group(1))
+    selected = sorted(m for m in linears if any(m.endswith("." + s) for s in suffixes))
+    return sorted(suffixes) if selected == full else full
 
 
 def _module_args(module: str, qconfig: Mapping[str, Any]) -> dict[str, Any] | None:
