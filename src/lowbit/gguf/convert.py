@@ -34,7 +34,7 @@ from ..errors import LowbitError
 from ..fileio import atomic_file, check_output_path
 from ..progress import track
 from . import mixes
-from .reader import open_gguf, read_metadata
+from .reader import GGUFFile
 from .writer import KV, PlannedTensor, can_quantize, dequantize_bytes, quantize_array, write_gguf
 
 ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
@@ -64,25 +64,18 @@ _SKIP_KEYS = ("general.file_type", "general.quantization_version", "general.alig
 
 
 def _gguf_source(path: Path) -> _Source:
-    reader = open_gguf(path)
-    meta = read_metadata(reader)
-    kvs = [KV(k, vt, v, sub) for k, (vt, v, sub) in meta.items() if k not in _SKIP_KEYS]
-    arch = str(meta.get("general.architecture", (None, ""))[1])
-    tens = {t.name: t for t in reader.tensors}
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
-    stypes = {t.name: T(int(t.tensor_type)) for t in reader.tensors}
-    kv_plain = {k: v for k, (_, v, _) in meta.items()}
-    hp = mixes.hparams_from_gguf_kv(kv_plain)
-
-    def get(name: str) -> np.ndarray:
-        t = tens[name]
-        return dequantize_bytes(np.asarray(t.data), stypes[name], shapes[name])
+    f = GGUFFile(path)
+    kvs = [KV(k, vt, v, sub) for k, vt, v, sub in f.kv_entries() if k not in _SKIP_KEYS]
+    arch = str(f.kv.get("general.architecture", ""))
+    shapes = {t.name: t.shape for t in f.tensors}
+    stypes = {t.name: t.type for t in f.tensors}
+    hp = mixes.hparams_from_gguf_kv(f.kv)
 
     def raw(name: str) -> np.ndarray:
-        return np.asarray(tens[name].data).view(np.uint8).reshape(-1)
+        return np.array(f.data(name))
 
     quantized = any(t not in (T.F32, T.F16, T.BF16) for t in stypes.values())
-    return _Source(arch, kvs, shapes, stypes, hp, get, raw, description=str(path), quantized_source=quantized)
+    return _Source(arch, kvs, shapes, stypes, hp, f.array, raw, description=str(path), quantized_source=quantized)
 
 
 _HF_BLOCK = {

@@ -80,6 +80,7 @@ class GGUFHeader:
     alignment: int
     kv: dict[str, Any] = field(default_factory=dict)  # arrays longer than 64 summarized
     kv_types: dict[str, str] = field(default_factory=dict)
+    kv_sub: dict[str, GGUFValueType | None] = field(default_factory=dict)  # array element types
     tensors: list[TensorEntry] = field(default_factory=list)
 
 
@@ -121,7 +122,7 @@ class _Cursor:
         return raw.decode("utf-8", errors="replace")
 
 
-def _value(cur: _Cursor, vtype: int, what: str, depth: int = 0, keep: bool = True) -> Any:
+def _value(cur: _Cursor, vtype: int, what: str, depth: int = 0, keep: bool = True, full: bool = False) -> Any:
     if vtype in _SCALAR_FMT:
         return cur.scalar(_SCALAR_FMT[vtype], what)
     if vtype == GGUFValueType.STRING:
@@ -139,7 +140,9 @@ def _value(cur: _Cursor, vtype: int, what: str, depth: int = 0, keep: bool = Tru
         if etype in _SCALAR_FMT:
             esize = struct.calcsize(_SCALAR_FMT[etype])
             cur.need(count * esize, what)
-            if keep and count <= 64:
+            if keep and full and count > 64:
+                out = np.frombuffer(cur.buf, dtype=np.dtype(_SCALAR_FMT[etype]), count=count, offset=cur.pos).copy()
+            elif keep and count <= 64:
                 out = list(struct.unpack_from("<" + _SCALAR_FMT[etype][1] * count, cur.buf, cur.pos))
             else:
                 out = _ArraySummary(GGUFValueType(etype).name, count)
@@ -147,10 +150,14 @@ def _value(cur: _Cursor, vtype: int, what: str, depth: int = 0, keep: bool = Tru
             return out
         # every string needs at least its 8-byte length: reject impossible counts before looping
         cur.need(count * 8, what)
-        small = keep and count <= 64
+        small = keep and (count <= 64 or full)
         items = []
+        if small and etype == GGUFValueType.STRING:
+            for i in range(count):
+                items.append(cur.string(f"{what}[{i}]"))
+            return items
         for i in range(count):
-            v = _value(cur, etype, f"{what}[{i}]", depth + 1, keep=small)
+            v = _value(cur, etype, f"{what}[{i}]", depth + 1, keep=small, full=full)
             if small:
                 items.append(v)
         return items if small else _ArraySummary(GGUFValueType(etype).name, count)
@@ -166,8 +173,11 @@ class _ArraySummary:
         return f"[{self.element_type} x {self.length}]"
 
 
-def validate_gguf(path: str | Path) -> GGUFHeader:
-    """Scan the GGUF header of ``path`` with bounds checks; raise LowbitError on anything wrong."""
+def validate_gguf(path: str | Path, full: bool = False) -> GGUFHeader:
+    """Scan the GGUF header of ``path`` with bounds checks; raise LowbitError on anything wrong.
+
+    ``full``: keep every metadata array (numeric ones as numpy arrays) instead of summarizing
+    arrays longer than 64 elements."""
     p = Path(path)
     if not p.is_file():
         raise LowbitError(p, "no such file")
@@ -177,12 +187,12 @@ def validate_gguf(path: str | Path) -> GGUFHeader:
     with open(p, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return _scan(_Cursor(buf, p), p, size)
+        return _scan(_Cursor(buf, p), p, size, full)
     finally:
         buf.close()
 
 
-def _scan(cur: _Cursor, p: Path, size: int) -> GGUFHeader:
+def _scan(cur: _Cursor, p: Path, size: int, full: bool = False) -> GGUFHeader:
     magic = bytes(cur.buf[0:4])
     if magic != GGUF_MAGIC:
         raise LowbitError(p, f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
@@ -209,7 +219,11 @@ def _scan(cur: _Cursor, p: Path, size: int) -> GGUFHeader:
         vtype = cur.u32(f"type of {key!r}")
         if vtype not in _SCALAR_FMT and vtype not in (GGUFValueType.STRING, GGUFValueType.ARRAY):
             raise cur.fail(f"metadata {key!r} has unknown value type {vtype}")
-        hdr.kv[key] = _value(cur, vtype, f"metadata {key!r}")
+        if vtype == GGUFValueType.ARRAY:
+            cur.need(4, f"array type of {key!r}")
+            (sub,) = struct.unpack_from("<I", cur.buf, cur.pos)
+            hdr.kv_sub[key] = GGUFValueType(sub) if sub in iter(GGUFValueType) else None
+        hdr.kv[key] = _value(cur, vtype, f"metadata {key!r}", full=full)
         hdr.kv_types[key] = GGUFValueType(vtype).name
 
     align = hdr.kv.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -282,6 +296,43 @@ def open_gguf(path: str | Path):
 
 
 open_reader = open_gguf  # name used by lowbit.models.gguf_source
+
+
+class GGUFFile:
+    """A validated GGUF file: full metadata and memory-mapped tensor data (fast, no gguf-py).
+
+    ``kv``: key -> value (numeric arrays as numpy arrays, string arrays as lists);
+    ``kv_types``/``kv_sub``: GGUF value type names and array element types;
+    ``tensors``: :class:`TensorEntry` list in file order; ``data(name)``: raw bytes (uint8
+    view of the file); ``array(name)``: float32 values in PyTorch shape order."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.header = validate_gguf(path, full=True)
+        self.path = self.header.path
+        self.kv = self.header.kv
+        self.tensors = self.header.tensors
+        self.by_name = {t.name: t for t in self.tensors}
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def data(self, name: str) -> np.ndarray:
+        t = self.by_name[name]
+        start = self.header.data_offset + t.offset
+        return self._mm[start:start + t.nbytes]
+
+    def array(self, name: str) -> np.ndarray:
+        from .writer import dequantize_bytes
+
+        t = self.by_name[name]
+        return dequantize_bytes(np.array(self.data(name)), t.type, t.shape)
+
+    def kv_entries(self):
+        """(key, GGUFValueType, value, element type or None) for every metadata key."""
+        for k, v in self.kv.items():
+            vt = GGUFValueType[self.header.kv_types[k]]
+            sub = self.header.kv_sub.get(k)
+            if isinstance(v, np.ndarray):
+                v = v.tolist()
+            yield k, vt, v, sub
 
 
 def _field_value(reader_field) -> Any:
