@@ -32,6 +32,43 @@ def apply(model: torch.nn.Module, qm) -> torch.nn.Module:
     return model
 
 
+class RefCache:
+    """The float model's log-probabilities on the scored half of each chunk, computed once."""
+
+    def __init__(self, model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 2) -> None:
+        from lowbit.eval.perplexity import _first_scored, _logits
+
+        self.chunks, self.bs = chunks, batch_size
+        self.first = _first_scored(chunks.shape[1], False)
+        self.lp = [
+            torch.log_softmax(_logits(model, chunks[i : i + batch_size])[:, self.first : -1], -1).to(torch.float16)
+            for i in range(0, chunks.shape[0], batch_size)
+        ]
+
+    def compare(self, model: torch.nn.Module) -> dict:
+        """KL(float || model) per token, top-1 agreement and both perplexities."""
+        import math
+
+        from lowbit.eval.perplexity import _logits
+
+        kls, same, nll_r, nll_q = [], [], [], []
+        for b, i in enumerate(range(0, self.chunks.shape[0], self.bs)):
+            batch = self.chunks[i : i + self.bs]
+            lq = torch.log_softmax(_logits(model, batch)[:, self.first : -1], -1)
+            lr = self.lp[b].float()
+            tgt = batch[:, self.first + 1 :, None]
+            kls.append((lr.exp() * (lr - lq)).sum(-1).flatten())
+            same.append((lr.argmax(-1) == lq.argmax(-1)).flatten().float())
+            nll_r.append(-lr.gather(-1, tgt).flatten())
+            nll_q.append(-lq.gather(-1, tgt).flatten())
+        return {
+            "ppl": math.exp(float(torch.cat(nll_q).double().mean())),
+            "ppl_ref": math.exp(float(torch.cat(nll_r).double().mean())),
+            "kl": float(torch.cat(kls).double().clamp_min(0).mean()),
+            "top1": float(torch.cat(same).mean()),
+        }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=SMOL)
@@ -42,14 +79,15 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--awq-search-batches", type=int, default=None, help="batches (of 4 samples) used by AWQ's scale search")
     ap.add_argument("--out", default="bench/results/quality_calibrated.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("LOWBIT_NO_PROGRESS", "1")
 
     from lowbit.core import QuantScheme
-    from lowbit.eval.perplexity import kl_divergence
-    from lowbit.eval.text import tokenize
+    from lowbit.eval.perplexity import make_chunks
+    from lowbit.eval.text import model_adds_bos, tokenize
     from lowbit.methods import quantize_model
     from lowbit.models import load, resolve
     from lowbit.models.calibration import CalibrationConfig
@@ -62,8 +100,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     calib = CalibrationConfig(n_samples=args.n_samples, seq_len=args.seq_len, seed=0, batch_size=4)
     rows = []
-    base = kl_divergence(ref.model, ref.model, tokens, ctx=512, max_chunks=args.chunks)
-    rows.append({"method": "float", "scheme": "-", "ppl": base.ppl_ref, "kl": 0.0, "top1": 1.0, "quant_s": 0.0})
+    bos = ref.tokenizer.bos_token_id if model_adds_bos(ref.tokenizer) else None
+    cache = RefCache(ref.model, make_chunks(tokens, 512, bos, args.chunks))
+    base = cache.compare(ref.model)
+    rows.append({"method": "float", "scheme": "-", "ppl": base["ppl_ref"], "kl": 0.0, "top1": 1.0, "quant_s": 0.0})
     print(json.dumps(rows[-1]), flush=True)
     for spec in args.schemes.split(","):
         bits, gs = (int(v) for v in spec.split(":"))
@@ -71,14 +111,15 @@ def main() -> None:
         for m in args.methods.split(","):
             method, ao = ("gptq", True) if m == "gptq_ao" else (m, False)
             t0 = time.perf_counter()
-            qm = quantize_model(src, method, scheme, calib, act_order=ao)
+            opts = {"search_batches": args.awq_search_batches} if method == "awq" else {}
+            qm = quantize_model(src, method, scheme, calib, act_order=ao, **opts)
             dt = time.perf_counter() - t0
             cand_model = cand.model
             cand_model.load_state_dict(ref.model.state_dict())
             apply(cand_model, qm)
-            r = kl_divergence(ref.model, cand_model, tokens, ctx=512, max_chunks=args.chunks)
-            row = {"method": m, "scheme": scheme.describe(), "ppl": r.ppl, "kl": r.kl_mean,
-                   "top1": r.top1_agreement, "quant_s": round(dt, 1),
+            r = cache.compare(cand_model)
+            row = {"method": m, "scheme": scheme.describe(), "ppl": r["ppl"], "kl": r["kl"],
+                   "top1": r["top1"], "quant_s": round(dt, 1),
                    "calib": f"pydoc_data.topics {args.n_samples}x{args.seq_len}", "eval_chunks": args.chunks}
             rows.append(row)
             with out.open("a") as f:

@@ -147,6 +147,7 @@ class AWQHandler:
     duo_scaling: bool | str = True  # True, False, or "both" (search both families)
     clip: bool = True
     clip_tokens: int = 512
+    search_batches: int | None = None  # calibration batches used by the scale search (None: all)
     rules: Rules = None
     propagate: str = "float"
     needs_inputs: bool = True
@@ -154,7 +155,7 @@ class AWQHandler:
     def fingerprint(self) -> dict[str, Any]:
         return {
             "method": "awq", "scheme": self.scheme, "n_grid": self.n_grid, "duo_scaling": self.duo_scaling,
-            "clip": self.clip, "clip_tokens": self.clip_tokens, "rules": _rules_fingerprint(self.rules),
+            "clip": self.clip, "clip_tokens": self.clip_tokens, "search_batches": self.search_batches, "rules": _rules_fingerprint(self.rules),
         }
 
     # capture --------------------------------------------------------------------------------------
@@ -273,6 +274,8 @@ class AWQHandler:
             if not torch.isfinite(x).all():
                 raise ValueError(f"layer {ctx.index}: non-finite inputs to {sg.linears[0]}")
             inspect_calls = calls[sg.inspect] if sg.inspect else [((xx,), {}) for xx in [x]]
+            if self.search_batches is not None:
+                inspect_calls = inspect_calls[: self.search_batches]
             s, info = self._search(ctx, sg, x, inspect_calls, scheme)
             searches[f"{sg.prev}->{','.join(sg.linears[:3])}{'...' if len(sg.linears) > 3 else ''}"] = info
             if s is None:

@@ -96,6 +96,10 @@ class RTNHandler:
         return res
 
 
+class _GroupDone(Exception):
+    """Raised inside a forward once every linear of the group has seen its input."""
+
+
 @dataclass
 class GPTQHandler:
     """GPTQ over the layer's sequential groups."""
@@ -123,8 +127,12 @@ class GPTQHandler:
         accs: dict[str, HessianAccumulator] = {}
         seen: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}
         cur_mask: list[torch.Tensor | None] = [None]
+        # Without experts, the rest of the layer is not needed once every linear has had its input.
+        early_stop = not any(is_expert_slot(ctx.adapter, n) for n in names)
+        called: set[str] = set()
 
         def collect(name: str, x: torch.Tensor) -> None:
+            called.add(name)
             entry = seen.get(id(x))
             if name not in accs:
                 accs[name] = entry[1] if entry is not None and entry[0] is x else HessianAccumulator(x.shape[-1], ctx.device)
@@ -136,12 +144,18 @@ class GPTQHandler:
                 acc.add(x, token_mask_for(x, cur_mask[0]))
             except Exception as exc:  # noqa: BLE001 - name the layer
                 raise type(exc)(f"layer {ctx.index} {name}: {exc}") from None
+            if early_stop and len(called) == len(names):
+                raise _GroupDone
 
         with input_hooks(ctx.adapter, ctx.layer, names, collect):
             for h, kw, m in zip(ctx.inputs.hidden, ctx.inputs.kwargs, ctx.inputs.masks):
                 seen.clear()
+                called.clear()
                 cur_mask[0] = m
-                run_layer(ctx.layer, h, kw)
+                try:
+                    run_layer(ctx.layer, h, kw)
+                except _GroupDone:
+                    pass
         return accs
 
     def _gptq(self, w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
