@@ -119,3 +119,67 @@ def test_nan_weights_name_the_layer(tmp_path: Path) -> None:
     save_file(sd, str(folder / "model.safetensors"))
     with pytest.raises(LowbitError, match="layer 2.*up_proj"):
         quantize_model(folder, "gptq", SCHEME, CALIB)
+
+
+def _tiny_folder(tmp_path: Path, kind: str) -> Path:
+    import shutil
+
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    cfg = {
+        "gemma3": lambda: Gemma3TextConfig(head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"], **common),
+        "qwen3": lambda: Qwen3Config(head_dim=8, **common),
+        "qwen2": lambda: Qwen2Config(**common),
+    }[kind]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    folder = tmp_path / kind
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "tok512.model"):
+        if (STORIES / f).exists():
+            shutil.copy(STORIES / f, folder / f)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3", "qwen2"])
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_streaming_matches_whole_model_other_families(tmp_path: Path, kind: str, method: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _tiny_folder(tmp_path, kind)
+    scheme = QuantScheme(4, 16, True)
+    streamed = quantize_model(folder, method, scheme, CALIB)
+    assert len(streamed.weights) == 2 * 7
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa").eval()
+    data = load_calibration(AutoTokenizer.from_pretrained(str(folder)), CALIB, method)
+    ref = quantize_in_memory(model, data, make_handler(method, scheme), batch_size=CALIB.batch_size)
+    _same(streamed, ref)
+
+
+def test_padded_jsonl_calibration_streaming(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    p = tmp_path / "chat.jsonl"
+    lines = [{"messages": [{"role": "user", "content": f"Tell me about the cat number {i}." * (1 + i % 4)}]} for i in range(6)]
+    p.write_text("\n".join(json.dumps(x) for x in lines))
+    calib = CalibrationConfig(path=str(p), n_samples=6, seq_len=40, batch_size=3)
+    data = load_calibration(AutoTokenizer.from_pretrained(str(STORIES)), calib, "gptq")
+    assert data.attention_mask is not None and int(data.attention_mask.sum()) < 6 * 40
+    streamed = quantize_model(STORIES, "gptq", SCHEME, calib)
+    model, _ = _load()
+    ref = quantize_in_memory(model, data, make_handler("gptq", SCHEME), batch_size=3)
+    _same(streamed, ref)
+
+
+def test_rules_select_schemes_and_float_layers() -> None:
+    rules = {r"mlp\.down_proj": None, r"self_attn\.[qk]_proj": QuantScheme(8, -1, True)}
+    qm = quantize_model(STORIES, "gptq", SCHEME, CALIB, rules=rules)
+    assert not any("down_proj" in k for k in qm.weights)
+    assert qm.weights["model.layers.0.self_attn.q_proj.weight"].scheme.bits == 8
+    assert qm.weights["model.layers.0.self_attn.v_proj.weight"].scheme == SCHEME
