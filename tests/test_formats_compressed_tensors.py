@@ -224,3 +224,29 @@ def test_bad_inputs(tmp_path):
         formats.read(SRC)
     assert formats.detect_format(SRC) is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_lm_head_and_shards(tmp_path, monkeypatch):
+    """A quantized (untied) lm_head and a sharded checkpoint load in transformers and lowbit alike."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.formats import _common
+    from lowbit.methods.rtn import rtn
+    from lowbit.runtime import QuantLinear, load_quantized
+
+    weights = rtn_weights(QuantScheme(8, -1, True), ("q_proj",))
+    weights["lm_head.weight"] = rtn(source_tensors()["model.embed_tokens.weight"], QuantScheme(8, -1, True))
+    monkeypatch.setattr(_common, "MAX_SHARD_BYTES", 64 * 1024)
+    path = formats.save(make_model(weights), SRC, tmp_path / "lm", "compressed-tensors")
+    config = json.loads((path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "lm_head" not in config["quantization_config"]["ignore"]
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (path / "model.safetensors").exists()
+    back = formats.read(path)
+    assert_same_weight(back["lm_head.weight"], weights["lm_head.weight"])
+    ours, tok = load_quantized(path)
+    assert isinstance(ours.lm_head, QuantLinear)
+    ref = AutoModelForCausalLM.from_pretrained(path)
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)

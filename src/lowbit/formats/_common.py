@@ -86,8 +86,13 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def save_tensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """Write tensors (sorted by name) as one ``model.safetensors`` or shards plus an index."""
+def save_tensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int | None = None) -> list[str]:
+    """Write tensors (sorted by name) as one ``model.safetensors`` or shards plus an index.
+
+    Shards hold at most ``max_shard_bytes`` (default :data:`MAX_SHARD_BYTES`) unless one
+    tensor alone is larger.
+    """
+    max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
     names = sorted(tensors)
     clean = {n: tensors[n].detach().contiguous().cpu() for n in names}
     shards: list[list[str]] = [[]]

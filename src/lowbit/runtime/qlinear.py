@@ -57,6 +57,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.cache_weight = False
         self._cached: torch.Tensor | None = None
+        self._grouped: bool | None = None  # g_idx is the default map (checked lazily)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -77,33 +78,55 @@ class QuantLinear(nn.Module):
         m.zeros = zero.contiguous().clone()
         if qw.g_idx is not None:
             m.g_idx = qw.g_idx.to(torch.int64).clone()
+        m._grouped = None
         if bias is not None:
             m.bias = bias.detach().clone()
         return m
 
     def codes(self) -> torch.Tensor:
         """The unpacked integer codes, int32 ``[out, in]``."""
-        return unpack(self.qweight, self.scheme.bits, self.in_features, dim=1)
+        bits = self.scheme.bits
+        if 32 % bits:  # 3, 5, 6, 7 bits: values cross word boundaries
+            return unpack(self.qweight, bits, self.in_features, dim=1)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=self.qweight.device)
+        vals = (self.qweight.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return vals.reshape(self.out_features, -1)[:, : self.in_features]
+
+    def _default_groups(self) -> bool:
+        n_groups = self.scales.shape[1]
+        if n_groups == 1:
+            return True
+        default = torch.arange(self.in_features, device=self.g_idx.device) // (self.in_features // n_groups)
+        return torch.equal(self.g_idx, default)
 
     def to_quantized(self) -> QuantizedWeight:
         """The stored weight as a :class:`QuantizedWeight` (``g_idx`` kept only if non-default)."""
-        default = torch.arange(self.in_features, device=self.g_idx.device) // (self.in_features // self.scales.shape[1])
-        g_idx = None if torch.equal(self.g_idx, default) else self.g_idx.to(torch.int32)
+        g_idx = None if self._default_groups() else self.g_idx.to(torch.int32)
         return QuantizedWeight(self.codes(), self.scales.clone(), self.zeros.clone(), self.scheme, g_idx)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(codes - zero) * scale`` as ``[out, in]`` in ``dtype`` (computed in float32)."""
         if self._cached is not None and self._cached.dtype == dtype:
             return self._cached
-        s = self.scales.float().index_select(1, self.g_idx)
-        z = self.zeros.float().index_select(1, self.g_idx)
-        w = ((self.codes().float() - z) * s).to(dtype)
+        if self._grouped is None:
+            self._grouped = self._default_groups()
+        codes = self.codes().float()
+        if self._grouped:  # contiguous groups: broadcast [out, G, 1] over [out, G, in/G]
+            n_groups = self.scales.shape[1]
+            g = codes.reshape(self.out_features, n_groups, -1)
+            w = ((g - self.zeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)).reshape(self.out_features, -1)
+        else:  # act-order: gather each column's group
+            s = self.scales.float().index_select(1, self.g_idx)
+            z = self.zeros.float().index_select(1, self.g_idx)
+            w = (codes - z) * s
+        w = w.to(dtype)
         if self.cache_weight:
             self._cached = w
         return w
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         self._cached = None  # device / dtype moves invalidate the cache
+        self._grouped = None
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
