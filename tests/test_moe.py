@@ -28,18 +28,24 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+@pytest.fixture(scope="module", params=["qwen2_moe", "mixtral"])
+def moe_dir(tmp_path_factory, request) -> Path:
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
-    cfg = Qwen2MoeConfig(
-        vocab_size=512, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        num_experts=N_EXPERTS, num_experts_per_tok=2, max_position_embeddings=128, tie_word_embeddings=False,
-    )
+    if request.param == "qwen2_moe":
+        cfg = Qwen2MoeConfig(
+            vocab_size=512, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+            shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            num_experts=N_EXPERTS, num_experts_per_tok=2, max_position_embeddings=128, tie_word_embeddings=False,
+        )
+    else:
+        cfg = MixtralConfig(
+            vocab_size=512, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=N_EXPERTS, num_experts_per_tok=2, max_position_embeddings=128,
+        )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
-    d = tmp_path_factory.mktemp("qwen2moe")
+    d = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(d)
     for f in ("tokenizer.json", "tokenizer_config.json", "tok512.model"):
         if (STORIES / f).exists():
@@ -54,14 +60,22 @@ def test_moe_streaming_matches_in_memory(moe_dir: Path) -> None:
         warnings.simplefilter("always")
         streamed = quantize_model(moe_dir, "gptq", SCHEME, CALIB, min_expert_tokens=1)
     names = streamed.weights.keys()
+    from safetensors import safe_open
+
+    with safe_open(str(moe_dir / "model.safetensors"), "pt") as f:
+        on_disk = set(f.keys())
+    mixtral = "mixtral" in moe_dir.name
+    block, projs = ("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else ("mlp", ("gate_proj", "up_proj", "down_proj"))
     for e in range(N_EXPERTS):
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            assert f"model.layers.1.mlp.experts.{e}.{p}.weight" in names
-    assert "model.layers.0.mlp.shared_expert.down_proj.weight" in names
-    assert "model.layers.0.mlp.gate.weight" not in names  # the router stays float
+        for p in projs:
+            assert f"model.layers.1.{block}.experts.{e}.{p}.weight" in names
+    assert names <= on_disk  # the checkpoint's own names
+    if not mixtral:
+        assert "model.layers.0.mlp.shared_expert.down_proj.weight" in names
+    assert f"model.layers.0.{block}.gate.weight" not in names  # the router stays float
     info = streamed.config["lowbit"]["layers"]["0"]
-    assert set(info["expert_tokens"]) >= {f"mlp.experts.{e}.gate_proj" for e in range(N_EXPERTS)}
-    assert sum(info["expert_tokens"][f"mlp.experts.{e}.gate_proj"] for e in range(N_EXPERTS)) == 4 * 32 * 2
+    assert set(info["expert_tokens"]) >= {f"mlp.experts.{e}.{projs[0]}" for e in range(N_EXPERTS)}
+    assert sum(info["expert_tokens"][f"mlp.experts.{e}.{projs[0]}"] for e in range(N_EXPERTS)) == 4 * 32 * 2
     model = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
     data = load_calibration(AutoTokenizer.from_pretrained(str(moe_dir)), CALIB, "gptq")
     ref = quantize_in_memory(model, data, make_handler("gptq", SCHEME, min_expert_tokens=1), batch_size=CALIB.batch_size)
@@ -79,13 +93,14 @@ def test_rare_experts_fall_back_to_rtn(moe_dir: Path) -> None:
     from lowbit.models import Checkpoint
 
     ck = Checkpoint(moe_dir)
-    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    name = [k for k in qm.weights if "layers.1." in k and ".experts.3." in k and k.endswith(("down_proj.weight", "w2.weight"))][0]
     assert torch.equal(qm.weights[name].codes, rtn(ck.get(name), SCHEME).codes)
 
 
 def test_moe_awq_runs_and_folds_router(moe_dir: Path) -> None:
     qm = quantize_model(moe_dir, "awq", SCHEME, CALIB)
-    assert "model.layers.0.mlp.gate.weight" in qm.float_overrides  # router columns follow the scale
+    block = "block_sparse_moe" if "mixtral" in moe_dir.name else "mlp"
+    assert f"model.layers.0.{block}.gate.weight" in qm.float_overrides  # router columns follow the scale
     assert "model.layers.0.post_attention_layernorm.weight" in qm.float_overrides
     assert len([k for k in qm.weights if ".experts." in k]) == 2 * 3 * N_EXPERTS
 
@@ -106,6 +121,7 @@ def test_moe_folding_is_exact(moe_dir: Path) -> None:
         before = run_layer(layer, h, kws[0])
         groups = adapter.scale_groups_for(layer, model.config)
         assert any("mlp.gate" in sg.followers for sg in groups)
+        assert any(sg.inspect == "mlp" for sg in groups)
         for sg in groups:
             n_in = get_submodule(layer, sg.prev).weight.shape[0]
             fold_scales(adapter, layer, sg, torch.rand(n_in, generator=torch.Generator().manual_seed(2)) + 0.5)

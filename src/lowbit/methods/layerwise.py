@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lowbit.core.scheme import QuantScheme
+from lowbit.errors import LowbitError
 from lowbit.models.adapters import get_weight, is_expert_slot, set_weight
 from lowbit.models.streaming import LayerContext, full_weight_name, LayerResult, input_hooks, run_layer, token_mask_for
 
@@ -142,8 +143,8 @@ class GPTQHandler:
             seen[id(x)] = (x, acc)
             try:
                 acc.add(x, token_mask_for(x, cur_mask[0]))
-            except Exception as exc:  # noqa: BLE001 - name the layer
-                raise type(exc)(f"layer {ctx.index} {name}: {exc}") from None
+            except LowbitError as exc:  # name the layer and the linear
+                raise LowbitError(f"layer {ctx.index} {name}", exc.problem) from None
             if early_stop and len(called) == len(names):
                 raise _GroupDone
 

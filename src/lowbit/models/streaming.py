@@ -227,6 +227,8 @@ def _materialise_outer(adapter: Adapter, model: nn.Module, ckpt: Any, device: to
     emb.to_empty(device=device)
     with torch.no_grad():
         emb.weight.copy_(ckpt.get(f"{adapter.embed}.weight").to(device, dtype))
+        if not torch.isfinite(emb.weight).all():
+            raise LowbitError(adapter.embed, "non-finite (NaN/Inf) values in the embedding weights")
         if hasattr(emb, "scalar_embed_scale"):  # Gemma's scaled embedding buffer
             emb.embed_scale = torch.tensor(emb.scalar_embed_scale, device=device)
     if adapter.rotary is not None:
