@@ -187,3 +187,17 @@ def test_per_tensor_is_stored_per_channel(tmp_path):
         assert back[name].scheme == QuantScheme(4, -1, True)
         qw.scale = qw.scale.half().float()  # GPTQ stores float16 scales
         assert torch.equal(back[name].dequantize(), qw.dequantize())
+
+
+def test_shared_g_idx_tensor(tmp_path):
+    """GPTQ shares one act-order permutation among q/k/v: tensors sharing storage must still save."""
+    weights = synthetic_model(QuantScheme(4, 32, True), g_idx=True, which=("q_proj", "k_proj"))
+    shared = next(iter(weights.values())).g_idx
+    for qw in weights.values():
+        qw.g_idx = shared
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for fmt in ("gptq", "compressed-tensors"):
+            path = formats.save(make_model(weights), SRC, tmp_path / fmt, fmt)
+            for name, qw in formats.read(path).items():
+                assert torch.equal(qw.g_idx, shared)

@@ -94,7 +94,15 @@ def save_tensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_by
     """
     max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
     names = sorted(tensors)
-    clean = {n: tensors[n].detach().contiguous().cpu() for n in names}
+    clean: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for n in names:
+        t = tensors[n].detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:  # e.g. one act-order g_idx shared by q/k/v: safetensors wants separate storage
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        clean[n] = t
     shards: list[list[str]] = [[]]
     size = 0
     for n in names:
