@@ -29,6 +29,20 @@ from ..methods.base import QuantizedWeight
 __all__ = ["QuantLinear", "load_quantized", "quantize_model_linears"]
 
 
+_TRITON: list = []
+
+
+def _triton_kernel():  # noqa: ANN202 - returns the kernel function or None
+    """The CUDA Triton matmul (imported once), or ``None`` when Triton is unavailable."""
+    if not _TRITON:
+        try:
+            from .triton_w4a16 import wna16_linear
+        except ImportError:
+            wna16_linear = None
+        _TRITON.append(wna16_linear)
+    return _TRITON[0]
+
+
 class QuantLinear(nn.Module):
     """``y = x @ dequant(W).T + b`` with ``W`` stored as packed ``bits``-bit codes.
 
@@ -37,7 +51,13 @@ class QuantLinear(nn.Module):
     input column; the default ``j // group_size`` map when there is no act-order), optional
     ``bias``. Set ``cache_weight = True`` to keep the dequantized weight between calls
     (faster repeated forward passes at the cost of the float weight's memory).
+
+    On CUDA, 2/4/8-bit layers run a Triton kernel (:mod:`lowbit.runtime.triton_w4a16`) that
+    dequantizes tiles in registers; set the class or instance attribute ``use_triton =
+    False`` for the torch reference path.
     """
+
+    use_triton: bool = True
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = False) -> None:
         super().__init__()
@@ -130,6 +150,10 @@ class QuantLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.use_triton and self._cached is None and not self.cache_weight:
+            kernel = _triton_kernel()
+            if kernel is not None and self.scheme.bits in (2, 4, 8):
+                return kernel(x, self.qweight, self.scales, self.zeros, self.g_idx, self.scheme.bits, self.bias)
         w = self.dequantized_weight(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, b)

@@ -1,0 +1,79 @@
+"""Triton kernel for :class:`~lowbit.runtime.qlinear.QuantLinear` on CUDA: ``y = x @ dequant(W).T``.
+
+Works on QuantLinear's own layout (codes of each output row packed along the input
+dimension, LSB first, int32 words; float32 scales / zero points ``[out, G]``; an int64
+group index per input column), for 2, 4 and 8 bits, with or without act-order. Each
+program computes a ``BLOCK_M x BLOCK_N`` output tile, unpacking a ``BLOCK_N x BLOCK_K``
+weight tile per step in registers, so the float weight is never written to memory.
+
+Only imported when a CUDA tensor reaches QuantLinear and Triton is installed; the CPU path
+and the tests that run without a GPU never need it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+@triton.jit
+def _wna16_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr,
+    M, N, K, G,
+    stride_xm, stride_qn, stride_ym,
+    BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
+        wmask = (rn[:, None] < N) & kmask[None, :]
+        words = tl.load(qw_ptr + rn[:, None] * stride_qn + (rk[None, :] // PER), mask=wmask, other=0)
+        q = (words >> ((rk[None, :] % PER) * BITS)) & MASK
+        grp = tl.load(g_ptr + rk, mask=kmask, other=0)
+        sz = rn[:, None] * G + grp[None, :]
+        s = tl.load(s_ptr + sz, mask=wmask, other=0.0)
+        z = tl.load(z_ptr + sz, mask=wmask, other=0.0)
+        w = ((q.to(tl.float32) - z) * s).to(x.dtype)
+        acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def wna16_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ dequant(W).T (+ bias)`` for CUDA fp16/bf16/fp32 ``x`` of shape ``[..., K]``."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"the Triton kernel handles {SUPPORTED_BITS}-bit codes, not {bits}")
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    block_n, block_k = 64, 64
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    b = bias.to(x.dtype).contiguous() if bias is not None else y
+    _wna16_kernel[grid](
+        x2, qweight.contiguous(), scales.float().contiguous(), zeros.float().contiguous(), g_idx.contiguous(), b, y,
+        M, N, K, scales.shape[1],
+        x2.stride(0), qweight.stride(0), y.stride(0),
+        BITS=bits, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return y.reshape(*x.shape[:-1], N)
