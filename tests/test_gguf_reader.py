@@ -1,0 +1,179 @@
+"""Safe GGUF parsing: hostile, truncated and corrupt headers give LowbitError, never a crash."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T, GGUFValueType as V
+
+from lowbit.errors import LowbitError
+from lowbit.gguf.reader import GGUFFile, inspect_gguf, validate_gguf
+from lowbit.gguf.writer import KV, PlannedTensor, write_gguf
+
+
+def _s(x: str) -> bytes:
+    b = x.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def _header(n_tensors=1, n_kv=1, version=3) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+
+
+def _kv_arch() -> bytes:
+    return _s("general.architecture") + struct.pack("<I", V.STRING) + _s("llama")
+
+
+def _tinfo(name="w", dims=(32, 2), ttype=T.F32, offset=0) -> bytes:
+    return _s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims) + \
+        struct.pack("<IQ", int(ttype), offset)
+
+
+def _pad(b: bytes, align=32) -> bytes:
+    return b + b"\0" * ((-len(b)) % align)
+
+
+def _file(tmp_path: Path, data: bytes, name="x.gguf") -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def _good(tmp_path) -> Path:
+    head = _pad(_header() + _kv_arch() + _tinfo())
+    return _file(tmp_path, head + np.arange(64, dtype=np.float32).tobytes())
+
+
+def test_valid_minimal_file(tmp_path):
+    p = _good(tmp_path)
+    h = validate_gguf(p)
+    assert h.tensors[0].shape == (2, 32) and h.tensors[0].nbytes == 256
+    f = GGUFFile(p)
+    assert np.array_equal(f.array("w").ravel(), np.arange(64, dtype=np.float32))
+    info = inspect_gguf(p)
+    assert info["n_tensors"] == 1 and info["bits_per_weight"] == 32.0
+    assert info["per_type"]["F32"]["n_elements"] == 64
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "only 0 bytes"),
+    (b"PK\x03\x04" + b"\0" * 60, "not a GGUF file"),
+    (_header(version=99) + b"\0" * 40, "unsupported GGUF version"),
+    (b"GGUF" + struct.pack(">I", 3) + b"\0" * 40, "big-endian"),
+    (_header(n_tensors=10**12), "tensor count"),
+    (_header(n_kv=2**63), "metadata count"),
+    (_header(n_tensors=1000, n_kv=1000), "truncated"),
+])
+def test_bad_headers(tmp_path, data, message):
+    p = _file(tmp_path, data)
+    with pytest.raises(LowbitError, match=message):
+        validate_gguf(p)
+
+
+def test_absurd_string_length(tmp_path):
+    data = _header(0, 1) + struct.pack("<Q", 2**62) + b"key"
+    with pytest.raises(LowbitError, match="length"):
+        validate_gguf(_file(tmp_path, data + b"\0" * 64))
+
+
+def test_string_value_past_end(tmp_path):
+    data = _header(0, 1) + _s("k") + struct.pack("<I", V.STRING) + struct.pack("<Q", 10**6) + b"abc"
+    with pytest.raises(LowbitError, match="truncated"):
+        validate_gguf(_file(tmp_path, data + b"\0" * 64))
+
+
+def test_absurd_array_length(tmp_path):
+    data = _header(0, 1) + _s("k") + struct.pack("<II", V.ARRAY, V.UINT32) + struct.pack("<Q", 2**40)
+    with pytest.raises(LowbitError, match="array length"):
+        validate_gguf(_file(tmp_path, data + b"\0" * 64))
+    data = _header(0, 1) + _s("k") + struct.pack("<II", V.ARRAY, V.STRING) + struct.pack("<Q", 10**7)
+    with pytest.raises(LowbitError, match="truncated"):
+        validate_gguf(_file(tmp_path, data + b"\0" * 64))
+
+
+def test_unknown_value_type(tmp_path):
+    data = _header(0, 1) + _s("k") + struct.pack("<I", 77) + b"\0" * 64
+    with pytest.raises(LowbitError, match="unknown value type"):
+        validate_gguf(_file(tmp_path, data))
+
+
+def test_nested_arrays_depth(tmp_path):
+    body = _s("k") + struct.pack("<I", V.ARRAY)
+    for _ in range(8):
+        body += struct.pack("<IQ", V.ARRAY, 1)
+    with pytest.raises(LowbitError, match="nested"):
+        validate_gguf(_file(tmp_path, _header(0, 1) + body + b"\0" * 64))
+
+
+@pytest.mark.parametrize("tinfo, message", [
+    (_tinfo(dims=(32, 2**40, 2**40)), "too many elements"),
+    (_tinfo(dims=(32, 0)), "invalid dimension"),
+    (_tinfo(dims=(32, 1, 1, 1, 1)), "dimensions"),
+    (_tinfo(ttype=250), "unknown type id"),
+    (_tinfo(dims=(33, 2), ttype=T.Q8_0), "not a multiple"),
+    (_tinfo(offset=10**9), "past the end"),
+    (_tinfo(offset=3), "not aligned"),
+])
+def test_bad_tensor_infos(tmp_path, tinfo, message):
+    head = _pad(_header() + _kv_arch() + tinfo)
+    p = _file(tmp_path, head + b"\0" * 256)
+    with pytest.raises(LowbitError, match=message):
+        validate_gguf(p)
+
+
+def test_truncated_data(tmp_path):
+    p = _good(tmp_path)
+    raw = p.read_bytes()
+    _file(tmp_path, raw[:-10], "t.gguf")
+    with pytest.raises(LowbitError, match="past the end"):
+        inspect_gguf(tmp_path / "t.gguf")
+    # truncated inside the header at every offset: always a LowbitError
+    for cut in range(0, 120, 7):
+        _file(tmp_path, raw[:cut], "c.gguf")
+        with pytest.raises(LowbitError):
+            validate_gguf(tmp_path / "c.gguf")
+
+
+def test_duplicate_and_overlap(tmp_path):
+    head = _pad(_header(2, 1) + _kv_arch() + _tinfo("a") + _tinfo("a", offset=256))
+    with pytest.raises(LowbitError, match="duplicate tensor"):
+        validate_gguf(_file(tmp_path, head + b"\0" * 512))
+    head = _pad(_header(2, 1) + _kv_arch() + _tinfo("a") + _tinfo("b", offset=128))
+    with pytest.raises(LowbitError, match="overlap"):
+        validate_gguf(_file(tmp_path, head + b"\0" * 512))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(LowbitError, match="no such file"):
+        validate_gguf(tmp_path / "nope.gguf")
+
+
+def test_writer_roundtrip_and_inspect(tmp_path):
+    p = tmp_path / "w.gguf"
+    kvs = [KV("llama.block_count", V.UINT32, 1), KV("tokenizer.ggml.tokens", V.ARRAY, [f"t{i}" for i in range(100)], V.STRING),
+           KV("general.file_type", V.UINT32, 7)]
+    w = np.linspace(-1, 1, 64 * 4, dtype=np.float32).reshape(4, 64)
+    planned = [PlannedTensor("blk.0.attn_q.weight", (4, 64), T.Q8_0), PlannedTensor("n", (64,), T.F32)]
+    from lowbit.gguf.writer import quantize_array
+
+    write_gguf(p, "llama", kvs, planned, lambda t: quantize_array(w, T.Q8_0) if t.qtype == T.Q8_0 else w[0])
+    info = inspect_gguf(p)
+    assert info["architecture"] == "llama" and info["file_type"] == "Q8_0"
+    assert info["metadata"]["tokenizer.ggml.tokens"] == "[STRING x 100]"
+    assert info["per_type"]["Q8_0"]["bpw"] == 8.5
+    f = GGUFFile(p)
+    assert f.kv["tokenizer.ggml.tokens"][99] == "t99"
+    assert np.abs(f.array("blk.0.attn_q.weight") - w).max() < 0.01
+
+
+def test_real_models_inspect():
+    from gguf_util import GEMMA, SMOL
+
+    for path in (SMOL, GEMMA):
+        if not Path(path).exists():
+            pytest.skip(f"{path} missing")
+        info = inspect_gguf(path)
+        assert info["n_tensors"] > 200 and 4 < info["bits_per_weight"] < 9
