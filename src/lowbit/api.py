@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +13,12 @@ import torch
 from .core.scheme import QuantScheme
 from .errors import LowbitError
 from .eval import compare_models, default_text, folder_size, kl_divergence, perplexity, read_text, tokenize
-from .methods.base import QuantizedWeight
+from .methods.base import QuantizedModel, QuantizedWeight
 from .methods.rtn import rtn
 from .models import Checkpoint, load, resolve
 from .models.loader import read_config
 from .progress import track
 from .recipe import Recipe
-
-
-@dataclass
-class QuantizedModel:
-    """Quantized weights keyed by Hugging Face name, plus float tensors a method changed."""
-
-    weights: dict[str, QuantizedWeight]
-    float_overrides: dict[str, torch.Tensor] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-    method: str = "rtn"
 
 
 def quantize_rtn(source: Any, recipe: Recipe) -> QuantizedModel:
@@ -45,6 +35,22 @@ def quantize_rtn(source: Any, recipe: Recipe) -> QuantizedModel:
     return QuantizedModel(weights, {}, read_config(src.hf_dir), "rtn")
 
 
+def quantize_calibrated(source: Any, method: str, recipe: Recipe, calib: str | None = None,
+                        samples: int | None = None, seq_len: int | None = None, act_order: bool = False,
+                        device: str = "cpu", seed: int = 0, workdir: str | Path | None = None) -> QuantizedModel:
+    """GPTQ or AWQ through the layer-by-layer engine, with ``recipe``'s rules."""
+    from .methods import quantize_model
+    from .models.calibration import CalibrationConfig
+
+    src = resolve(source)
+    ckpt = Checkpoint(src.hf_dir)
+    recipe.plan({n: ckpt.shape(n) for n in ckpt.keys()}, where=src.spec)  # refuse bad groups before calibrating
+    cfg = CalibrationConfig(path=calib, n_samples=samples, seq_len=seq_len, seed=seed)
+    return quantize_model(src, method=method, scheme=recipe.scheme, calib=cfg, act_order=act_order,
+                          device=device, workdir=workdir, rules=recipe.scheme_for,
+                          **({"mse_clip": recipe.mse_clip} if method == "gptq" else {}))
+
+
 def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe | None = None,
              format: str = "compressed-tensors", overwrite: bool = False, **method_args: Any) -> Path:  # noqa: A002
     """Quantize ``source`` with ``method`` and write it to ``out`` in ``format``."""
@@ -57,9 +63,7 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
     if method == "rtn":
         qm = quantize_rtn(src, recipe)
     else:
-        from .methods import quantize_model  # calibrated methods (GPTQ, AWQ)
-
-        qm = quantize_model(src, method=method, recipe=recipe, **method_args)
+        qm = quantize_calibrated(src, method, recipe, **method_args)
     return formats.save(qm, src.hf_dir, out, format=format, overwrite=overwrite)
 
 

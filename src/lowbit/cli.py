@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of Hessian diagonal")
     q.add_argument("--device", default="cpu", help="cpu or cuda")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true", help="machine-readable output")
 
     e = sub.add_parser("eval", help="perplexity, KL-divergence against a reference, size")
     e.add_argument("model", help="model or lowbit output to evaluate")
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ctx", type=int, default=512)
     m.add_argument("--chunks", type=int, default=None)
     m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--json", action="store_true")
 
     d = sub.add_parser("demo", help="quantize the built-in demo model at a few settings and compare")
     d.add_argument("--model", default="smollm2-135m")
@@ -154,7 +156,8 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_imatrix(args: argparse.Namespace) -> dict[str, Any]:
     from .gguf.convert import compute_imatrix
 
-    out = compute_imatrix(args.model, args.text, args.output, ctx=args.ctx, chunks=args.chunks)
+    out = compute_imatrix(args.model, args.text, args.output, ctx=args.ctx, chunks=args.chunks,
+                          overwrite=args.overwrite)
     return {"output": str(out)}
 
 

@@ -26,9 +26,9 @@ class Recipe:
     overrides: tuple[tuple[str, QuantScheme | None], ...] = ()
     mse_clip: bool = False
 
-    def scheme_for(self, name: str, shape: tuple[int, ...]) -> QuantScheme | None:
-        """The scheme for tensor ``name`` of ``shape``, or None to keep it float."""
-        if len(shape) != 2 or not name.endswith(".weight"):
+    def scheme_for(self, name: str, shape: tuple[int, ...] | None = None) -> QuantScheme | None:
+        """The scheme for tensor ``name`` (of ``shape``, when known), or None to keep it float."""
+        if (shape is not None and len(shape) != 2) or not name.endswith(".weight"):
             return None
         for pattern, scheme in self.overrides:
             if re.search(pattern, name):
