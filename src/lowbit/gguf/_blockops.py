@@ -46,15 +46,12 @@ def roundf(v: torch.Tensor) -> torch.Tensor:
 def c_int8_cast(v: torch.Tensor) -> torch.Tensor:
     """C's ``(int8_t)(float)v`` as compiled for x86-64 (returns int32 in [-128, 127]).
 
-    The float is truncated to a 32-bit integer (``cvttss2si``; NaN and out-of-range values
-    give INT_MIN) and the low byte is kept. llama.cpp hits the out-of-range case when a
-    block of subnormal values makes ``1/d`` overflow to infinity.
+    The float is truncated to a 32-bit integer (``cvttss2si``: NaN and out-of-range values
+    give INT_MIN, whose low byte is 0) and the low byte is kept. llama.cpp hits the
+    out-of-range case when a block of subnormal values makes ``1/d`` overflow to infinity.
     """
-    t = torch.trunc(v)
-    ok = torch.isfinite(t) & (t.abs() < 2147483648.0)
-    i = torch.where(ok, t, torch.zeros_like(t)).to(torch.int64)
-    i = torch.where(ok, i, torch.full_like(i, -(2**31)))
-    return (((i & 0xFF) ^ 0x80) - 0x80).to(torch.int32)
+    t = torch.where(v.abs() < 2147483648.0, torch.trunc(v), torch.zeros_like(v))
+    return ((t.to(torch.int32) & 0xFF) ^ 0x80) - 0x80
 
 
 def recip(v: torch.Tensor) -> torch.Tensor:
@@ -120,8 +117,8 @@ def first_abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``max`` is the signed value of the first element of largest magnitude, +0.0 when all are zero.
     """
     ax = x.abs()
-    amax = ax.amax(dim=0)
-    idx = (ax == amax.unsqueeze(0)).to(torch.uint8).argmax(dim=0)
+    idx = ax.argmax(dim=0)  # torch documents argmax as returning the first maximal index
+    amax = torch.gather(ax, 0, idx.unsqueeze(0)).squeeze(0)
     mx = torch.gather(x, 0, idx.unsqueeze(0)).squeeze(0)
     return amax, torch.where(amax > 0, mx, torch.zeros_like(mx))
 
@@ -172,6 +169,8 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     def quant(iscale: torch.Tensor) -> torch.Tensor:
         return nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
 
+    # |iscale * x| <= nmax + 1 below, where round-half-even equals nearest_int
+
     iscale0 = torch.full_like(mx, float(-nmax)) / mx
     lq = quant(iscale0.unsqueeze(0))
     lf = lq.float()
@@ -186,7 +185,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     slx = torch.zeros_like(isc)
     sl2 = torch.zeros_like(isc)
     for i in range(x.shape[0]):
-        l = nearest_int(isc * x[i].unsqueeze(1)).clamp_(-nmax, nmax - 1).float()
+        l = torch.round(isc * x[i].unsqueeze(1)).clamp_(-nmax, nmax - 1)
         slx = slx + wx[i].unsqueeze(1) * l
         sl2 = sl2 + (w[i].unsqueeze(1) * l) * l
     chosen = iscale0.clone()
@@ -276,13 +275,16 @@ def make_qkx(
     scale = recip(iscale)
     L = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
     best = err_of(scale, L.float(), mn)
+    buf = torch.empty((x.shape[0], 3, x.shape[1]), dtype=x.dtype, device=x.device)
     for s in range(nstep + 1):
         c = f32(f32(f32(rmin) + f32(f32(rdelta) * s)) + nmax)
         isc = torch.full_like(mx, c) / (mx - mn)
         la = nearest_int(isc * (x - mn)).clamp_(0, nmax)
         lf = la.float()
-        wl = w * lf
-        sums = seq_sum(torch.stack([wl, wl * lf, wl * x], dim=1))
+        torch.mul(w, lf, out=buf[:, 0])
+        torch.mul(buf[:, 0], lf, out=buf[:, 1])
+        torch.mul(buf[:, 0], x, out=buf[:, 2])
+        sums = seq_sum(buf)
         sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D

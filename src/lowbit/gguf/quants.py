@@ -277,7 +277,7 @@ def can_quantize(qtype: QType) -> bool:
 
 
 def _chunk_rows(rows: int, cols: int, device: torch.device) -> int:
-    budget = (1 << 24) if device.type == "cuda" else (1 << 19)
+    budget = (1 << 25) if device.type == "cuda" else (1 << 21)
     return max(1, min(rows, budget // max(cols, 1)))
 
 
