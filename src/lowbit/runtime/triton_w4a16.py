@@ -25,16 +25,17 @@ def _wna16_kernel(
     M, N, K, G,
     stride_xm, stride_qn, stride_ym,
     BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         kmask = rk < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
@@ -48,9 +49,13 @@ def _wna16_kernel(
         w = ((q.to(tl.float32) - z) * s).to(x.dtype)
         acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:  # partial sums of K slices meet in a float32 buffer
+        tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=out_mask)
 
 
 def wna16_linear(
@@ -64,16 +69,20 @@ def wna16_linear(
     N = qweight.shape[0]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    block_n, block_k = 64, 64
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    block_n, block_k = (32, 128) if M <= 32 else (64, 64)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    # split K until there are about two programs per SM, keeping >= 4 K-steps per program
+    split_k = max(1, min(triton.cdiv(2 * sms, tiles), K // (4 * block_k)))
+    y = torch.zeros(M, N, device=x.device, dtype=torch.float32) if split_k > 1 else torch.empty(M, N, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
     b = bias.to(x.dtype).contiguous() if bias is not None else y
     _wna16_kernel[grid](
         x2, qweight.contiguous(), scales.float().contiguous(), zeros.float().contiguous(), g_idx.contiguous(), b, y,
         M, N, K, scales.shape[1],
         x2.stride(0), qweight.stride(0), y.stride(0),
         BITS=bits, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
     )
-    return y.reshape(*x.shape[:-1], N)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
