@@ -148,3 +148,39 @@ def test_keep_and_override_rules(capsys, stories_dir: Path, tmp_path: Path) -> N
     assert not any(".layers.0." in n for n in weights)
     assert weights["model.layers.1.mlp.down_proj.weight"].scheme.bits == 8
     assert weights["model.layers.1.mlp.up_proj.weight"].scheme.bits == 4
+
+
+def test_group_fallback_per_channel(capsys, stories_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fb"
+    code, _, err = run(capsys, "quantize", str(stories_dir), "--group-size", "32", "--group-fallback", "-o", str(out))
+    assert code == EXIT_OK, err
+    from lowbit.formats import read
+
+    weights = read(out)
+    assert weights["model.layers.0.mlp.down_proj.weight"].scheme.group_size == -1
+    assert weights["model.layers.0.mlp.up_proj.weight"].scheme.group_size == 32
+
+
+def test_demo_on_a_small_model(stories_dir: Path, wikitext: Path, tmp_path: Path) -> None:
+    from lowbit.api import EvalSettings, demo, format_table
+    from lowbit.eval.report import plot_demo
+
+    res = demo(str(stories_dir), EvalSettings(text=wikitext, ctx=64, max_chunks=2))
+    rows = {r["setting"]: r for r in res["rows"]}
+    assert rows["float32 (reference)"]["kl_mean"] == 0.0
+    assert rows["int8 g64 sym"]["kl_mean"] < rows["int4 g64 sym"]["kl_mean"]
+    assert rows["int8 g64 sym"]["bytes"] > rows["int4 g64 sym"]["bytes"]
+    assert "int4 per-channel sym" in format_table(res["rows"])
+    png = plot_demo(res, tmp_path / "demo.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hub_source_offline_is_a_clear_error(monkeypatch) -> None:
+    from lowbit.errors import LowbitError
+    from lowbit.models import resolve
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LowbitError, match="hf:someone/some-model"):
+        resolve("hf:someone/some-model")
+    with pytest.raises(LowbitError, match="ORG/NAME"):
+        resolve("hf:nonsense")

@@ -44,10 +44,10 @@ def quantize_calibrated(source: Any, method: str, recipe: Recipe, calib: str | N
 
     src = resolve(source)
     ckpt = Checkpoint(src.hf_dir)
-    recipe.plan({n: ckpt.shape(n) for n in ckpt.keys()}, where=src.spec)  # refuse bad groups before calibrating
+    plan = recipe.plan({n: ckpt.shape(n) for n in ckpt.keys()}, where=src.spec)  # refuse bad groups before calibrating
     cfg = CalibrationConfig(path=calib, n_samples=samples, seq_len=seq_len, seed=seed)
     return quantize_model(src, method=method, scheme=recipe.scheme, calib=cfg, act_order=act_order,
-                          device=device, workdir=workdir, rules=recipe.scheme_for,
+                          device=device, workdir=workdir, rules=plan.get,
                           **({"mse_clip": recipe.mse_clip} if method == "gptq" else {}))
 
 
@@ -161,7 +161,7 @@ def demo(model: str = "smollm2-135m", settings: EvalSettings | None = None,
         for label, scheme, clip in schemes:
             out = Path(tmp) / label.replace(" ", "_").replace("+", "_")
             t0 = time.perf_counter()
-            quantize(src, out, recipe=Recipe(scheme=scheme, mse_clip=clip))
+            quantize(src, out, recipe=Recipe(scheme=scheme, mse_clip=clip, group_fallback=True))
             seconds = time.perf_counter() - t0
             size = folder_size(out)
             models[label] = load(out).model

@@ -27,6 +27,8 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mse-clip", action="store_true", help="search the clipping range that minimises MSE (RTN)")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=SPEC",
                    help="per-tensor scheme, first match wins: 'down_proj=bits:8', 'mlp=group:64,asym', 'q_proj=float'")
+    p.add_argument("--group-fallback", action="store_true",
+                   help="quantize tensors whose rows the group size does not divide per channel instead of refusing")
     p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="regular expression of tensor names to keep in float (repeatable)")
 
@@ -106,7 +108,8 @@ def _recipe(args: argparse.Namespace) -> Any:
     except ValueError as exc:
         raise LowbitError(None, str(exc)) from None
     overrides = [(p, None) for p in args.keep] + [parse_override(o, scheme) for o in args.override]
-    return Recipe(scheme=scheme, overrides=tuple(overrides), mse_clip=args.mse_clip)
+    return Recipe(scheme=scheme, overrides=tuple(overrides), mse_clip=args.mse_clip,
+                  group_fallback=args.group_fallback)
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:

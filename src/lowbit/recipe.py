@@ -25,6 +25,9 @@ class Recipe:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: tuple[tuple[str, QuantScheme | None], ...] = ()
     mse_clip: bool = False
+    # When a group size does not divide a row: False refuses (the default), True quantizes
+    # that tensor per output channel instead (a documented fallback, reported by ``plan``).
+    group_fallback: bool = False
 
     def scheme_for(self, name: str, shape: tuple[int, ...] | None = None) -> QuantScheme | None:
         """The scheme for tensor ``name`` (of ``shape``, when known), or None to keep it float."""
@@ -49,6 +52,9 @@ class Recipe:
             try:
                 scheme.n_groups(shapes[name][1])
             except ValueError as exc:
+                if self.group_fallback:
+                    out[name] = replace(scheme, group_size=-1)
+                    continue
                 raise LowbitError(
                     where,
                     f"{name} {list(shapes[name])}: {exc}; choose a group size that divides it, "
