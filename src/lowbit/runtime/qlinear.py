@@ -153,7 +153,10 @@ class QuantLinear(nn.Module):
         if x.is_cuda and self.use_triton and self._cached is None and not self.cache_weight:
             kernel = _triton_kernel()
             if kernel is not None and self.scheme.bits in (2, 4, 8):
-                return kernel(x, self.qweight, self.scales, self.zeros, self.g_idx, self.scheme.bits, self.bias)
+                if self._grouped is None:
+                    self._grouped = self._default_groups()
+                return kernel(x, self.qweight, self.scales, self.zeros, self.g_idx, self.scheme.bits, self.bias,
+                              contiguous=self._grouped)
         w = self.dequantized_weight(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, b)

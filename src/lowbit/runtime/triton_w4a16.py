@@ -58,11 +58,56 @@ def _wna16_kernel(
         tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=out_mask)
 
 
+@triton.jit
+def _wna16_grouped_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K, G, GROUP,
+    stride_xm, stride_qn, stride_ym,
+    BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Contiguous groups that BLOCK_K divides: whole words loaded once, one scale per row per step."""
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    WORDS: tl.constexpr = BLOCK_K // PER
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    shifts = tl.arange(0, PER) * BITS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        wk = k0 // PER + tl.arange(0, WORDS)
+        words = tl.load(qw_ptr + rn[:, None] * stride_qn + wk[None, :], mask=nmask[:, None] & (wk[None, :] * PER < K), other=0)
+        q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K))
+        g = k0 // GROUP
+        s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0)
+        z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0)
+        w = ((q.to(tl.float32) - z[:, None]) * s[:, None]).to(x.dtype)
+        acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    out_mask = (rm[:, None] < M) & nmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=out_mask)
+
+
 def wna16_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None,
+    g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None, contiguous: bool | None = None,
 ) -> torch.Tensor:
-    """``x @ dequant(W).T (+ bias)`` for CUDA fp16/bf16/fp32 ``x`` of shape ``[..., K]``."""
+    """``x @ dequant(W).T (+ bias)`` for CUDA fp16/bf16/fp32 ``x`` of shape ``[..., K]``.
+
+    ``contiguous`` says that ``g_idx`` is the default ``column // group_size`` map (checked
+    here, at the cost of a device sync, when ``None``); such weights use a faster kernel.
+    """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"the Triton kernel handles {SUPPORTED_BITS}-bit codes, not {bits}")
     K = x.shape[-1]
@@ -78,6 +123,20 @@ def wna16_linear(
     y = torch.zeros(M, N, device=x.device, dtype=torch.float32) if split_k > 1 else torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
     b = bias.to(x.dtype).contiguous() if bias is not None else y
+    n_groups = scales.shape[1]
+    group = K // n_groups
+    if contiguous is None:
+        contiguous = n_groups == 1 or bool(torch.equal(g_idx, torch.arange(K, device=g_idx.device) // group))
+    grouped_block_k = min(block_k, group) if n_groups > 1 else block_k
+    if contiguous and group % grouped_block_k == 0 and grouped_block_k >= 16 and grouped_block_k % (32 // bits) == 0:
+        _wna16_grouped_kernel[grid](
+            x2, qweight.contiguous(), scales.float().contiguous(), zeros.float().contiguous(), b, y,
+            M, N, K, n_groups, group if n_groups > 1 else K,
+            x2.stride(0), qweight.stride(0), y.stride(0),
+            BITS=bits, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=grouped_block_k, SPLIT_K=split_k,
+        )
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
     _wna16_kernel[grid](
         x2, qweight.contiguous(), scales.float().contiguous(), zeros.float().contiguous(), g_idx.contiguous(), b, y,
         M, N, K, scales.shape[1],
