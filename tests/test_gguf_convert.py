@@ -70,7 +70,8 @@ def test_errors(stories, tmp_path, stories_files):
         quantize_to_gguf(stories, tmp_path / "x.gguf", "Q9_K")
     # IQ2_XXS needs an importance matrix only where the IQ2 type survives the row fallback:
     # stories260K's 64-wide rows fall back to IQ4_NL, so no imatrix is needed (as in llama.cpp)
-    assert set(plan_types(stories, "IQ2_XXS").values()) == {T.F32, T.IQ4_NL, T.F16}
+    iq = set(plan_types(stories, "IQ2_XXS").values())
+    assert T.IQ4_NL in iq and T.IQ2_XXS not in iq
     from lowbit.gguf import mixes
 
     assert mixes.requires_imatrix("blk.0.attn_q.weight", T.IQ2_XXS, "IQ2_XXS")
