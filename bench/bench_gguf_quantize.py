@@ -9,7 +9,8 @@ Then the bytes of every tensor are compared.
 
     python bench/bench_gguf_quantize.py --threads 2 [--layers 6] [--types q4_k,q6_k] [--json out.json]
 
-llama.cpp's time includes reading and writing its GGUF files (small next to the
+OMP_WAIT_POLICY defaults to PASSIVE here (torch's spinning OpenMP workers are very slow
+on a machine shared with other jobs). llama.cpp's time includes reading and writing its GGUF files (small next to the
 quantization itself); lowbit's is the sum of ``quantize`` calls on in-memory tensors.
 """
 
@@ -17,13 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# torch's OpenMP workers spin while waiting; on a shared machine that costs up to 10x
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -15,6 +15,8 @@ Candidate scales of a search are a trailing dimension ``S`` evaluated at once.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -24,6 +26,16 @@ GROUP_MAX_EPS = 1e-15
 def f32(v: float) -> float:
     """Round a Python float to the nearest float32 (C's ``(float)v``)."""
     return float(np.float32(v))
+
+
+@functools.lru_cache(maxsize=256)
+def _const(values: tuple, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def const(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A small constant tensor, cached per device (no host-to-device copy on reuse, so CUDA graphs can capture)."""
+    return _const(tuple(values), dtype, str(torch.device(device)))
 
 
 def nearest_int(v: torch.Tensor) -> torch.Tensor:
@@ -180,7 +192,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     best = scale * sumlx
 
     steps = [s for s in range(-9, 10) if s != 0]
-    cvals = torch.tensor([-f32(f32(nmax) + f32(f32(0.1) * s)) for s in steps], dtype=torch.float32, device=x.device)
+    cvals = const([-f32(f32(nmax) + f32(f32(0.1) * s)) for s in steps], torch.float32, x.device)
     isc = cvals.unsqueeze(0) / mx.unsqueeze(1)  # [M, S]
     slx = torch.zeros_like(isc)
     sl2 = torch.zeros_like(isc)
@@ -256,7 +268,8 @@ def make_qkx(
     x, w: ``[n, M]``. Returns ``(scale [M], the_min [M] (>= 0, subtract it), L [n, M] int32 in [0, nmax])``.
     The two C variants differ only in ``max == min`` vs ``max <= min``, which agree since ``min <= max``.
     The candidate scales are tried one after the other: each accepted candidate moves the
-    offset ``min`` that the following candidates quantize against, exactly as in C.
+    offset ``min`` that the following candidates quantize against, exactly as in C. The
+    codes of the winner are recomputed at the end from its (iscale, offset) pair.
     """
     mn = seq_min(x)
     mx = x.amax(dim=0)
@@ -266,21 +279,23 @@ def make_qkx(
     sum_w = seq_sum(w, from_first=True)
     sum_x = seq_sum(w * x, from_first=True)
 
+    def codes(iscale: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+        return nearest_int(iscale * (x - off)).clamp_(0, nmax)
+
     def err_of(scale: torch.Tensor, lf: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
         diff = (scale * lf + off) - x
         diff = diff.abs() if use_mad else diff * diff
         return seq_sum(w * diff)
 
-    iscale = torch.full_like(mx, float(nmax)) / (mx - mn)
+    iscale = sdiv(float(nmax), mx - mn)
     scale = recip(iscale)
-    L = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
-    best = err_of(scale, L.float(), mn)
+    best = err_of(scale, codes(iscale, mn).float(), mn)
+    win_isc, win_off = iscale, mn
     buf = torch.empty((x.shape[0], 3, x.shape[1]), dtype=x.dtype, device=x.device)
     for s in range(nstep + 1):
         c = f32(f32(f32(rmin) + f32(f32(rdelta) * s)) + nmax)
-        isc = torch.full_like(mx, c) / (mx - mn)
-        la = nearest_int(isc * (x - mn)).clamp_(0, nmax)
-        lf = la.float()
+        isc = sdiv(c, mx - mn)
+        lf = codes(isc, mn).float()
         torch.mul(w, lf, out=buf[:, 0])
         torch.mul(buf[:, 0], lf, out=buf[:, 1])
         torch.mul(buf[:, 0], x, out=buf[:, 2])
@@ -295,9 +310,11 @@ def make_qkx(
         cur = err_of(this_scale, lf, this_min)
         take = (D > 0) & (cur < best) & ~flat
         best = torch.where(take, cur, best)
+        win_isc = torch.where(take, isc, win_isc)
+        win_off = torch.where(take, mn, win_off)
         scale = torch.where(take, this_scale, scale)
         mn = torch.where(take, this_min, mn)
-        L = torch.where(take.unsqueeze(0), la, L)
+    L = codes(win_isc, win_off)
     L = torch.where(flat.unsqueeze(0), torch.zeros_like(L), L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     return scale, -mn, L
@@ -317,7 +334,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
     d = x - scale * L0.float()
     best = seq_sum((qw * d) * d)
     steps = [s for s in range(-4, 5) if s != 0]
-    cvals = torch.tensor([f32(f32(f32(0.1) * s) + nmax) for s in steps], dtype=torch.float32, device=x.device)
+    cvals = const([f32(f32(f32(0.1) * s) + nmax) for s in steps], torch.float32, x.device)
     isc = cvals.unsqueeze(0) / mx.unsqueeze(1)  # [M, S]
     ssc = recip(isc)
     mse = torch.zeros_like(isc)

@@ -13,19 +13,19 @@ import torch
 from gguf import GGMLQuantizationType
 
 from ._base import BlockType, blocks_of, bytes_rows, register
-from ._blockops import divs, f32, first_abs_max, fp16_bytes, nearest_int, recip, seq_sum, sqrtf, u16_bytes
+from ._blockops import const, divs, f32, first_abs_max, fp16_bytes, nearest_int, recip, seq_sum, sqrtf, u16_bytes
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 NTRY = 7  # llama.cpp's quantize_iq4_nl / quantize_iq4_xs search width
 
 
 def _levels(device: torch.device) -> torch.Tensor:
-    return torch.tensor(KVALUES, dtype=torch.float32, device=device)
+    return const(KVALUES, torch.float32, device)
 
 
 def _midpoints(device: torch.device) -> torch.Tensor:
     """Doubled midpoints ``val[k-1] + val[k]`` (k = 1..15) of the level table."""
-    return torch.tensor([KVALUES[k - 1] + KVALUES[k] for k in range(1, 16)], dtype=torch.float32, device=device)
+    return const([KVALUES[k - 1] + KVALUES[k] for k in range(1, 16)], torch.float32, device)
 
 
 def best_index(v: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
@@ -34,8 +34,9 @@ def best_index(v: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
     llama.cpp compares ``v + v`` with each doubled midpoint; on a sorted table its binary
     search returns the number of midpoints not above ``v + v``.
     """
-    v2 = (v + v).unsqueeze(-1)
-    return (v2 >= mids).sum(dim=-1, dtype=torch.int32)
+    v2 = v + v
+    idx = torch.bucketize(v2, mids, out_int32=True, right=True)
+    return torch.where(torch.isnan(v2), torch.zeros_like(idx), idx)  # C: NaN compares false -> 0
 
 
 def _block_scales(xb: torch.Tensor, w: torch.Tensor, mids: torch.Tensor, lv: torch.Tensor):
@@ -46,7 +47,7 @@ def _block_scales(xb: torch.Tensor, w: torch.Tensor, mids: torch.Tensor, lv: tor
     d = divs(-mx, float(KVALUES[0]))
     idv = recip(d)
     # the first guess and the 2*NTRY+1 alternative inverse scales, as [M, S]
-    alts = torch.tensor([float(t + KVALUES[0]) for t in range(-NTRY, NTRY + 1)], dtype=torch.float32, device=xb.device)
+    alts = const([float(t + KVALUES[0]) for t in range(-NTRY, NTRY + 1)], torch.float32, xb.device)
     isc = torch.cat([idv.unsqueeze(1), alts.unsqueeze(0) / mx.unsqueeze(1)], dim=1)
     sqx = torch.zeros_like(isc)
     sq2 = torch.zeros_like(isc)

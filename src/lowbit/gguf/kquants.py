@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType
 
 from ._base import BlockType, blocks_of, bytes_rows, register
 from ._blockops import (
+    const,
     first_abs_max,
     fp16_bytes,
     fp16_round,
@@ -82,7 +83,7 @@ def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
 
 def _unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
     q = qs.to(torch.int32).reshape(-1, 2, 1, 32)
-    sh = torch.tensor([0, 2, 4, 6], device=qs.device, dtype=torch.int32).reshape(1, 1, 4, 1)
+    sh = const([0, 2, 4, 6], torch.int32, qs.device).reshape(1, 1, 4, 1)
     return ((q >> sh) & 3).reshape(-1, QK_K)
 
 
@@ -131,7 +132,7 @@ def _unpack_scales_q3(sc: torch.Tensor) -> torch.Tensor:
     """12 bytes -> sixteen signed scales ``[N, 16]`` (value - 32)."""
     q = sc.to(torch.int32)
     low = torch.cat([q[:, :8] & 0xF, q[:, :8] >> 4], dim=1)
-    sh = torch.tensor([0, 2, 4, 6], device=sc.device, dtype=torch.int32).reshape(1, 4, 1)
+    sh = const([0, 2, 4, 6], torch.int32, sc.device).reshape(1, 4, 1)
     high = ((q[:, 8:12].unsqueeze(1) >> sh) & 3).reshape(-1, 16)
     return (low | (high << 4)) - 32
 
@@ -375,7 +376,7 @@ class Q6_K(BlockType):
         sc = blocks[:, 192:208].contiguous().view(torch.int8).float()
         d = _f16_field(blocks, 208).unsqueeze(1)
         lo = torch.cat([ql & 0xF, ql >> 4], dim=2).reshape(-1, 2, 4, 32)
-        sh = torch.tensor([0, 2, 4, 6], device=blocks.device, dtype=torch.int32).reshape(1, 1, 4, 1)
+        sh = const([0, 2, 4, 6], torch.int32, blocks.device).reshape(1, 1, 4, 1)
         hi = (qh >> sh) & 3
         q = ((lo | (hi << 4)) - 32).float().reshape(-1, 16, 16)
         return ((d * sc).unsqueeze(-1) * q).reshape(-1, QK_K)
