@@ -1,0 +1,159 @@
+"""Quality of llama.cpp quantization mixes, written by lowbit and by llama.cpp itself.
+
+For a model (SmolLM2-135M or Gemma-3-270M GGUF, or any source lowbit loads):
+
+1. our F16 GGUF of the source is the unquantized reference ("base");
+2. per mix (and optionally with an importance matrix computed by lowbit on *calibration*
+   text: Python's pydoc topics, never the evaluation text), llama.cpp's quantizer writes its
+   file from the F16 file, and lowbit writes its own from the same F16 file;
+3. llama.cpp evaluates every file on WikiText-2 test (first ``--chunks`` chunks of ``--ctx``
+   tokens, llama-perplexity's convention: BOS first, second half of each chunk scored) and we
+   report file size, bits per weight, perplexity, mean KL divergence to the base model and
+   whether lowbit's tensor data are byte-identical to llama.cpp's.
+
+Run:  python bench/gguf_quality.py --model smollm2 --mixes Q8_0,Q4_K_M --chunks 4
+(the SmolLM2 GGUF is itself Q4_1, so "unquantized" means its dequantized weights in F16.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from gguf_util import GEMMA, SMOL, WIKI, LlamaRunner, chunks_of, gguf_tensor_bytes, llamacpp_quantize, log_softmax, score_chunk  # noqa: E402
+
+MODELS = {"smollm2": SMOL, "gemma3": GEMMA}
+
+
+def evaluate(path, chunks, base_lp=None):
+    nll, kl = [], []
+    lps = []
+    with LlamaRunner(path, n_ctx=len(chunks[0])) as r:
+        for i, c in enumerate(chunks):
+            lg = r.logits(c)
+            n, k, lp = score_chunk(lg, c, None if base_lp is None else base_lp[i])
+            nll.append(n)
+            if k is not None:
+                kl.append(k)
+            if base_lp is None:
+                lps.append(lp.astype(np.float32))
+    nll = np.concatenate(nll)
+    out = {"ppl": float(np.exp(nll.mean())), "ppl_se": float(np.exp(nll.mean()) * nll.std() / np.sqrt(len(nll)))}
+    if kl:
+        kl = np.concatenate(kl)
+        out["kld"] = float(kl.mean())
+    return out, lps
+
+
+def file_stats(path):
+    from lowbit.gguf.reader import inspect_gguf
+
+    info = inspect_gguf(path)
+    return {"size_mib": Path(path).stat().st_size / 2**20, "bpw": info["bits_per_weight"]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--mixes", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_K_S,Q4_0,Q3_K_M,Q2_K,IQ4_XS")
+    ap.add_argument("--imatrix", choices=["no", "yes", "both"], default="both")
+    ap.add_argument("--ours", default="all", help="mixes lowbit also writes ('all', 'none' or a list)")
+    ap.add_argument("--eval-ours", action="store_true", help="evaluate our file even when byte-identical")
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--calib-chunks", type=int, default=8)
+    ap.add_argument("--work", default="/tmp/lowbit-gguf-bench")
+    ap.add_argument("--out", default=None, help="write results as JSON here")
+    a = ap.parse_args(argv)
+
+    from lowbit.gguf.convert import compute_imatrix, quantize_to_gguf
+    from lowbit.gguf.imatrix import load_imatrix_values
+
+    warnings.simplefilter("ignore")
+    src = MODELS.get(a.model, a.model)
+    work = Path(a.work) / Path(str(src)).stem
+    work.mkdir(parents=True, exist_ok=True)
+    base = work / "base-F16.gguf"
+    if not base.exists():
+        quantize_to_gguf(src, base, "F16")
+    mixes = [m.strip().upper() for m in a.mixes.split(",") if m.strip()]
+    ours_set = set(mixes) if a.ours == "all" else set() if a.ours == "none" else {m.upper() for m in a.ours.split(",")}
+
+    imat_path = work / "imatrix.gguf"
+    if a.imatrix != "no" and not imat_path.exists():
+        import pydoc_data.topics as topics
+
+        calib = work / "calib-pydoc-topics.txt"
+        calib.write_text("\n".join(topics.topics.values()))
+        t = time.time()
+        compute_imatrix(src, calib, imat_path, ctx=a.ctx, chunks=a.calib_chunks)
+        print(f"imatrix: {a.calib_chunks} chunks of {a.ctx} on pydoc topics in {time.time() - t:.0f}s", flush=True)
+    imat_vals = load_imatrix_values(imat_path) if a.imatrix != "no" else None
+
+    text = Path(WIKI).read_text(encoding="utf-8")
+    with LlamaRunner(base, n_ctx=a.ctx) as r:
+        toks = r.tokenize(text, True)
+        chunks = chunks_of(toks, a.ctx, a.chunks, r.bos if r.add_bos else None)
+    t = time.time()
+    base_res, base_lp = evaluate(base, chunks)
+    print(f"base F16: ppl {base_res['ppl']:.4f} ({time.time() - t:.0f}s)", flush=True)
+    rows = [{"mix": "F16 (base)", "imatrix": False, **file_stats(base), "llama": base_res, "ours": base_res, "bytes_equal": True}]
+
+    variants = []
+    for m in mixes:
+        if a.imatrix in ("no", "both"):
+            variants.append((m, False))
+        if a.imatrix in ("yes", "both"):
+            variants.append((m, True))
+    for mix, use_im in variants:
+        tag = f"{mix}{'-imat' if use_im else ''}"
+        theirs = work / f"llama-{tag}.gguf"
+        t0 = time.time()
+        llamacpp_quantize(base, theirs, mix, imatrix=imat_vals if use_im else None)
+        t1 = time.time()
+        row = {"mix": mix, "imatrix": use_im, **file_stats(theirs), "llama_quantize_s": t1 - t0}
+        row["llama"], _ = evaluate(theirs, chunks, base_lp)
+        if mix in ours_set:
+            ours = work / f"lowbit-{tag}.gguf"
+            t2 = time.time()
+            quantize_to_gguf(base, ours, mix, imatrix_path=imat_path if use_im else None, overwrite=True)
+            row["lowbit_quantize_s"] = time.time() - t2
+            A, B = gguf_tensor_bytes(ours), gguf_tensor_bytes(theirs)
+            row["bytes_equal"] = A.keys() == B.keys() and all(A[k] == B[k] for k in A)
+            row["ours_size_mib"] = ours.stat().st_size / 2**20
+            if a.eval_ours or not row["bytes_equal"]:
+                row["ours"], _ = evaluate(ours, chunks, base_lp)
+            else:
+                row["ours"] = dict(row["llama"], note="identical tensor bytes")
+        rows.append(row)
+        o = row.get("ours", {})
+        print(f"{tag:14s} {row['size_mib']:7.1f} MiB {row['bpw']:5.2f} bpw  llama ppl {row['llama']['ppl']:.4f} "
+              f"kld {row['llama'].get('kld', 0):.5f} | ours ppl {o.get('ppl', float('nan')):.4f} "
+              f"kld {o.get('kld', float('nan')):.5f} bytes_equal={row.get('bytes_equal')}", flush=True)
+
+    print()
+    print(f"Model {a.model}: WikiText-2 test, {len(chunks)} x {a.ctx} tokens (second halves scored); "
+          f"imatrix from pydoc topics ({a.calib_chunks} x {a.ctx}).")
+    print("| mix | imatrix | size MiB | bpw | PPL llama.cpp file | PPL lowbit file | KLD llama.cpp | KLD lowbit | tensor bytes equal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        o = r.get("ours") or {}
+        print(f"| {r['mix']} | {'yes' if r['imatrix'] else 'no'} | {r['size_mib']:.1f} | {r['bpw']:.3f} | "
+              f"{r['llama']['ppl']:.4f} ± {r['llama']['ppl_se']:.3f} | "
+              f"{o.get('ppl', float('nan')):.4f} | {r['llama'].get('kld', 0):.5f} | {o.get('kld', float('nan')):.5f} | "
+              f"{r.get('bytes_equal', 'n/a')} |")
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
