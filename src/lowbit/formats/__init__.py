@@ -94,7 +94,7 @@ def save(
     _validate(format, weights)
     config = load_config(source)
     dtype = model_dtype(config)
-    linears = linear_modules(config)
+    linears = linear_modules(config, source)
     missing = sorted(module_of(n) for n in weights if module_of(n) not in linears)
     if missing:
         raise LowbitError(source, f"quantized weights of modules that are not linear layers: {', '.join(missing[:5])}")

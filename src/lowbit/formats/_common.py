@@ -129,17 +129,37 @@ def save_tensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_by
     return files
 
 
-def linear_modules(config: Mapping[str, Any]) -> list[str]:
-    """Names of every ``nn.Linear`` in the model a config describes (built on the meta device)."""
+def linear_modules(config: Mapping[str, Any], source: Path | None = None) -> list[str]:
+    """Names of every ``nn.Linear`` in the model a config describes (built on the meta device).
+
+    When transformers cannot build the architecture, falls back (with a warning) to the 2-D
+    ``*.weight`` tensors of ``source`` that are not embeddings or norms, plus ``lm_head``.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
     model_type = cfg_dict.pop("model_type", None)
-    if model_type is None:
-        raise LowbitError("config.json", "no model_type; cannot tell which modules are linear layers")
-    cfg = AutoConfig.for_model(model_type, **cfg_dict)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+    try:
+        if model_type is None:
+            raise ValueError("config.json has no model_type")
+        cfg = AutoConfig.for_model(model_type, **cfg_dict)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as exc:  # noqa: BLE001 - any architecture transformers cannot build
+        if source is None:
+            raise LowbitError("config.json", f"cannot tell which modules are linear layers ({exc})") from None
+        import warnings
+
+        from ..models.checkpoint import Checkpoint
+
+        warnings.warn(f"transformers cannot build this architecture ({exc}); guessing the linear layers "
+                      "from 2-D weight names for the ignore lists", stacklevel=3)
+        ckpt = Checkpoint(source)
+        names = {n[: -len(".weight")] for n in ckpt.keys()
+                 if n.endswith(".weight") and len(ckpt.shape(n)) == 2 and not re.search(r"embed|norm|wte|wpe", n)}
+        if config.get("tie_word_embeddings"):
+            names.add("lm_head")
+        return sorted(names)
     return sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
 
 
