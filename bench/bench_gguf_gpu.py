@@ -2,12 +2,12 @@
 
 Part A (``--check``): for every type lowbit writes, with and without an importance
 matrix, quantize the same tensors on CUDA and on the CPU and compare the bytes
-(synthetic 512x4096 Gaussian rows with outlier columns and zero rows, plus SmolLM2
+(synthetic 1100x4096 Gaussian rows with outlier columns and zero rows, plus SmolLM2
 weights if ``--real path.npz`` is given).
 
 Part B (``--time``): F16 -> Q4_K and Q6_K on Llama-3-8B shapes with random weights made
 on the GPU (32 layers of q,k,v,o 4096x4096 / 1024x4096, gate/up 14336x4096, down
-4096x14336, plus the 128256x4096 embedding). Only ``quantize`` is timed (synchronized).
+4096x14336, plus the 128256x4096 embedding). Only ``quantize`` is timed (synchronized), CUDA-graph captures included.
 If the projected time exceeds ``--budget`` seconds per type, the remaining layers are
 extrapolated from the measured ones, and the output says so.
 
@@ -52,7 +52,8 @@ def synthetic(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 def check(real: dict[str, np.ndarray], log) -> list[dict]:
     """CUDA bytes == CPU bytes for every written type, plain and with an importance matrix."""
-    cases = {"synthetic_512x4096": synthetic(512, 4096, 0)}
+    # 1100 rows: above the CUDA-graph threshold, and a zero-padded last chunk
+    cases = {"synthetic_1100x4096": synthetic(1100, 4096, 0)}
     cases.update({k: torch.from_numpy(v) for k, v in real.items()})
     out = []
     for name in WRITTEN:
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--types", default="Q4_K,Q6_K")
     ap.add_argument("--budget", type=float, default=120.0, help="seconds of wall time per timed type")
     ap.add_argument("--real", default=None, help="npz of float32 [rows, cols] weights for the check")
+    ap.add_argument("--eager-check", action="store_true", help="repeat a few checks with CUDA graphs off")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table for one 4096x14336 tensor per type")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -162,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
             log(f"profile {name} (4096x14336):")
             log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=40))
             del w
+    if args.eager_check:
+        import os
+
+        os.environ["LOWBIT_CUDA_GRAPHS"] = "0"
+        log("eager (no CUDA graphs) re-check of Q4_K/Q6_K/IQ4_XS:")
+        real = dict(np.load(args.real)) if args.real else {}
+        global WRITTEN
+        WRITTEN = ["Q4_K", "Q6_K", "IQ4_XS"]
+        res["check_eager"] = check(real, log)
+        os.environ["LOWBIT_CUDA_GRAPHS"] = "1"
     if args.time:
         # warm-up (kernels, allocator) on a small tensor, not timed
         for name in args.types.split(","):

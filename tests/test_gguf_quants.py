@@ -218,3 +218,13 @@ def test_cuda_equals_cpu(qtype):
         a = Q.quantize(x, qtype, imx)
         b = Q.quantize(x.cuda(), qtype, None if imx is None else imx.cuda()).cpu()
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.IQ4_NL], ids=lambda t: t.name)
+def test_cuda_graphs_equal_cpu(qtype):
+    """Large tensors take the CUDA-graph path (with a zero-padded last chunk)."""
+    x = torch.from_numpy(synthetic(cols=4096, rows=1100, seed=9)["outliers"])
+    a = Q.quantize(x, qtype)
+    b = Q.quantize(x.cuda(), qtype).cpu()
+    assert torch.equal(a, b)

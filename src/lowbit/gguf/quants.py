@@ -42,7 +42,7 @@ from ._blockops import (
     u32_bytes,
 )
 
-__all__ = ["quantize", "dequantize", "can_quantize", "block_size", "parse_qtype"]
+__all__ = ["quantize", "dequantize", "can_quantize", "block_size", "parse_qtype", "clear_cuda_graphs"]
 
 QType = GGMLQuantizationType | str | int
 
@@ -281,6 +281,85 @@ def _chunk_rows(rows: int, cols: int, device: torch.device) -> int:
     return max(1, min(rows, budget // max(cols, 1)))
 
 
+# --------------------------------------------------------------------------- CUDA graphs
+#
+# The quantizers are long chains of small torch ops (the per-element loops), so on a GPU
+# the Python launch overhead, not the arithmetic, sets the pace. For large CUDA tensors
+# each row chunk runs as a replayed CUDA graph: captured once per (type, chunk shape,
+# importance or not), fed through static buffers. Rows are independent in every type, so a
+# short last chunk is zero-padded to the captured shape. Same ops, same bytes.
+
+_GRAPH_MIN_ELEMENTS = 1 << 22
+_GRAPH_ROW_QUANTUM = 512
+_GRAPH_CACHE_SIZE = 16
+_graphs: dict[tuple, tuple] = {}
+_graph_failed: set[tuple] = set()
+_graph_pool = None
+
+
+def _graphs_enabled() -> bool:
+    import os
+
+    return os.environ.get("LOWBIT_CUDA_GRAPHS", "1") != "0"
+
+
+def clear_cuda_graphs() -> None:
+    """Drop the captured quantizer graphs and their memory."""
+    global _graph_pool
+    _graphs.clear()
+    _graph_pool = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _capture(cls: type[BlockType], rows: int, cols: int, with_qw: bool, device: torch.device) -> tuple:
+    global _graph_pool
+    if _graph_pool is None:
+        _graph_pool = torch.cuda.graph_pool_handle()
+    sx = torch.zeros((rows, cols), dtype=torch.float32, device=device)
+    sqw = torch.ones((cols,), dtype=torch.float32, device=device) if with_qw else None
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        cls.quantize_rows(sx, sqw)  # warm-up: kernels, cached constants
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=_graph_pool):
+        sout = cls.quantize_rows(sx, sqw)
+    return graph, sx, sqw, sout
+
+
+def _run_graphed(cls: type[BlockType], x: torch.Tensor, qw: torch.Tensor | None, out: torch.Tensor, step: int) -> bool:
+    """Quantize ``x`` chunk by chunk through captured graphs; False if capture is not possible."""
+    rows, cols = x.shape
+    for r0 in range(0, rows, step):
+        chunk = x[r0 : r0 + step]
+        n = chunk.shape[0]
+        padded = min(step, -(-n // _GRAPH_ROW_QUANTUM) * _GRAPH_ROW_QUANTUM)
+        key = (cls.qtype, padded, cols, qw is not None, x.device)
+        if key in _graph_failed:
+            return False
+        entry = _graphs.pop(key, None)
+        if entry is None:
+            try:
+                entry = _capture(cls, padded, cols, qw is not None, x.device)
+            except Exception:  # capture unsupported here: fall back to eager for this shape
+                _graph_failed.add(key)
+                return False
+            while len(_graphs) >= _GRAPH_CACHE_SIZE:
+                _graphs.pop(next(iter(_graphs)))
+        _graphs[key] = entry  # most recently used last
+        graph, sx, sqw, sout = entry
+        sx[:n].copy_(chunk)
+        if n < padded:
+            sx[n:].zero_()
+        if sqw is not None:
+            sqw.copy_(qw)
+        graph.replay()
+        out[r0 : r0 + n].copy_(sout[:n])
+    return True
+
+
 def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize a 2-D float tensor ``[rows, cols]`` to GGUF blocks, llama.cpp byte for byte.
 
@@ -309,6 +388,14 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
             raise LowbitError(None, "importance matrix contains NaN or Inf values")
     out = torch.empty((rows, cols // cls.block_size * cls.type_size), dtype=torch.uint8, device=x.device)
     step = _chunk_rows(rows, cols, x.device)
+    if (
+        x.is_cuda
+        and rows * cols >= _GRAPH_MIN_ELEMENTS
+        and cls.qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+        and _graphs_enabled()
+        and _run_graphed(cls, x, qw, out, step)
+    ):
+        return out
     for r0 in range(0, rows, step):
         out[r0 : r0 + step] = cls.quantize_rows(x[r0 : r0 + step], qw)
     return out
