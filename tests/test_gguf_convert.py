@@ -189,3 +189,26 @@ def test_gguf_source_copies_metadata(tmp_path):
     types = {t.name: t.type for t in b.tensors}
     assert types["blk.0.ffn_down.weight"] == T.Q8_0 and types["blk.0.attn_norm.weight"] == T.F32
     assert len(b.kv["tokenizer.ggml.merges"]) == 48900
+
+
+@pytest.mark.llamacpp
+def test_spm_vocab_tokenizes_like_sentencepiece(stories_files, tmp_path):
+    """Both SentencePiece routes (the .model file, and a tokenizer.json without it) give a
+    vocabulary that llama.cpp tokenizes exactly like sentencepiece does."""
+    pytest.importorskip("llama_cpp")
+    import shutil
+
+    import sentencepiece as spm
+    from gguf_util import WIKI, LlamaRunner
+
+    d = tmp_path / "nospm"
+    d.mkdir()
+    for n in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(STORIES) / n, d / n)
+    nospm = quantize_to_gguf(d, tmp_path / "nospm.gguf", "F16")
+    sp = spm.SentencePieceProcessor(model_file=str(Path(STORIES) / "tok512.model"))
+    text = Path(WIKI).read_text()[:6000] if Path(WIKI).exists() else "Hello world.\n = A = \n" * 100
+    want = [1] + sp.encode(text)
+    for p in (stories_files["F16"], nospm):
+        with LlamaRunner(p, n_ctx=64) as r:
+            assert r.tokenize(text, True) == want

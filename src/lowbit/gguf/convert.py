@@ -312,6 +312,8 @@ def _hf_tokenizer_kvs(hf_dir: Path, cfg: dict, arch: str, vocab_size: int) -> li
         kvs += [KV("tokenizer.ggml.add_bos_token", V.BOOL, bool(tc.get("add_bos_token", True))),
                 KV("tokenizer.ggml.add_eos_token", V.BOOL, bool(tc.get("add_eos_token", False))),
                 KV("tokenizer.ggml.add_space_prefix", V.BOOL, bool(add_prefix))]
+    elif tj_path.exists() and _is_spm_style_bpe(json.loads(tj_path.read_text())):
+        kvs += _spm_kvs_from_tokenizer_json(json.loads(tj_path.read_text()), ids, tc, arch, vocab_size)
     elif tj_path.exists():
         tj = json.loads(tj_path.read_text())
         model = tj.get("model", {})
@@ -342,8 +344,58 @@ def _hf_tokenizer_kvs(hf_dir: Path, cfg: dict, arch: str, vocab_size: int) -> li
             kvs.append(KV("tokenizer.ggml.add_bos_token", V.BOOL, bool(tc["add_bos_token"])))
     else:
         raise LowbitError(hf_dir, "no tokenizer (tokenizer.model or tokenizer.json) to write into the GGUF file")
-    if isinstance(tc.get("chat_template"), str):
-        kvs.append(KV("tokenizer.chat_template", V.STRING, tc["chat_template"]))
+    template = tc.get("chat_template")
+    if not isinstance(template, str) and (hf_dir / "chat_template.jinja").exists():
+        template = (hf_dir / "chat_template.jinja").read_text()
+    if isinstance(template, str):
+        kvs.append(KV("tokenizer.chat_template", V.STRING, template))
+    return kvs
+
+
+def _is_spm_style_bpe(tj: dict) -> bool:
+    """A tokenizer.json converted from a SentencePiece BPE model (Metaspace + byte fallback)."""
+    model = tj.get("model", {})
+    pre = json.dumps(tj.get("pre_tokenizer") or {}) + json.dumps(tj.get("normalizer") or {})
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and ("Metaspace" in pre or "\u2581" in pre or "▁" in pre)
+
+
+def _spm_kvs_from_tokenizer_json(tj: dict, ids: dict, tc: dict, arch: str, vocab_size: int) -> list[KV]:
+    """llama.cpp "llama" (SentencePiece) vocabulary from a SentencePiece-style tokenizer.json.
+
+    Without the .model file the piece scores are not available; SentencePiece BPE stores
+    pieces in score order, so score = -id reproduces the merge priority llama.cpp needs."""
+    model = tj["model"]
+    vocab: dict[str, int] = model["vocab"]
+    added = {at["id"]: at for at in tj.get("added_tokens") or []}
+    size = max(vocab_size, max(vocab.values()) + 1, max(added, default=-1) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    scores = [-1000.0] * size
+    types = [TOKEN_UNUSED] * size
+    byte_re = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+    for tok, i in vocab.items():
+        tokens[i] = tok
+        scores[i] = -float(i)
+        types[i] = TOKEN_BYTE if byte_re.match(tok) else TOKEN_NORMAL
+    for i, at in added.items():
+        tokens[i] = at["content"]
+        scores[i] = 0.0
+        types[i] = TOKEN_CONTROL if at.get("special") else TOKEN_USER_DEFINED
+    unk = model.get("unk_token")
+    if unk in vocab:
+        types[vocab[unk]] = TOKEN_UNKNOWN
+    pre = json.dumps(tj.get("pre_tokenizer") or {}) + json.dumps(tj.get("normalizer") or {})
+    add_prefix = arch != "gemma3" and ('"prepend_scheme": "first"' in pre or '"prepend_scheme": "always"' in pre
+                                       or '"add_prefix_space": true' in pre or "Prepend" in pre)
+    kvs = [KV("tokenizer.ggml.model", V.STRING, "llama"), KV("tokenizer.ggml.pre", V.STRING, "default"),
+           KV("tokenizer.ggml.tokens", V.ARRAY, tokens, V.STRING),
+           KV("tokenizer.ggml.scores", V.ARRAY, scores, V.FLOAT32),
+           KV("tokenizer.ggml.token_type", V.ARRAY, types, V.INT32)]
+    for kind, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        if kind in ids:
+            kvs.append(KV(f"tokenizer.ggml.{key}_token_id", V.UINT32, int(ids[kind])))
+    kvs += [KV("tokenizer.ggml.add_bos_token", V.BOOL, bool(tc.get("add_bos_token", True))),
+            KV("tokenizer.ggml.add_eos_token", V.BOOL, bool(tc.get("add_eos_token", False))),
+            KV("tokenizer.ggml.add_space_prefix", V.BOOL, add_prefix)]
     return kvs
 
 
