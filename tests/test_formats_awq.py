@@ -62,7 +62,9 @@ def test_round_trip_and_reference_unpack(tmp_path, group_size):
     assert q == {
         "bits": 4,
         "group_size": group_size,
-        "modules_to_not_convert": [f"model.layers.{i}.mlp.{p}" for i in range(5) for p in ("down_proj", "gate_proj", "up_proj")],
+        # float MLPs, plus vLLM's fused name for the gate/up pair
+        "modules_to_not_convert": [f"model.layers.{i}.mlp.{p}" for i in range(5)
+                                   for p in ("down_proj", "gate_proj", "gate_up_proj", "up_proj")],
         "quant_method": "awq",
         "version": "gemm",
         "zero_point": True,

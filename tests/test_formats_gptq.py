@@ -137,6 +137,8 @@ def test_configs(tmp_path):
     dyn = q["dynamic"]
     assert dyn[r"+:^model\.layers\.0\.self_attn\.o_proj$"] == {"bits": 8, "desc_act": False}
     assert dyn[r"-:^model\.layers\.3\.mlp\.down_proj$"] == {}
+    assert dyn[r"-:^model\.layers\.3\.mlp\.gate_up_proj$"] == {}  # vLLM's fused gate/up layer
+    assert r"+:^model\.layers\.3\.self_attn\.qkv_proj$" not in dyn  # q/k/v share the base scheme
     assert q["modules_in_block_to_quantize"] == [["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]]
     back = formats.read(path)
     assert back["model.layers.2.self_attn.o_proj.weight"].scheme == QuantScheme(8, 32, True)
@@ -201,3 +203,18 @@ def test_shared_g_idx_tensor(tmp_path):
             path = formats.save(make_model(weights), SRC, tmp_path / fmt, fmt)
             for name, qw in formats.read(path).items():
                 assert torch.equal(qw.g_idx, shared)
+
+
+def test_dynamic_override_names_vllm_fused_layer(tmp_path):
+    weights = synthetic_model(QuantScheme(4, 32, True))
+    for p in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{p}.weight"
+        qw = weights[name]
+        weights[name] = synthetic(qw.codes.shape[0], qw.codes.shape[1], QuantScheme(8, 32, True), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = formats.save(make_model(weights), SRC, tmp_path / "g", "gptq")
+    dyn = json.loads((path / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert dyn[r"+:^model\.layers\.0\.self_attn\.qkv_proj$"] == {"bits": 8}
+    assert dyn[r"+:^model\.layers\.0\.self_attn\.q_proj$"] == {"bits": 8}
+    assert formats.read(path)["model.layers.0.self_attn.k_proj.weight"].scheme.bits == 8

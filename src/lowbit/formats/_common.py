@@ -241,3 +241,26 @@ def pad_columns(codes: torch.Tensor, multiple: int) -> torch.Tensor:
 def exact_regex(module: str) -> str:
     """An anchored regex matching exactly one module name."""
     return "^" + re.escape(module) + "$"
+
+
+#: vLLM fuses these sibling projections into one layer (its ``packed_modules_mapping``).
+VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused_aliases(selected: set[str], linears: list[str]) -> list[str]:
+    """vLLM's fused layer names (``...qkv_proj``, ``...gate_up_proj``) whose parts are all in ``selected``.
+
+    Name-based rules (GPTQ ``dynamic``, AWQ ``modules_to_not_convert``) are matched by vLLM
+    against fused layer names, so a rule about every part must also name the fused layer.
+    """
+    present = set(linears)
+    out = []
+    for fused, parts in VLLM_FUSED.items():
+        for m in sorted(present):
+            parent, _, leaf = m.rpartition(".")
+            if leaf != parts[0]:
+                continue
+            members = [f"{parent}.{p}" for p in parts]
+            if all(x in present for x in members) and all(x in selected for x in members):
+                out.append(f"{parent}.{fused}")
+    return sorted(out)

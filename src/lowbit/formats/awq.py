@@ -11,7 +11,8 @@ Layout of one quantized linear ``<m>`` (weight ``[out, in]``, 4-bit, ``G = in / 
 
 ``config.json`` gains ``quantization_config = {quant_method: awq, bits: 4, group_size,
 zero_point: true, version: gemm, modules_to_not_convert}``; the last lists float linear
-layers (vLLM skips a layer when one of these names is a substring of its name).
+layers (vLLM skips a layer when one of these names is a substring of its name), plus vLLM's
+fused name (``...gate_up_proj``, ``...qkv_proj``) when all its parts stay float.
 
 Rules: asymmetric (``zero_point: true``) 4-bit with groups, no act-order, ``out % 8 == 0``,
 ``lm_head`` not quantized.
@@ -29,7 +30,7 @@ from ..core.packing import pack, unpack
 from ..core.scheme import QuantScheme
 from ..errors import LowbitError
 from ..methods.base import QuantizedWeight
-from ._common import check_weight, module_of, trivial_g_idx
+from ._common import check_weight, fused_aliases, module_of, trivial_g_idx
 
 #: Output channel stored in nibble k of a packed word.
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -96,7 +97,8 @@ def encode(weights: Mapping[str, QuantizedWeight], linears: list[str]) -> tuple[
     if len(group_sizes) != 1:
         raise LowbitError(None, f"AWQ has one group size per checkpoint; got {sorted(group_sizes)}")
     quantized = {module_of(n) for n in weights}
-    skipped = sorted(m for m in linears if m not in quantized and m != "lm_head")
+    skipped = {m for m in linears if m not in quantized and m != "lm_head"}
+    skipped = sorted(skipped | set(fused_aliases(skipped, linears)))
     qconfig = {
         "bits": BITS,
         "group_size": group_sizes.pop(),

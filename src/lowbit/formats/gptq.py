@@ -36,7 +36,7 @@ from ..core.packing import pack, unpack
 from ..core.scheme import PER_CHANNEL, QuantScheme
 from ..errors import LowbitError
 from ..methods.base import QuantizedWeight
-from ._common import check_weight, exact_regex, module_of, per_channel, trivial_g_idx
+from ._common import VLLM_FUSED, check_weight, exact_regex, fused_aliases, module_of, per_channel, trivial_g_idx
 
 QUANTIZE_CONFIG = "quantize_config.json"
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -108,9 +108,14 @@ def encode(weights: Mapping[str, QuantizedWeight], linears: list[str]) -> tuple[
         diff = {k: v for k, v in per_module[module].items() if base[k] != v}
         if diff:
             dynamic[f"+:{exact_regex(module)}"] = diff
-    for module in linears:
-        if module not in per_module and module != "lm_head":
-            dynamic[f"-:{exact_regex(module)}"] = {}
+    skipped = {m for m in linears if m not in per_module and m != "lm_head"}
+    for module in sorted(skipped | set(fused_aliases(skipped, linears))):
+        dynamic[f"-:{exact_regex(module)}"] = {}
+    for fused in fused_aliases(set(per_module), linears):  # overrides vLLM must see on its fused layers
+        parent, _, leaf = fused.rpartition(".")
+        diffs = [dynamic.get(f"+:{exact_regex(f'{parent}.{p}')}") for p in VLLM_FUSED[leaf]]
+        if diffs[0] is not None and all(d == diffs[0] for d in diffs):
+            dynamic[f"+:{exact_regex(fused)}"] = diffs[0]
     qconfig: dict[str, Any] = {
         **base,
         "checkpoint_format": "gptq",
