@@ -54,6 +54,8 @@ def test_gptqmodel_reads_our_checkpoints(tmp_path):
     results = torch.load(out)
     for key, folder in folders.items():
         r = results[str(folder)]
+        print(f"{key}: read by {', '.join(r['kinds']) or 'no dequantizing module'}"
+              f"{' + dequantize_gemm' if 'dequantize_gemm' in r else ''}")
         ours = formats.read(folder)
         theirs = dict(r["dequantized"])
         theirs.update(r.get("dequantize_gemm", {}))
