@@ -212,3 +212,55 @@ def test_spm_vocab_tokenizes_like_sentencepiece(stories_files, tmp_path):
     for p in (stories_files["F16"], nospm):
         with LlamaRunner(p, n_ctx=64) as r:
             assert r.tokenize(text, True) == want
+
+
+def _tiny_hf(arch: str, d: Path):
+    """A randomly initialised tiny transformers model of ``arch`` (random norms and biases, so
+    Gemma's 1 + w and Qwen2's biases matter) with stories260K's SentencePiece tokenizer."""
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "qwen3":
+        m = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=16, tie_word_embeddings=False, **common))
+    elif arch == "qwen2":
+        m = tf.Qwen2ForCausalLM(tf.Qwen2Config(tie_word_embeddings=True, **common))
+    elif arch == "gemma3":
+        m = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=128, **common))
+    else:
+        m = tf.MistralForCausalLM(tf.MistralConfig(head_dim=16, tie_word_embeddings=False, sliding_window=None, **common))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if arch == "gemma3" else 1.0))
+            elif "bias" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    m.eval()
+    m.save_pretrained(d)
+    for f in ("tok512.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(STORIES) / f, d / f)
+    return m
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "gemma3", "mistral"])
+def test_hf_architectures_run_in_llamacpp(stories, arch, tmp_path):
+    """HF -> GGUF metadata and tensor conventions of each architecture: llama.cpp's logits on
+    our F32 file equal transformers' (up to llama.cpp's F16 KV cache)."""
+    pytest.importorskip("llama_cpp")
+    import torch
+    from gguf_util import LlamaRunner
+
+    m = _tiny_hf(arch, tmp_path / arch)
+    ids = [1] + list(range(300, 340))
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0].numpy()
+    p = quantize_to_gguf(tmp_path / arch, tmp_path / f"{arch}.gguf", "F32")
+    with LlamaRunner(p, n_ctx=64) as r:
+        got = r.logits(ids)
+    assert np.abs(got - ref).max() < 3e-3 * np.abs(ref).max()
