@@ -67,7 +67,9 @@ def main(argv=None):
     ap.add_argument("--mixes", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_K_S,Q4_0,Q3_K_M,Q2_K,IQ4_XS")
     ap.add_argument("--imatrix", choices=["no", "yes", "both"], default="both")
     ap.add_argument("--ours", default="all", help="mixes lowbit also writes ('all', 'none' or a list)")
-    ap.add_argument("--eval-ours", action="store_true", help="evaluate our file even when byte-identical")
+    ap.add_argument("--eval-ours", default="none",
+                    help="mixes whose lowbit file llama.cpp evaluates even when its tensor bytes equal llama.cpp's "
+                         "('all', 'none' or a list); byte-identical files give identical results")
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--calib-chunks", type=int, default=8)
@@ -130,7 +132,7 @@ def main(argv=None):
             A, B = gguf_tensor_bytes(ours), gguf_tensor_bytes(theirs)
             row["bytes_equal"] = A.keys() == B.keys() and all(A[k] == B[k] for k in A)
             row["ours_size_mib"] = ours.stat().st_size / 2**20
-            if a.eval_ours or not row["bytes_equal"]:
+            if a.eval_ours == "all" or mix in {m.upper() for m in a.eval_ours.split(",")} or not row["bytes_equal"]:
                 row["ours"], _ = evaluate(ours, chunks, base_lp)
             else:
                 row["ours"] = dict(row["llama"], note="identical tensor bytes")
