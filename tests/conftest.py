@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared"))
 STORIES = SHARED / "models" / "stories260K"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
