@@ -502,7 +502,8 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
             raise LowbitError(out, f"mix {mixname} needs an importance matrix ({name} -> {t.name}); "
                               "pass imatrix_path (compute one with compute_imatrix)")
     requant = [n for n, t in types.items()
-               if src.quantized_source and src.source_types[n] not in (T.F32, T.F16, T.BF16) and t != src.source_types[n]]
+               if src.quantized_source and src.source_types[n] not in (T.F32, T.F16, T.BF16)
+               and t != src.source_types[n] and t not in (T.F32, T.F16, T.BF16)]
     if requant:
         warnings.warn(f"{src.description} is already quantized; re-quantizing {len(requant)} tensors "
                       f"to {mixname} compounds the error (quantize from the original weights when you can)",
