@@ -51,6 +51,7 @@ FTYPE_FOR: dict[T, int] = {
     T.BF16: 32,
     T.TQ1_0: 36,
     T.TQ2_0: 37,
+    T.Q1_0: 40,
 }
 
 LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")

@@ -17,7 +17,9 @@ import llamacpp_util as lu
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 KQUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 IQ4 = [T.IQ4_NL, T.IQ4_XS]
-WRITTEN = LEGACY + KQUANTS + IQ4
+TERNARY = [T.TQ1_0, T.TQ2_0]
+WRITTEN = LEGACY + KQUANTS + IQ4 + TERNARY  # gguf-py can dequantize these
+NO_FALLBACK = {T.Q1_0}  # llama.cpp refuses rows that are not whole blocks instead of falling back
 
 
 # --------------------------------------------------------------------------- data
@@ -121,7 +123,7 @@ def test_dequantize_matches_ggufpy(qtype, with_imatrix):
     ref = gq.dequantize(b, qtype).reshape(x.shape)
     assert np.array_equal(got, ref)
     rel = np.abs(got - x).mean() / np.abs(x).mean()
-    assert rel < 0.75  # sanity only (Q2_K on outlier-heavy rows is coarse)
+    assert rel < (1.0 if qtype in TERNARY else 0.75)  # sanity only: Q2_K/ternary are coarse on outlier rows
 
 
 DEQ_ONLY = [t for t in T if t in gq._type_traits or t in (T.F32, T.F16)]
@@ -154,7 +156,11 @@ def llama_bytes(cases, imatrices, tmp_path_factory):
     def get(qtype: T, with_imatrix: bool):
         key = (qtype, with_imatrix)
         if key not in memo:
-            memo[key] = lu.llamacpp_quantize(cases, qtype, imatrices if with_imatrix else None, workdir=work)
+            use = cases
+            if qtype in NO_FALLBACK:
+                use = {k: v for k, v in cases.items() if v.shape[1] % Q.block_size(qtype)[0] == 0}
+            ims = {k: imatrices[k] for k in use} if with_imatrix else None
+            memo[key] = lu.llamacpp_quantize(use, qtype, ims, workdir=work)
         return memo[key]
 
     return get
@@ -162,12 +168,12 @@ def llama_bytes(cases, imatrices, tmp_path_factory):
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("qtype", WRITTEN, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", WRITTEN + sorted(NO_FALLBACK), ids=lambda t: t.name)
 def test_bytes_equal_llamacpp(qtype, with_imatrix, cases, imatrices, llama_bytes):
     ref = llama_bytes(qtype, with_imatrix)
     bad = []
-    for name, x in cases.items():
-        wtype, rb = ref[name]  # llama.cpp falls back to another type for rows it cannot block
+    for name, (wtype, rb) in ref.items():
+        x = cases[name]  # llama.cpp falls back to another type for rows it cannot block
         got = ours(x, wtype, imatrices[name] if with_imatrix else None)
         if not np.array_equal(got, rb):
             bad.append(f"{name}[{wtype.name}]: {(got != rb).any(1).sum()}/{rb.shape[0]} rows")
@@ -175,6 +181,15 @@ def test_bytes_equal_llamacpp(qtype, with_imatrix, cases, imatrices, llama_bytes
 
 
 # --------------------------------------------------------------------------- bad input and API
+
+
+def test_q1_0_roundtrip():
+    x = synthetic(cols=256, rows=8, seed=4)["outliers"]
+    b = ours(x, T.Q1_0)
+    got = Q.dequantize(torch.from_numpy(b), T.Q1_0, x.shape).numpy()
+    d = np.abs(x).reshape(-1, 128).mean(axis=1).astype(np.float16).astype(np.float32).reshape(8, 2, 1)
+    want = np.where(x.reshape(8, 2, 128) >= 0, d, -d).reshape(x.shape)
+    assert np.allclose(got, want, rtol=1e-6, atol=0)
 
 
 def test_bad_row_length():
@@ -201,6 +216,7 @@ def test_api_helpers():
     assert Q.block_size(T.Q8_0) == (32, 34)
     assert Q.can_quantize("IQ4_XS") and Q.can_quantize(T.Q2_K)
     assert not Q.can_quantize(T.IQ2_XXS)
+    assert Q.can_quantize(T.TQ1_0) and Q.can_quantize(T.Q1_0)
     with pytest.raises(LowbitError):
         Q.parse_qtype("q9_z")
     with pytest.raises(LowbitError):

@@ -246,6 +246,7 @@ class Q8_0(BlockType):
 # K-quants and IQ types register themselves on import.
 from . import kquants as _kquants  # noqa: E402,F401
 from . import iquants as _iquants  # noqa: E402,F401
+from . import tquants as _tquants  # noqa: E402,F401
 
 # --------------------------------------------------------------------------- public API
 
