@@ -24,7 +24,7 @@ from formats_util import (
 )
 
 ct = pytest.importorskip("compressed_tensors")
-pytestmark = needs_model
+pytestmark = [needs_model, pytest.mark.filterwarnings("ignore:compressed-tensors checkpoint that vLLM cannot load")]
 
 SCHEMES = {
     "w4_sym_channel": QuantScheme(4, -1, True),
@@ -250,3 +250,13 @@ def test_quantized_lm_head_and_shards(tmp_path, monkeypatch):
     ids = tok("Once upon a time", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_vllm_shape_warning():
+    from lowbit.formats.compressed_tensors import vllm_issues
+
+    weights = rtn_weights(QuantScheme(4, -1, False), ("q_proj", "down_proj", "gate_proj"))
+    issues = dict(i.split(": ", 1) for i in vllm_issues(weights))
+    assert "in=172" in issues["model.layers.0.mlp.down_proj"]
+    assert "out=172" in issues["model.layers.0.mlp.gate_proj"]
+    assert "model.layers.0.self_attn.q_proj" not in issues

@@ -115,6 +115,11 @@ def encode(
             "Use the gptq format for act-order checkpoints meant for transformers.",
             stacklevel=3,
         )
+    issues = vllm_issues(weights)
+    if issues:
+        more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
+        warnings.warn(f"compressed-tensors checkpoint that vLLM cannot load as written: {'; '.join(issues[:3])}{more}",
+                      stacklevel=3)
     quantized = {m for mods in groups.values() for m in mods}
     ignore = sorted(m for m in linears if m not in quantized)
     single = len(groups) == 1
@@ -142,6 +147,31 @@ def encode(
         "version": VERSION,
     }
     return tensors, qconfig
+
+
+def vllm_issues(weights: Mapping[str, QuantizedWeight]) -> list[str]:
+    """Why vLLM's compressed-tensors WNA16 scheme could not load these weights (empty: it can).
+
+    vLLM takes 4- or 8-bit codes and sizes ``weight_packed`` as ``in / (32 / bits)`` (and an
+    asymmetric ``weight_zero_point`` as ``out / (32 / bits)``), so those must divide exactly.
+    """
+    issues = []
+    for name in sorted(weights):
+        qw = weights[name]
+        out_f, in_f = qw.codes.shape
+        bits = qw.scheme.bits
+        why = []
+        if bits not in (4, 8):
+            why.append(f"{bits}-bit (vLLM's WNA16 takes 4 or 8)")
+        else:
+            per = 32 // bits
+            if in_f % per:
+                why.append(f"in={in_f} not a multiple of {per}")
+            if not qw.scheme.symmetric and out_f % per:
+                why.append(f"out={out_f} not a multiple of {per} (packed zero points)")
+        if why:
+            issues.append(f"{module_of(name)}: {', '.join(why)}")
+    return issues
 
 
 def _anchored(module: str) -> str:
