@@ -38,13 +38,15 @@ def qparams_from_range(
     """Scale and zero point covering ``[lo, hi]`` (the range is widened to include 0)."""
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
+    # Divide by full tensors, not Python scalars: CUDA turns division by a scalar into a
+    # multiplication by its reciprocal, which would make GPU scales differ from CPU ones.
     if scheme.symmetric:
         amax = torch.maximum(-lo, hi)
-        scale = amax / (scheme.qmax / 2)
+        scale = amax / torch.full_like(amax, scheme.qmax / 2)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.full_like(scale, float(scheme.mid))
     else:
-        scale = (hi - lo) / scheme.qmax
+        scale = (hi - lo) / torch.full_like(hi, float(scheme.qmax))
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.clamp(torch.round(-lo / scale), 0, scheme.qmax)
     return scale, zero
