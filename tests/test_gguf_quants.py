@@ -18,7 +18,8 @@ LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 KQUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 IQ4 = [T.IQ4_NL, T.IQ4_XS]
 TERNARY = [T.TQ1_0, T.TQ2_0]
-WRITTEN = LEGACY + KQUANTS + IQ4 + TERNARY  # gguf-py can dequantize these
+GRID = [T.IQ3_XXS]  # llama.cpp insists on an importance matrix for these (except token_embd/output)
+WRITTEN = LEGACY + KQUANTS + IQ4 + TERNARY + GRID  # gguf-py can dequantize these
 NO_FALLBACK = {T.Q1_0}  # llama.cpp refuses rows that are not whole blocks instead of falling back
 
 
@@ -26,7 +27,7 @@ NO_FALLBACK = {T.Q1_0}  # llama.cpp refuses rows that are not whole blocks inste
 
 
 def synthetic(cols: int = 512, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    """Small tensors with the distributions that trip quantizers up."""
+    """Small tensors with the distributions that trip quantizers up (``rows >= 8``)."""
     rng = np.random.default_rng(seed)
     g = lambda s=0.02: (rng.standard_normal((rows, cols)) * s).astype(np.float32)  # noqa: E731
     out = {}
@@ -170,6 +171,8 @@ def llama_bytes(cases, imatrices, tmp_path_factory):
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("qtype", WRITTEN + sorted(NO_FALLBACK), ids=lambda t: t.name)
 def test_bytes_equal_llamacpp(qtype, with_imatrix, cases, imatrices, llama_bytes):
+    if qtype in GRID and not with_imatrix:
+        pytest.skip("llama.cpp refuses this type without an imatrix; see test_grid_types_plain_llamacpp")
     ref = llama_bytes(qtype, with_imatrix)
     bad = []
     for name, (wtype, rb) in ref.items():
@@ -178,6 +181,22 @@ def test_bytes_equal_llamacpp(qtype, with_imatrix, cases, imatrices, llama_bytes
         if not np.array_equal(got, rb):
             bad.append(f"{name}[{wtype.name}]: {(got != rb).any(1).sum()}/{rb.shape[0]} rows")
     assert not bad, "; ".join(bad)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype", GRID, ids=lambda t: t.name)
+def test_grid_types_plain_llamacpp(qtype, cases, tmp_path):
+    """Without an imatrix llama.cpp quantizes only token_embd/output to these types: name each case so."""
+    pytest.importorskip("llama_cpp")
+    syn = synthetic(cols=512, rows=8, seed=11)
+    picks = {k: syn[k] for k in ("outliers", "zeros", "subnormal", "constant")}
+    picks["real"] = cases["blk.0.ffn_down.weight"][:8]
+    for label, x in picks.items():
+        ref = lu.llamacpp_quantize({"token_embd.weight": x}, qtype, workdir=tmp_path)
+        wtype, rb = ref["token_embd.weight"]
+        assert wtype == qtype
+        got = ours(x, qtype)
+        assert np.array_equal(got, rb), f"{label}: {(got != rb).any(1).sum()} rows differ"
 
 
 # --------------------------------------------------------------------------- bad input and API
@@ -215,7 +234,7 @@ def test_api_helpers():
     assert Q.block_size("q4_k") == (256, 144)
     assert Q.block_size(T.Q8_0) == (32, 34)
     assert Q.can_quantize("IQ4_XS") and Q.can_quantize(T.Q2_K)
-    assert not Q.can_quantize(T.IQ2_XXS)
+    assert not Q.can_quantize(T.IQ2_XXS) and not Q.can_quantize(T.IQ3_S)
     assert Q.can_quantize(T.TQ1_0) and Q.can_quantize(T.Q1_0)
     with pytest.raises(LowbitError):
         Q.parse_qtype("q9_z")

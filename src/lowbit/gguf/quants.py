@@ -247,6 +247,7 @@ class Q8_0(BlockType):
 from . import kquants as _kquants  # noqa: E402,F401
 from . import iquants as _iquants  # noqa: E402,F401
 from . import tquants as _tquants  # noqa: E402,F401
+from . import iq3quants as _iq3quants  # noqa: E402,F401
 
 # --------------------------------------------------------------------------- public API
 
@@ -277,8 +278,9 @@ def can_quantize(qtype: QType) -> bool:
     return cls is not None and cls.can_quantize
 
 
-def _chunk_rows(rows: int, cols: int, device: torch.device) -> int:
+def _chunk_rows(rows: int, cols: int, device: torch.device, cls: type[BlockType] | None = None) -> int:
     budget = (1 << 25) if device.type == "cuda" else (1 << 21)
+    budget = min(budget, getattr(cls, "chunk_elements", budget) * (16 if device.type == "cuda" else 1))
     return max(1, min(rows, budget // max(cols, 1)))
 
 
@@ -388,7 +390,7 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
         if not bool(torch.isfinite(qw).all()):
             raise LowbitError(None, "importance matrix contains NaN or Inf values")
     out = torch.empty((rows, cols // cls.block_size * cls.type_size), dtype=torch.uint8, device=x.device)
-    step = _chunk_rows(rows, cols, x.device)
+    step = _chunk_rows(rows, cols, x.device, cls)
     if (
         x.is_cuda
         and rows * cols >= _GRAPH_MIN_ELEMENTS

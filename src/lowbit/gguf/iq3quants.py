@@ -1,0 +1,213 @@
+"""IQ3_XXS quantization in torch, byte-identical to llama.cpp.
+
+IQ3_XXS codes each group of four magnitudes as one of 256 points of a fixed grid (four
+odd levels 1..15 each), with the signs of each group of eight stored as 7 bits (the
+eighth sign is implied: an even number of negatives, enforced by flipping the least
+important value), and a 4-bit scale per 32 values under an fp16 super-block scale.
+
+The grid points come from gguf-py's IQ3_XXS table. For a level combination off the grid
+the quantizer searches a neighbour list: the grid points at the two smallest squared
+distances, in (distance, index) order, computed once here as llama.cpp computes them at
+``ggml_quantize_init``. The scale search tries 31 scales per 32 values at once; the
+neighbour search loops over the (padded) neighbour slots in list order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf import quants as gq
+
+from ._base import BlockType, blocks_of, bytes_rows, register
+from ._blockops import divs, f32, fp16_bytes, nearest_int, recip, seq_sum, sqrtf
+
+QK_K = 256
+KMAXQ = 8
+EPS = f32(1e-8)
+
+
+@functools.lru_cache(maxsize=None)
+def _tables_np() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grid [256, 4] odd positions, kmap [4096] grid index or -1, neighbours [4096, K] padded with -1)."""
+    gq.IQ3_XXS.init_grid()
+    vals = np.asarray(gq.IQ3_XXS.grid).reshape(256, 4)
+    levels = np.searchsorted(np.asarray(gq.IQ3_XXS.grid_map, dtype=np.float32), vals).astype(np.int64)
+    grid = 2 * levels + 1
+    kmap = np.full(4096, -1, dtype=np.int64)
+    code = (levels << (3 * np.arange(4))).sum(axis=1)
+    kmap[code] = np.arange(256)
+    u = np.arange(4096)
+    pos = 2 * ((u[:, None] >> (3 * np.arange(4))) & 7) + 1  # [4096, 4]
+    d2 = ((grid[None, :, :] - pos[:, None, :]) ** 2).sum(axis=2)  # [4096, 256]
+    order = np.lexsort((np.broadcast_to(np.arange(256), d2.shape), d2), axis=1)
+    d2s = np.take_along_axis(d2, order, axis=1)
+    lists = []
+    for i in range(4096):
+        if kmap[i] >= 0:
+            lists.append([])
+            continue
+        distinct = np.unique(d2s[i])[:2]  # the two smallest distances (nwant = 2 for 256 points)
+        lists.append(order[i][d2s[i] <= distinct[-1]].tolist())
+    width = max(len(v) for v in lists)
+    nb = np.full((4096, width), -1, dtype=np.int64)
+    for i, v in enumerate(lists):
+        nb[i, : len(v)] = v
+    return grid, kmap, nb
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grid, kmap, nb = _tables_np()
+    dev = torch.device(device)
+    return (torch.from_numpy(grid).float().to(dev), torch.from_numpy(kmap).to(dev), torch.from_numpy(nb).to(dev))
+
+
+def _levels(v: torch.Tensor) -> torch.Tensor:
+    """``clamp(nearest_int(0.5 * (v - 1)), 0, 7)`` for ``v = id * x``."""
+    return nearest_int(0.5 * (v - 1.0)).clamp_(0, KMAXQ - 1)
+
+
+def _codes(l: torch.Tensor) -> torch.Tensor:
+    """Levels ``[..., 8, 4]`` -> 12-bit codes ``[..., 8]``."""
+    return l[..., 0] | (l[..., 1] << 3) | (l[..., 2] << 6) | (l[..., 3] << 9)
+
+
+def _snap(l: torch.Tensor, xv: torch.Tensor, wa: torch.Tensor, scale: torch.Tensor, tabs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map level groups to grid points (llama.cpp ``iq3_find_best_neighbour`` where off the grid).
+
+    l: ``[..., 8, 4]`` levels; xv, wa: ``[..., 8, 4]``; scale broadcast to ``[..., 8]``.
+    Returns (positions ``[..., 8, 4]`` float (odd values), on_grid ``[..., 8]``).
+    """
+    grid, kmap, nb = tabs
+    u = _codes(l)
+    gi = kmap[u]
+    on = gi >= 0
+    best_i = gi.clone()
+    best_d = torch.full(u.shape, float("inf"), dtype=torch.float32, device=u.device)
+    s = scale.unsqueeze(-1)
+    for j in range(nb.shape[1]):
+        cand = nb[u, j]
+        valid = cand >= 0
+        pg = grid[cand.clamp(min=0)]  # [..., 8, 4]
+        diff = s * pg - xv
+        t = (wa * diff) * diff
+        d2 = ((t[..., 0] + t[..., 1]) + t[..., 2]) + t[..., 3]  # C starts from 0: same value here
+        better = valid & ~on & (d2 < best_d)
+        best_d = torch.where(better, d2, best_d)
+        best_i = torch.where(better, cand, best_i)
+    return grid[best_i], on
+
+
+@register(GGMLQuantizationType.IQ3_XXS)
+class IQ3_XXS(BlockType):
+    """d, qs[64] (grid indices), 8 x uint32 (4 x 7 sign bits | 4-bit scale << 28)."""
+
+    chunk_elements = 1 << 16
+
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        rows = x.shape[0]
+        b = blocks_of(x, QK_K)
+        N = b.shape[0]
+        tabs = _tables(str(x.device))
+        sumx2 = seq_sum((b * b).t().contiguous())
+        sigma2 = 2.0 * sumx2 / 256.0
+        if qw is not None:
+            qb = qw.reshape(1, -1, QK_K).expand(rows, -1, -1).reshape(-1, QK_K)
+            w = qb * sqrtf(sigma2.unsqueeze(1) + b * b)
+        else:
+            w = b * b
+        wa = sqrtf(w)
+
+        # signs: per 8 values, |x| with an even number of negatives
+        x8 = b.reshape(N, 32, 8)
+        w8 = w.reshape(N, 32, 8)
+        neg = x8 < 0
+        xval = torch.where(neg, -x8, x8)
+        bitv = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=x.device)
+        s = (neg.to(torch.int32) * bitv).sum(dim=2)
+        odd = (neg.sum(dim=2) % 2) == 1
+        imin = ((w8 * x8) * x8).argmin(dim=2)  # first minimum, as C's strict '<'
+        flip = odd.unsqueeze(2) & (torch.arange(8, device=x.device) == imin.unsqueeze(2))
+        xval = torch.where(flip, -xval, xval)
+        s = torch.where(odd, s ^ (1 << imin.to(torch.int32)), s)
+        signs = (s & 127).reshape(N * 8, 4)  # per 32-value sub-block: 4 groups of 8
+
+        M = N * 8
+        xv = xval.reshape(M, 32)
+        wv = w.reshape(M, 32)
+        wav = wa.reshape(M, 32)
+        mx = xv.amax(dim=1)
+        zero = mx < EPS
+        mxs = torch.where(zero, torch.ones_like(mx), mx)
+
+        # phase 1: 31 candidate scales, all at once: [M, S, 8, 4]
+        cvals = torch.tensor([f32(2 * KMAXQ - 1 + f32(is_ * f32(0.2))) for is_ in range(-15, 16)],
+                             dtype=torch.float32, device=x.device)
+        idc = cvals.unsqueeze(0) / mxs.unsqueeze(1)  # [M, S]
+        tsc = recip(idc)
+        xv4 = xv.reshape(M, 1, 8, 4)
+        wa4 = wav.reshape(M, 1, 8, 4)
+        lv = _levels(idc.reshape(M, -1, 1, 1) * xv4)
+        pos, on = _snap(lv, xv4, wa4, tsc.unsqueeze(-1).expand(-1, -1, 8), tabs)
+        q = pos.reshape(M, -1, 32)  # 2*L+1
+        wx = (wv * xv).unsqueeze(1)
+        wq = wv.unsqueeze(1) * q
+        sumqx = seq_sum((wx * q).permute(2, 0, 1).contiguous())
+        sumq2 = seq_sum((wq * q).permute(2, 0, 1).contiguous())
+        best = torch.zeros_like(mx)
+        scale = divs(mxs, 15.0)
+        pick = torch.full_like(mx, -1, dtype=torch.int64)
+        for k in range(idc.shape[1]):
+            a, c = sumqx[:, k], sumq2[:, k]
+            take = (c > 0) & (a * a > best * c)
+            sc = a / c
+            scale = torch.where(take, sc, scale)
+            best = torch.where(take, sc * a, best)
+            pick = torch.where(take, torch.full_like(pick, k), pick)
+        picked = pick >= 0
+        kk = pick.clamp(min=0)
+        P = torch.gather(q, 1, kk.view(M, 1, 1).expand(M, 1, 32)).squeeze(1)  # [M, 32] positions
+        P = torch.where(picked.unsqueeze(1), P, torch.ones_like(P))  # L = 0 -> position 1
+        ong = torch.gather(on, 1, kk.view(M, 1, 1).expand(M, 1, 8)).squeeze(1)
+        ong = torch.where(picked.unsqueeze(1), ong, torch.ones_like(ong))
+
+        # phase 2: re-snap the groups that were off the grid with the chosen scale
+        redo = (~ong).any(dim=1) & (scale > 0)
+        scs = torch.where(redo, scale, torch.ones_like(scale))
+        idv = recip(scs)
+        lv2 = _levels(idv.view(M, 1, 1) * xv.reshape(M, 8, 4))
+        pos2, _ = _snap(lv2, xv.reshape(M, 8, 4), wav.reshape(M, 8, 4), scs.view(M, 1).expand(-1, 8), tabs)
+        P2 = torch.where(ong.unsqueeze(-1), P.reshape(M, 8, 4), pos2).reshape(M, 32)
+        sqx = seq_sum(((wv * xv) * P2).t().contiguous())
+        sq2 = seq_sum(((wv * P2) * P2).t().contiguous())
+        scale = torch.where(redo & (sq2 > 0), sqx / sq2, scale)
+        P = torch.where(redo.unsqueeze(1), P2, P)
+        neg_scale = scale < 0
+        scale = torch.where(neg_scale, -scale, scale)
+        signs = torch.where(neg_scale.unsqueeze(1), (~signs) & 127, signs)
+
+        # grid indices and sign words; empty sub-blocks stay all-zero
+        L = ((P - 1.0) * 0.5).to(torch.int64).reshape(M, 8, 4)
+        gidx = tabs[1][_codes(L)]  # [M, 8]
+        zero1 = zero.unsqueeze(1)
+        gidx = torch.where(zero1, torch.zeros_like(gidx), gidx)
+        word = signs[:, 0] | (signs[:, 1] << 7) | (signs[:, 2] << 14) | (signs[:, 3] << 21)
+        word = torch.where(zero, torch.zeros_like(word), word).to(torch.int64)
+        scale = torch.where(zero, torch.zeros_like(scale), scale).reshape(N, 8)
+
+        max_scale = scale.amax(dim=1)
+        max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
+        has = max_scale > 0
+        d = divs(max_scale, 31.0)
+        dsafe = torch.where(has, d, torch.ones_like(d))
+        idd = recip(dsafe)
+        ls = nearest_int(0.5 * (idd.unsqueeze(1) * scale - 1.0)).clamp_(0, 15).to(torch.int64)
+        word = word.reshape(N, 8) | (ls << 28)
+        words = torch.stack([(word >> sh) & 0xFF for sh in (0, 8, 16, 24)], dim=2).reshape(N, 32)
+        out = torch.cat([fp16_bytes(d * f32(1.0125)), gidx.reshape(N, 64), words], dim=1).to(torch.uint8)
+        out = torch.where(has.unsqueeze(1), out, torch.zeros_like(out))
+        return bytes_rows(out, rows)
