@@ -1,11 +1,14 @@
-"""IQ3_XXS quantization in torch, byte-identical to llama.cpp.
+"""IQ3_XXS and IQ3_S quantization in torch, byte-identical to llama.cpp.
 
 IQ3_XXS codes each group of four magnitudes as one of 256 points of a fixed grid (four
 odd levels 1..15 each), with the signs of each group of eight stored as 7 bits (the
 eighth sign is implied: an even number of negatives, enforced by flipping the least
 important value), and a 4-bit scale per 32 values under an fp16 super-block scale.
 
-The grid points come from gguf-py's IQ3_XXS table. For a level combination off the grid
+IQ3_S uses a 512-point grid (a 9th index bit in ``qh``), stores all eight signs of each
+group of eight, and packs the 4-bit scales two per byte.
+
+The grid points come from gguf-py's IQ3_XXS / IQ3_S tables. For a level combination off the grid
 the quantizer searches a neighbour list: the grid points at the two smallest squared
 distances, in (distance, index) order, computed once here as llama.cpp computes them at
 ``ggml_quantize_init``. The scale search tries 31 scales per 32 values at once; the
@@ -30,26 +33,32 @@ EPS = f32(1e-8)
 
 
 @functools.lru_cache(maxsize=None)
-def _tables_np() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(grid [256, 4] odd positions, kmap [4096] grid index or -1, neighbours [4096, K] padded with -1)."""
-    gq.IQ3_XXS.init_grid()
-    vals = np.asarray(gq.IQ3_XXS.grid).reshape(256, 4)
-    levels = np.searchsorted(np.asarray(gq.IQ3_XXS.grid_map, dtype=np.float32), vals).astype(np.int64)
+def _tables_np(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grid [G, 4] odd positions, kmap [4096] grid index or -1, neighbours [4096, K] padded with -1).
+
+    A level combination off the grid gets the grid points at its ``nwant`` smallest squared
+    distances (2 for the 256-point grid, 3 for the 512-point one), in (distance, index) order.
+    """
+    src = gq.IQ3_XXS if grid_size == 256 else gq.IQ3_S
+    nwant = 2 if grid_size == 256 else 3
+    src.init_grid()
+    vals = np.asarray(src.grid).reshape(grid_size, 4)
+    levels = np.searchsorted(np.asarray(src.grid_map, dtype=np.float32), vals).astype(np.int64)
     grid = 2 * levels + 1
     kmap = np.full(4096, -1, dtype=np.int64)
     code = (levels << (3 * np.arange(4))).sum(axis=1)
-    kmap[code] = np.arange(256)
+    kmap[code] = np.arange(grid_size)
     u = np.arange(4096)
     pos = 2 * ((u[:, None] >> (3 * np.arange(4))) & 7) + 1  # [4096, 4]
-    d2 = ((grid[None, :, :] - pos[:, None, :]) ** 2).sum(axis=2)  # [4096, 256]
-    order = np.lexsort((np.broadcast_to(np.arange(256), d2.shape), d2), axis=1)
+    d2 = ((grid[None, :, :] - pos[:, None, :]) ** 2).sum(axis=2)  # [4096, G]
+    order = np.lexsort((np.broadcast_to(np.arange(grid_size), d2.shape), d2), axis=1)
     d2s = np.take_along_axis(d2, order, axis=1)
     lists = []
     for i in range(4096):
         if kmap[i] >= 0:
             lists.append([])
             continue
-        distinct = np.unique(d2s[i])[:2]  # the two smallest distances (nwant = 2 for 256 points)
+        distinct = np.unique(d2s[i])[:nwant]
         lists.append(order[i][d2s[i] <= distinct[-1]].tolist())
     width = max(len(v) for v in lists)
     nb = np.full((4096, width), -1, dtype=np.int64)
@@ -59,8 +68,8 @@ def _tables_np() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=8)
-def _tables(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grid, kmap, nb = _tables_np()
+def _tables(device: str, grid_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grid, kmap, nb = _tables_np(grid_size)
     dev = torch.device(device)
     return (torch.from_numpy(grid).float().to(dev), torch.from_numpy(kmap).to(dev), torch.from_numpy(nb).to(dev))
 
@@ -101,6 +110,85 @@ def _snap(l: torch.Tensor, xv: torch.Tensor, wa: torch.Tensor, scale: torch.Tens
     return grid[best_i], on
 
 
+def _weights(b: torch.Tensor, qw: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """``qw * sqrt(sigma2 + x*x)`` (sigma2 = 2 * mean x*x over the super-block), or ``x*x``."""
+    if qw is None:
+        return b * b
+    sigma2 = 2.0 * seq_sum((b * b).t().contiguous()) / 256.0
+    qb = qw.reshape(1, -1, QK_K).expand(rows, -1, -1).reshape(-1, QK_K)
+    return qb * sqrtf(sigma2.unsqueeze(1) + b * b)
+
+
+def _search(xv, wv, wav, zero, tabs, steps: range, on_grid_init: bool, redo_all: bool):
+    """Scale search and grid snapping for 32-value sub-blocks ``[M, 32]`` (llama.cpp's IQ3 loop).
+
+    Returns (scale [M] (>= 0), positions [M, 32] (odd values 2L+1), flipped [M]: scale was negative).
+    """
+    M = xv.shape[0]
+    mx = xv.amax(dim=1)
+    mxs = torch.where(zero, torch.ones_like(mx), mx)
+    cvals = torch.tensor([f32(2 * KMAXQ - 1 + f32(i * f32(0.2))) for i in steps], dtype=torch.float32, device=xv.device)
+    idc = cvals.unsqueeze(0) / mxs.unsqueeze(1)  # [M, S]
+    tsc = recip(idc)
+    xv4 = xv.reshape(M, 1, 8, 4)
+    wa4 = wav.reshape(M, 1, 8, 4)
+    lv = _levels(idc.reshape(M, -1, 1, 1) * xv4)
+    pos, on = _snap(lv, xv4, wa4, tsc.unsqueeze(-1).expand(-1, -1, 8), tabs)
+    q = pos.reshape(M, -1, 32)
+    wx = (wv * xv).unsqueeze(1)
+    wq = wv.unsqueeze(1) * q
+    sumqx = seq_sum((wx * q).permute(2, 0, 1).contiguous())
+    sumq2 = seq_sum((wq * q).permute(2, 0, 1).contiguous())
+    best = torch.zeros_like(mx)
+    scale = divs(mxs, float(2 * KMAXQ - 1))
+    pick = torch.full_like(mx, -1, dtype=torch.int64)
+    for k in range(idc.shape[1]):
+        a, c = sumqx[:, k], sumq2[:, k]
+        take = (c > 0) & (a * a > best * c)
+        sc = a / c
+        scale = torch.where(take, sc, scale)
+        best = torch.where(take, sc * a, best)
+        pick = torch.where(take, torch.full_like(pick, k), pick)
+    picked = pick >= 0
+    kk = pick.clamp(min=0)
+    P = torch.gather(q, 1, kk.view(M, 1, 1).expand(M, 1, 32)).squeeze(1)
+    P = torch.where(picked.unsqueeze(1), P, torch.ones_like(P))  # no winner: all levels 0
+    ong = torch.gather(on, 1, kk.view(M, 1, 1).expand(M, 1, 8)).squeeze(1)
+    ong = torch.where(picked.unsqueeze(1), ong, torch.full_like(ong, on_grid_init))
+
+    # re-snap with the chosen scale (the off-grid groups, or all groups when any is off-grid)
+    redo = (~ong).any(dim=1) & (scale > 0)
+    scs = torch.where(redo, scale, torch.ones_like(scale))
+    lv2 = _levels(recip(scs).view(M, 1, 1) * xv.reshape(M, 8, 4))
+    pos2, _ = _snap(lv2, xv.reshape(M, 8, 4), wav.reshape(M, 8, 4), scs.view(M, 1).expand(-1, 8), tabs)
+    keep = torch.zeros_like(ong) if redo_all else ong
+    P2 = torch.where(keep.unsqueeze(-1), P.reshape(M, 8, 4), pos2).reshape(M, 32)
+    sqx = seq_sum(((wv * xv) * P2).t().contiguous())
+    sq2 = seq_sum(((wv * P2) * P2).t().contiguous())
+    scale = torch.where(redo & (sq2 > 0), sqx / sq2, scale)
+    P = torch.where(redo.unsqueeze(1), P2, P)
+    flipped = scale < 0
+    scale = torch.where(flipped, -scale, scale)
+    return scale, P, flipped
+
+
+def _grid_index(P: torch.Tensor, kmap: torch.Tensor) -> torch.Tensor:
+    """Positions ``[M, 32]`` -> grid indices ``[M, 8]``."""
+    L = ((P - 1.0) * 0.5).to(torch.int64).reshape(P.shape[0], 8, 4)
+    return kmap[_codes(L)]
+
+
+def _block_scales(scale: torch.Tensor, fudge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sub-block scales ``[N, 8]`` -> (fp16 d bytes, 4-bit codes [N, 8], has [N])."""
+    max_scale = scale.amax(dim=1)
+    max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
+    has = max_scale > 0
+    d = divs(max_scale, 31.0)
+    idd = recip(torch.where(has, d, torch.ones_like(d)))
+    ls = nearest_int(0.5 * (idd.unsqueeze(1) * scale - 1.0)).clamp_(0, 15).to(torch.int64)
+    return fp16_bytes(d * f32(fudge)), ls, has
+
+
 @register(GGMLQuantizationType.IQ3_XXS)
 class IQ3_XXS(BlockType):
     """d, qs[64] (grid indices), 8 x uint32 (4 x 7 sign bits | 4-bit scale << 28)."""
@@ -112,17 +200,11 @@ class IQ3_XXS(BlockType):
         rows = x.shape[0]
         b = blocks_of(x, QK_K)
         N = b.shape[0]
-        tabs = _tables(str(x.device))
-        sumx2 = seq_sum((b * b).t().contiguous())
-        sigma2 = 2.0 * sumx2 / 256.0
-        if qw is not None:
-            qb = qw.reshape(1, -1, QK_K).expand(rows, -1, -1).reshape(-1, QK_K)
-            w = qb * sqrtf(sigma2.unsqueeze(1) + b * b)
-        else:
-            w = b * b
+        tabs = _tables(str(x.device), 256)
+        w = _weights(b, qw, rows)
         wa = sqrtf(w)
 
-        # signs: per 8 values, |x| with an even number of negatives
+        # signs: per 8 values, |x| with an even number of negatives (flip the least important)
         x8 = b.reshape(N, 32, 8)
         w8 = w.reshape(N, 32, 8)
         neg = x8 < 0
@@ -138,76 +220,62 @@ class IQ3_XXS(BlockType):
 
         M = N * 8
         xv = xval.reshape(M, 32)
-        wv = w.reshape(M, 32)
-        wav = wa.reshape(M, 32)
-        mx = xv.amax(dim=1)
-        zero = mx < EPS
-        mxs = torch.where(zero, torch.ones_like(mx), mx)
+        zero = xv.amax(dim=1) < EPS
+        scale, P, flipped = _search(xv, w.reshape(M, 32), wa.reshape(M, 32), zero, tabs, range(-15, 16), True, False)
+        signs = torch.where(flipped.unsqueeze(1), (~signs) & 127, signs)
 
-        # phase 1: 31 candidate scales, all at once: [M, S, 8, 4]
-        cvals = torch.tensor([f32(2 * KMAXQ - 1 + f32(is_ * f32(0.2))) for is_ in range(-15, 16)],
-                             dtype=torch.float32, device=x.device)
-        idc = cvals.unsqueeze(0) / mxs.unsqueeze(1)  # [M, S]
-        tsc = recip(idc)
-        xv4 = xv.reshape(M, 1, 8, 4)
-        wa4 = wav.reshape(M, 1, 8, 4)
-        lv = _levels(idc.reshape(M, -1, 1, 1) * xv4)
-        pos, on = _snap(lv, xv4, wa4, tsc.unsqueeze(-1).expand(-1, -1, 8), tabs)
-        q = pos.reshape(M, -1, 32)  # 2*L+1
-        wx = (wv * xv).unsqueeze(1)
-        wq = wv.unsqueeze(1) * q
-        sumqx = seq_sum((wx * q).permute(2, 0, 1).contiguous())
-        sumq2 = seq_sum((wq * q).permute(2, 0, 1).contiguous())
-        best = torch.zeros_like(mx)
-        scale = divs(mxs, 15.0)
-        pick = torch.full_like(mx, -1, dtype=torch.int64)
-        for k in range(idc.shape[1]):
-            a, c = sumqx[:, k], sumq2[:, k]
-            take = (c > 0) & (a * a > best * c)
-            sc = a / c
-            scale = torch.where(take, sc, scale)
-            best = torch.where(take, sc * a, best)
-            pick = torch.where(take, torch.full_like(pick, k), pick)
-        picked = pick >= 0
-        kk = pick.clamp(min=0)
-        P = torch.gather(q, 1, kk.view(M, 1, 1).expand(M, 1, 32)).squeeze(1)  # [M, 32] positions
-        P = torch.where(picked.unsqueeze(1), P, torch.ones_like(P))  # L = 0 -> position 1
-        ong = torch.gather(on, 1, kk.view(M, 1, 1).expand(M, 1, 8)).squeeze(1)
-        ong = torch.where(picked.unsqueeze(1), ong, torch.ones_like(ong))
-
-        # phase 2: re-snap the groups that were off the grid with the chosen scale
-        redo = (~ong).any(dim=1) & (scale > 0)
-        scs = torch.where(redo, scale, torch.ones_like(scale))
-        idv = recip(scs)
-        lv2 = _levels(idv.view(M, 1, 1) * xv.reshape(M, 8, 4))
-        pos2, _ = _snap(lv2, xv.reshape(M, 8, 4), wav.reshape(M, 8, 4), scs.view(M, 1).expand(-1, 8), tabs)
-        P2 = torch.where(ong.unsqueeze(-1), P.reshape(M, 8, 4), pos2).reshape(M, 32)
-        sqx = seq_sum(((wv * xv) * P2).t().contiguous())
-        sq2 = seq_sum(((wv * P2) * P2).t().contiguous())
-        scale = torch.where(redo & (sq2 > 0), sqx / sq2, scale)
-        P = torch.where(redo.unsqueeze(1), P2, P)
-        neg_scale = scale < 0
-        scale = torch.where(neg_scale, -scale, scale)
-        signs = torch.where(neg_scale.unsqueeze(1), (~signs) & 127, signs)
-
-        # grid indices and sign words; empty sub-blocks stay all-zero
-        L = ((P - 1.0) * 0.5).to(torch.int64).reshape(M, 8, 4)
-        gidx = tabs[1][_codes(L)]  # [M, 8]
-        zero1 = zero.unsqueeze(1)
-        gidx = torch.where(zero1, torch.zeros_like(gidx), gidx)
+        gidx = _grid_index(P, tabs[1])
+        gidx = torch.where(zero.unsqueeze(1), torch.zeros_like(gidx), gidx)
         word = signs[:, 0] | (signs[:, 1] << 7) | (signs[:, 2] << 14) | (signs[:, 3] << 21)
         word = torch.where(zero, torch.zeros_like(word), word).to(torch.int64)
         scale = torch.where(zero, torch.zeros_like(scale), scale).reshape(N, 8)
-
-        max_scale = scale.amax(dim=1)
-        max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
-        has = max_scale > 0
-        d = divs(max_scale, 31.0)
-        dsafe = torch.where(has, d, torch.ones_like(d))
-        idd = recip(dsafe)
-        ls = nearest_int(0.5 * (idd.unsqueeze(1) * scale - 1.0)).clamp_(0, 15).to(torch.int64)
+        dbytes, ls, has = _block_scales(scale, 1.0125)
         word = word.reshape(N, 8) | (ls << 28)
         words = torch.stack([(word >> sh) & 0xFF for sh in (0, 8, 16, 24)], dim=2).reshape(N, 32)
-        out = torch.cat([fp16_bytes(d * f32(1.0125)), gidx.reshape(N, 64), words], dim=1).to(torch.uint8)
+        out = torch.cat([dbytes, gidx.reshape(N, 64), words], dim=1).to(torch.uint8)
         out = torch.where(has.unsqueeze(1), out, torch.zeros_like(out))
+        return bytes_rows(out, rows)
+
+
+@register(GGMLQuantizationType.IQ3_S)
+class IQ3_S(BlockType):
+    """d, qs[64] (grid index low bytes), qh[8] (9th bits), signs[32], scales[4] (two 4-bit)."""
+
+    chunk_elements = 1 << 16
+
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        rows = x.shape[0]
+        b = blocks_of(x, QK_K)
+        N = b.shape[0]
+        tabs = _tables(str(x.device), 512)
+        w = _weights(b, qw, rows)
+        wa = sqrtf(w)
+        neg = b < 0
+        xval = torch.where(neg, -b, b)
+        bitv = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=x.device)
+        signs = (neg.to(torch.int32).reshape(N, 32, 8) * bitv).sum(dim=2).reshape(N * 8, 4)
+
+        M = N * 8
+        xv = xval.reshape(M, 32)
+        zero = xv.amax(dim=1) == 0
+        scale, P, flipped = _search(xv, w.reshape(M, 32), wa.reshape(M, 32), zero, tabs, range(-9, 10), False, True)
+        signs = torch.where(flipped.unsqueeze(1), (~signs) & 255, signs)
+        gidx = _grid_index(P, tabs[1])  # [M, 8]
+        scale = torch.where(zero, torch.zeros_like(scale), scale).reshape(N, 8)
+
+        # llama.cpp advances its qs/signs write position only after a non-empty sub-block
+        nz = (~zero).reshape(N, 8)
+        slot = torch.cumsum(nz.to(torch.int64), dim=1) - nz.to(torch.int64)  # [N, 8]
+        slot = torch.where(nz, slot, torch.full_like(slot, 8))  # empty: dropped
+        qs = torch.zeros((N, 9, 8), dtype=torch.int64, device=x.device)
+        qs.scatter_(1, slot.unsqueeze(2).expand(N, 8, 8), (gidx & 255).reshape(N, 8, 8))
+        sg = torch.zeros((N, 9, 4), dtype=torch.int64, device=x.device)
+        sg.scatter_(1, slot.unsqueeze(2).expand(N, 8, 4), signs.reshape(N, 8, 4).to(torch.int64))
+        hi = torch.where(nz.unsqueeze(2), (gidx >> 8).reshape(N, 8, 8), torch.zeros_like(gidx).reshape(N, 8, 8))
+        qh = (hi << torch.arange(8, device=x.device)).sum(dim=2)  # [N, 8]: byte ib, bit k
+        dbytes, ls, has = _block_scales(scale, 1.033)
+        sc = ls[:, 0::2] | (ls[:, 1::2] << 4)
+        sc = torch.where(has.unsqueeze(1), sc, torch.zeros_like(sc))  # all scales 0: d and scales stay 0
+        out = torch.cat([dbytes, qs[:, :8].reshape(N, 64), qh, sg[:, :8].reshape(N, 32), sc], dim=1).to(torch.uint8)
         return bytes_rows(out, rows)
