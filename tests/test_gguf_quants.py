@@ -19,7 +19,8 @@ KQUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 IQ4 = [T.IQ4_NL, T.IQ4_XS]
 TERNARY = [T.TQ1_0, T.TQ2_0]
 GRID = [T.IQ3_XXS]  # llama.cpp insists on an importance matrix for these (except token_embd/output)
-WRITTEN = LEGACY + KQUANTS + IQ4 + TERNARY + [T.IQ3_S] + GRID  # gguf-py can dequantize these
+IMATRIX_ONLY = [T.IQ2_XXS, T.IQ2_XS]  # need an importance matrix, always (llama.cpp asserts)
+WRITTEN = LEGACY + KQUANTS + IQ4 + TERNARY + [T.IQ3_S] + GRID + IMATRIX_ONLY  # gguf-py dequantizes these
 NO_FALLBACK = {T.Q1_0}  # llama.cpp refuses rows that are not whole blocks instead of falling back
 
 
@@ -68,7 +69,7 @@ def importance(cols: int, seed: int) -> np.ndarray:
 def real_tensors() -> dict[str, np.ndarray]:
     """A few SmolLM2-135M weights (dequantized from its Q4_1 GGUF), first rows only."""
     names = ["blk.0.ffn_down.weight", "blk.3.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight"]
-    return lu.smollm2_tensors(names, max_rows=48)
+    return lu.smollm2_tensors(names, max_rows=24)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,6 +118,10 @@ def test_bytes_equal_ggufpy(qtype):
 @pytest.mark.parametrize("qtype", WRITTEN)
 @pytest.mark.parametrize("with_imatrix", [False, True])
 def test_dequantize_matches_ggufpy(qtype, with_imatrix):
+    if qtype in IMATRIX_ONLY and not with_imatrix:
+        with pytest.raises(LowbitError, match="importance"):
+            Q.quantize(torch.zeros(2, 256), qtype)
+        return
     x = synthetic(cols=512, rows=8, seed=2)["outliers"]
     im = importance(512, 3) if with_imatrix else None
     b = ours(x, qtype, im)
@@ -124,7 +129,8 @@ def test_dequantize_matches_ggufpy(qtype, with_imatrix):
     ref = gq.dequantize(b, qtype).reshape(x.shape)
     assert np.array_equal(got, ref)
     rel = np.abs(got - x).mean() / np.abs(x).mean()
-    assert rel < (1.0 if qtype in TERNARY else 0.75)  # sanity only: Q2_K/ternary are coarse on outlier rows
+    # sanity only: 2-bit and ternary types are coarse on these outlier-heavy rows
+    assert rel < (1.5 if qtype in TERNARY + IMATRIX_ONLY else 0.75)
 
 
 DEQ_ONLY = [t for t in T if t in gq._type_traits or t in (T.F32, T.F16)]
@@ -171,8 +177,8 @@ def llama_bytes(cases, imatrices, tmp_path_factory):
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("qtype", WRITTEN + sorted(NO_FALLBACK), ids=lambda t: t.name)
 def test_bytes_equal_llamacpp(qtype, with_imatrix, cases, imatrices, llama_bytes):
-    if qtype in GRID and not with_imatrix:
-        pytest.skip("llama.cpp refuses this type without an imatrix; see test_grid_types_plain_llamacpp")
+    if qtype in GRID + IMATRIX_ONLY and not with_imatrix:
+        pytest.skip("llama.cpp refuses this type without an imatrix (IQ3_XXS: see test_grid_types_plain_llamacpp)")
     ref = llama_bytes(qtype, with_imatrix)
     bad = []
     for name, (wtype, rb) in ref.items():
@@ -234,7 +240,7 @@ def test_api_helpers():
     assert Q.block_size("q4_k") == (256, 144)
     assert Q.block_size(T.Q8_0) == (32, 34)
     assert Q.can_quantize("IQ4_XS") and Q.can_quantize(T.Q2_K)
-    assert not Q.can_quantize(T.IQ2_XXS) and Q.can_quantize(T.IQ3_S)
+    assert Q.can_quantize(T.IQ2_XXS) and Q.can_quantize(T.IQ3_S) and not Q.can_quantize(T.IQ2_S)
     assert Q.can_quantize(T.TQ1_0) and Q.can_quantize(T.Q1_0)
     with pytest.raises(LowbitError):
         Q.parse_qtype("q9_z")

@@ -248,6 +248,7 @@ from . import kquants as _kquants  # noqa: E402,F401
 from . import iquants as _iquants  # noqa: E402,F401
 from . import tquants as _tquants  # noqa: E402,F401
 from . import iq3quants as _iq3quants  # noqa: E402,F401
+from . import iq2quants as _iq2quants  # noqa: E402,F401
 
 # --------------------------------------------------------------------------- public API
 
