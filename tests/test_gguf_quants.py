@@ -18,7 +18,7 @@ LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 KQUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 IQ4 = [T.IQ4_NL, T.IQ4_XS]
 TERNARY = [T.TQ1_0, T.TQ2_0]
-GRID = [T.IQ3_XXS]  # llama.cpp insists on an importance matrix for these (except token_embd/output)
+GRID = [T.IQ3_XXS, T.IQ2_S]  # llama.cpp insists on an importance matrix for these (except token_embd/output)
 IMATRIX_ONLY = [T.IQ2_XXS, T.IQ2_XS]  # need an importance matrix, always (llama.cpp asserts)
 WRITTEN = LEGACY + KQUANTS + IQ4 + TERNARY + [T.IQ3_S] + GRID + IMATRIX_ONLY  # gguf-py dequantizes these
 NO_FALLBACK = {T.Q1_0}  # llama.cpp refuses rows that are not whole blocks instead of falling back
@@ -240,7 +240,8 @@ def test_api_helpers():
     assert Q.block_size("q4_k") == (256, 144)
     assert Q.block_size(T.Q8_0) == (32, 34)
     assert Q.can_quantize("IQ4_XS") and Q.can_quantize(T.Q2_K)
-    assert Q.can_quantize(T.IQ2_XXS) and Q.can_quantize(T.IQ3_S) and not Q.can_quantize(T.IQ2_S)
+    assert Q.can_quantize(T.IQ2_XXS) and Q.can_quantize(T.IQ3_S) and Q.can_quantize(T.IQ2_S)
+    assert not Q.can_quantize(T.IQ1_S) and not Q.can_quantize(T.MXFP4)
     assert Q.can_quantize(T.TQ1_0) and Q.can_quantize(T.Q1_0)
     with pytest.raises(LowbitError):
         Q.parse_qtype("q9_z")

@@ -1,10 +1,12 @@
-"""IQ2_XXS and IQ2_XS quantization in torch, byte-identical to llama.cpp.
+"""IQ2_XXS, IQ2_XS and IQ2_S quantization in torch, byte-identical to llama.cpp.
 
 Both code groups of eight magnitudes as points of a fixed grid (three odd levels 1, 3, 5
 per coordinate; 256 points for IQ2_XXS, 512 for IQ2_XS), keep 7 sign bits per group (an
 even number of negatives, enforced by flipping the least important value) and a 4-bit
 scale per 32 (IQ2_XXS) or 16 (IQ2_XS) values under an fp16 super-block scale. Like
-llama.cpp, both need an importance matrix.
+llama.cpp, both need an importance matrix. IQ2_S has a 1024-point grid (two high index
+bits in ``qh``), all eight sign bits per group, 4-bit scales per 16 values, and also
+works without an importance matrix.
 
 Grid points come from gguf-py's tables; the neighbour lists for off-grid level
 combinations (grid points at the two smallest squared distances, in (distance, index)
@@ -30,8 +32,12 @@ KMAXQ = 3
 
 @functools.lru_cache(maxsize=None)
 def _tables_np(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(grid [G, 8] odd positions, kmap [65536] index or -1, neighbours [65536, K] padded with -1)."""
-    src = gq.IQ2_XXS if grid_size == 256 else gq.IQ2_XS
+    """(grid [G, 8] odd positions, kmap [65536] index or -1, neighbours [65536, K] padded with -1).
+
+    Neighbours: the grid points at the ``nwant`` smallest distances (1 for IQ2_S's 1024 points, else 2).
+    """
+    src = {256: gq.IQ2_XXS, 512: gq.IQ2_XS, 1024: gq.IQ2_S}[grid_size]
+    nwant = 1 if grid_size == 1024 else 2
     src.init_grid()
     vals = np.asarray(src.grid).reshape(grid_size, 8)
     levels = np.searchsorted(np.asarray(src.grid_map, dtype=np.float32), vals).astype(np.int64)
@@ -50,7 +56,7 @@ def _tables_np(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d2s = np.take_along_axis(d2, order, axis=1)
     lists = []
     for i in range(len(ucodes)):
-        distinct = np.unique(d2s[i])[:2]
+        distinct = np.unique(d2s[i])[:nwant]
         lists.append(order[i][d2s[i] <= distinct[-1]])
     width = max(len(v) for v in lists)
     nb = np.full((1 << 16, width), -1, dtype=np.int64)
@@ -102,14 +108,19 @@ def _snap(l, xv, wa, scale, tabs):
     return grid[best_i], on
 
 
-def _signs(b: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """|x| with an even number of negatives per 8 (least important value flipped); 7-bit sign codes."""
+def _signs(b: torch.Tensor, w: torch.Tensor, parity: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """|x| with an even number of negatives per 8 (least important value flipped); 7-bit sign codes.
+
+    Without ``parity``: plain |x| and all 8 sign bits.
+    """
     N = b.shape[0]
     x8 = b.reshape(N, 32, 8)
     neg = x8 < 0
     xval = torch.where(neg, -x8, x8)
     bitv = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=b.device)
     s = (neg.to(torch.int32) * bitv).sum(dim=2)
+    if not parity:
+        return xval.reshape(N, 256), s
     odd = (neg.sum(dim=2) % 2) == 1
     imin = ((w.reshape(N, 32, 8) * x8) * x8).argmin(dim=2)
     flip = odd.unsqueeze(2) & (torch.arange(8, device=b.device) == imin.unsqueeze(2))
@@ -259,3 +270,47 @@ class IQ2_XS(BlockType):
         out = torch.cat([fp16_bytes(d), _le_bytes(q2.reshape(N, 32), 2).reshape(N, 64), sc], dim=1).to(torch.uint8)
         out = torch.where(has.unsqueeze(1), out, torch.zeros_like(out))
         return bytes_rows(out, x.shape[0])
+
+
+@register(GGMLQuantizationType.IQ2_S)
+class IQ2_S(BlockType):
+    """d, qs[64] (32 grid index low bytes, then 32 sign bytes), qh[8] (2 high bits per group), scales[8]."""
+
+    chunk_elements = 1 << 15
+
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        rows = x.shape[0]
+        b = blocks_of(x, QK_K)
+        N = b.shape[0]
+        sigma2 = 2.0 * seq_sum((b * b).t().contiguous()) / 256.0
+        if qw is not None:
+            qb = qw.reshape(1, -1, QK_K).expand(rows, -1, -1).reshape(-1, QK_K)
+            w = qb * sqrtf(sigma2.unsqueeze(1) + b * b)
+        else:
+            w = (sigma2 * f32(0.25)).unsqueeze(1) + b * b
+        wa = sqrtf(w)
+        xval, s = _signs(b, w, parity=False)
+        M = N * 16
+        tabs = _tables(str(x.device), 1024)
+        xv, wv, wav = xval.reshape(M, 16), w.reshape(M, 16), wa.reshape(M, 16)
+        mx = xv.amax(dim=1)
+        zero = mx < f32(1e-8)
+        denom = torch.where(zero, torch.ones_like(mx), mx)
+        scale0 = divs(denom, float(2 * KMAXQ - 1))
+        scale, P, flipped = _search(xv, wv, wav, tabs, range(-9, 10), denom, scale0, False)
+        sg = s.reshape(M, 2)
+        sg = torch.where(flipped.unsqueeze(1), (~sg) & 255, sg).to(torch.int64)
+        L = ((P - 1.0) * 0.5).to(torch.int64).reshape(M, 2, 8)
+        gidx = tabs[1][_codes(L)]  # [M, 2]
+        z1 = zero.unsqueeze(1)
+        gidx = torch.where(z1, torch.zeros_like(gidx), gidx).reshape(N, 32)
+        sg = torch.where(z1, torch.zeros_like(sg), sg).reshape(N, 32)
+        hi = (gidx >> 8).reshape(N, 8, 4)
+        qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+        scale = torch.where(zero, torch.zeros_like(scale), scale).reshape(N, 16)
+        d, ls, has = _scale_codes(scale)
+        sc = ls[:, 0::2] | (ls[:, 1::2] << 4)
+        sc = torch.where(has.unsqueeze(1), sc, torch.zeros_like(sc))  # all scales 0: d and scales stay 0
+        out = torch.cat([fp16_bytes(d * f32(0.9875)), gidx & 255, sg, qh, sc], dim=1).to(torch.uint8)
+        return bytes_rows(out, rows)
