@@ -130,7 +130,7 @@ def test_dequantize_matches_ggufpy(qtype, with_imatrix):
     assert np.array_equal(got, ref)
     rel = np.abs(got - x).mean() / np.abs(x).mean()
     # sanity only: 2-bit and ternary types are coarse on these outlier-heavy rows
-    assert rel < (1.5 if qtype in TERNARY + IMATRIX_ONLY else 0.75)
+    assert rel < (1.5 if qtype in TERNARY + IMATRIX_ONLY + [T.IQ2_S] else 0.75)
 
 
 DEQ_ONLY = [t for t in T if t in gq._type_traits or t in (T.F32, T.F16)]
@@ -178,7 +178,7 @@ def llama_bytes(cases, imatrices, tmp_path_factory):
 @pytest.mark.parametrize("qtype", WRITTEN + sorted(NO_FALLBACK), ids=lambda t: t.name)
 def test_bytes_equal_llamacpp(qtype, with_imatrix, cases, imatrices, llama_bytes):
     if qtype in GRID + IMATRIX_ONLY and not with_imatrix:
-        pytest.skip("llama.cpp refuses this type without an imatrix (IQ3_XXS: see test_grid_types_plain_llamacpp)")
+        pytest.skip("llama.cpp refuses this type without an imatrix (IQ3_XXS, IQ2_S: see test_grid_types_plain_llamacpp)")
     ref = llama_bytes(qtype, with_imatrix)
     bad = []
     for name, (wtype, rb) in ref.items():
