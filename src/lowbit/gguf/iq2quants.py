@@ -24,15 +24,15 @@ from gguf import quants as gq
 
 from ..errors import LowbitError
 from ._base import BlockType, blocks_of, bytes_rows, register
-from ._blockops import divs, f32, fp16_bytes, make_qp_quants, nearest_int, recip, seq_sum, sqrtf
+from ._blockops import const, divs, f32, fp16_bytes, make_qp_quants, nearest_int, recip, seq_sum, sqrtf
 
 QK_K = 256
 KMAXQ = 3
 
 
 @functools.lru_cache(maxsize=None)
-def _tables_np(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(grid [G, 8] odd positions, kmap [65536] index or -1, neighbours [65536, K] padded with -1).
+def _tables_np(grid_size: int) -> tuple[np.ndarray, ...]:
+    """(grid [G, 8] odd positions, kmap [65536] index or -1, rowmap [65536], neighbours [R, K] padded with -1).
 
     Neighbours: the grid points at the ``nwant`` smallest distances (1 for IQ2_S's 1024 points, else 2).
     """
@@ -59,17 +59,21 @@ def _tables_np(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         distinct = np.unique(d2s[i])[:nwant]
         lists.append(order[i][d2s[i] <= distinct[-1]])
     width = max(len(v) for v in lists)
-    nb = np.full((1 << 16, width), -1, dtype=np.int64)
-    for u, v in zip(ucodes, lists):
-        nb[u, : len(v)] = v
-    return grid, kmap, nb
+    # compact: row r of ``nb`` lists the neighbours of code ``ucodes[r]``; ``rowmap[u]`` finds the row
+    nb = np.full((len(ucodes), width), -1, dtype=np.int32)
+    for r, v in enumerate(lists):
+        nb[r, : len(v)] = v
+    rowmap = np.zeros(1 << 16, dtype=np.int64)
+    rowmap[ucodes] = np.arange(len(ucodes))
+    return grid, kmap, rowmap, nb
 
 
 @functools.lru_cache(maxsize=8)
-def _tables(device: str, grid_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grid, kmap, nb = _tables_np(grid_size)
+def _tables(device: str, grid_size: int) -> tuple[torch.Tensor, ...]:
     dev = torch.device(device)
-    return torch.from_numpy(grid).float().to(dev), torch.from_numpy(kmap).to(dev), torch.from_numpy(nb).to(dev)
+    grid, kmap, rowmap, nb = _tables_np(grid_size)
+    return (torch.from_numpy(grid).float().to(dev), torch.from_numpy(kmap).to(dev),
+            torch.from_numpy(rowmap).to(dev), torch.from_numpy(nb).to(dev))
 
 
 def _levels(v: torch.Tensor) -> torch.Tensor:
@@ -85,18 +89,17 @@ def _codes(l: torch.Tensor) -> torch.Tensor:
 
 def _snap(l, xv, wa, scale, tabs):
     """Levels ``[..., G, 8]`` -> (grid positions ``[..., G, 8]``, on_grid ``[..., G]``) (``iq2_find_best_neighbour``)."""
-    grid, kmap, nb = tabs
+    grid, kmap, rowmap, nb = tabs
     u = _codes(l)
     gi = kmap[u]
     on = gi >= 0
+    row = rowmap[u]
     best_i = gi.clone()
     best_d = torch.full(u.shape, float("inf"), dtype=torch.float32, device=u.device)
     s = scale.unsqueeze(-1)
     for j in range(nb.shape[1]):
-        cand = nb[u, j]
+        cand = nb[row, j].long()
         valid = cand >= 0
-        if not bool(valid.any()):
-            break
         diff = s * grid[cand.clamp(min=0)] - xv
         t = (wa * diff) * diff
         d2 = t[..., 0]
@@ -117,7 +120,7 @@ def _signs(b: torch.Tensor, w: torch.Tensor, parity: bool = True) -> tuple[torch
     x8 = b.reshape(N, 32, 8)
     neg = x8 < 0
     xval = torch.where(neg, -x8, x8)
-    bitv = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=b.device)
+    bitv = const([1 << i for i in range(8)], torch.int32, b.device)
     s = (neg.to(torch.int32) * bitv).sum(dim=2)
     if not parity:
         return xval.reshape(N, 256), s
@@ -137,7 +140,7 @@ def _search(xv, wv, wav, tabs, steps, denom, scale0, redo_all: bool):
     """
     M, n = xv.shape
     G = n // 8
-    cvals = torch.tensor([f32(2 * KMAXQ - 1 + f32(i * f32(0.1))) for i in steps], dtype=torch.float32, device=xv.device)
+    cvals = const([f32(2 * KMAXQ - 1 + f32(i * f32(0.1))) for i in steps], torch.float32, xv.device)
     idc = cvals.unsqueeze(0) / denom.unsqueeze(1)
     tsc = recip(idc)
     xg = xv.reshape(M, 1, G, 8)

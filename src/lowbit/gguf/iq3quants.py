@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
 from ._base import BlockType, blocks_of, bytes_rows, register
-from ._blockops import divs, f32, fp16_bytes, nearest_int, recip, seq_sum, sqrtf
+from ._blockops import const, divs, f32, fp16_bytes, nearest_int, recip, seq_sum, sqrtf
 
 QK_K = 256
 KMAXQ = 8
@@ -127,7 +127,7 @@ def _search(xv, wv, wav, zero, tabs, steps: range, on_grid_init: bool, redo_all:
     M = xv.shape[0]
     mx = xv.amax(dim=1)
     mxs = torch.where(zero, torch.ones_like(mx), mx)
-    cvals = torch.tensor([f32(2 * KMAXQ - 1 + f32(i * f32(0.2))) for i in steps], dtype=torch.float32, device=xv.device)
+    cvals = const([f32(2 * KMAXQ - 1 + f32(i * f32(0.2))) for i in steps], torch.float32, xv.device)
     idc = cvals.unsqueeze(0) / mxs.unsqueeze(1)  # [M, S]
     tsc = recip(idc)
     xv4 = xv.reshape(M, 1, 8, 4)
@@ -209,7 +209,7 @@ class IQ3_XXS(BlockType):
         w8 = w.reshape(N, 32, 8)
         neg = x8 < 0
         xval = torch.where(neg, -x8, x8)
-        bitv = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=x.device)
+        bitv = const([1 << i for i in range(8)], torch.int32, x.device)
         s = (neg.to(torch.int32) * bitv).sum(dim=2)
         odd = (neg.sum(dim=2) % 2) == 1
         imin = ((w8 * x8) * x8).argmin(dim=2)  # first minimum, as C's strict '<'
@@ -253,7 +253,7 @@ class IQ3_S(BlockType):
         wa = sqrtf(w)
         neg = b < 0
         xval = torch.where(neg, -b, b)
-        bitv = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=x.device)
+        bitv = const([1 << i for i in range(8)], torch.int32, x.device)
         signs = (neg.to(torch.int32).reshape(N, 32, 8) * bitv).sum(dim=2).reshape(N * 8, 4)
 
         M = N * 8
