@@ -51,8 +51,13 @@ FTYPE_FOR: dict[T, int] = {
     T.BF16: 32,
     T.TQ1_0: 36,
     T.TQ2_0: 37,
+    T.MXFP4: 38,  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE: base type MXFP4 in pure mode
     T.Q1_0: 40,
 }
+
+# types with no llama_ftype of their own: quantized through a tensor-type override (".*" -> type)
+# on top of a Q8_0 file type
+OVERRIDE_ONLY = {T.NVFP4}
 
 LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -122,10 +127,19 @@ def run_llama_quantize(
     if quiet:
         quiet_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPE_FOR[qtype]
     params.pure = True
     params.nthread = nthread
     keep = []
+    if qtype in OVERRIDE_ONLY:
+        params.ftype = FTYPE_FOR[T.Q8_0]
+        ov = (llama_cpp.llama_model_tensor_override * 2)()
+        ov[0].pattern = b".*"
+        ov[0].type = int(qtype)
+        ov[1].pattern = None
+        keep.append(ov)
+        params.tt_overrides = ctypes.cast(ov, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    else:
+        params.ftype = FTYPE_FOR[qtype]
     if imatrix:
         arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, vals) in enumerate(imatrix.items()):

@@ -20,7 +20,8 @@ IQ4 = [T.IQ4_NL, T.IQ4_XS]
 TERNARY = [T.TQ1_0, T.TQ2_0]
 GRID = [T.IQ3_XXS, T.IQ2_S]  # llama.cpp insists on an importance matrix for these (except token_embd/output)
 IMATRIX_ONLY = [T.IQ2_XXS, T.IQ2_XS]  # need an importance matrix, always (llama.cpp asserts)
-WRITTEN = LEGACY + KQUANTS + IQ4 + TERNARY + [T.IQ3_S] + GRID + IMATRIX_ONLY  # gguf-py dequantizes these
+FP4 = [T.MXFP4, T.NVFP4]
+WRITTEN = LEGACY + KQUANTS + IQ4 + TERNARY + FP4 + [T.IQ3_S] + GRID + IMATRIX_ONLY  # gguf-py dequantizes these
 NO_FALLBACK = {T.Q1_0}  # llama.cpp refuses rows that are not whole blocks instead of falling back
 
 
@@ -241,7 +242,7 @@ def test_api_helpers():
     assert Q.block_size(T.Q8_0) == (32, 34)
     assert Q.can_quantize("IQ4_XS") and Q.can_quantize(T.Q2_K)
     assert Q.can_quantize(T.IQ2_XXS) and Q.can_quantize(T.IQ3_S) and Q.can_quantize(T.IQ2_S)
-    assert not Q.can_quantize(T.IQ1_S) and not Q.can_quantize(T.MXFP4)
+    assert not Q.can_quantize(T.IQ1_S) and not Q.can_quantize(T.IQ1_M) and Q.can_quantize(T.NVFP4)
     assert Q.can_quantize(T.TQ1_0) and Q.can_quantize(T.Q1_0)
     with pytest.raises(LowbitError):
         Q.parse_qtype("q9_z")
