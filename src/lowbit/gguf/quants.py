@@ -13,8 +13,24 @@ float32 on that device. ``imatrix`` is the per-column importance (llama.cpp's
 an importance matrix (Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, IQ4_NL, IQ4_XS) follow
 that path when ``imatrix`` is given; the others ignore it, as llama.cpp does.
 
-This module holds the float types and the legacy 32-element types; the K-quants are
-in :mod:`lowbit.gguf.kquants` and the IQ types in :mod:`lowbit.gguf.iquants`.
+This module holds the float types and the legacy 32-element types; the others live in
+:mod:`~lowbit.gguf.kquants` (Q2_K..Q6_K), :mod:`~lowbit.gguf.iquants` (IQ4_NL, IQ4_XS),
+:mod:`~lowbit.gguf.iq3quants` (IQ3_XXS, IQ3_S), :mod:`~lowbit.gguf.iq2quants` (IQ2_XXS,
+IQ2_XS, IQ2_S), :mod:`~lowbit.gguf.tquants` (TQ1_0, TQ2_0, Q1_0) and
+:mod:`~lowbit.gguf.fp4quants` (MXFP4, NVFP4). IQ1_S and IQ1_M are dequantize-only
+(through gguf-py).
+
+Exactness notes (each cost a mismatch before it was handled):
+
+* torch's float32 CPU ``sqrt`` is not always correctly rounded; we take a float64 root.
+* ``c / tensor`` in torch is ``reciprocal(tensor) * c`` and CUDA turns ``tensor / c``
+  into ``tensor * (1/c)``; every division here is one tensor-by-tensor division.
+* llama.cpp's sums are sequential float32 sums; we add element by element too.
+* ``make_qkx2/3_quants`` try their candidate scales one after the other and each
+  accepted candidate moves the offset the next ones use, so that loop stays sequential.
+* C's ``(int8_t)`` cast of an overflowing float (a block of subnormals: ``1/d`` = inf)
+  keeps the low byte of INT_MIN, i.e. 0; gguf-py differs from llama.cpp there.
+* Zero signs matter where they reach an fp16 field (``-0.0`` block minimum, ``-max/32``).
 """
 
 from __future__ import annotations
