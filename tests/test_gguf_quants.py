@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ IQ4 = [T.IQ4_NL, T.IQ4_XS]
 TERNARY = [T.TQ1_0, T.TQ2_0]
 GRID = [T.IQ3_XXS, T.IQ2_S]  # llama.cpp insists on an importance matrix for these (except token_embd/output)
 IMATRIX_ONLY = [T.IQ2_XXS, T.IQ2_XS]  # need an importance matrix, always (llama.cpp asserts)
+SLOW_LLAMA = [T.IQ1_S]  # also imatrix-only; llama.cpp's table setup alone takes ~30 s
 FP4 = [T.MXFP4, T.NVFP4]
 WRITTEN = LEGACY + KQUANTS + IQ4 + TERNARY + FP4 + [T.IQ3_S] + GRID + IMATRIX_ONLY  # gguf-py dequantizes these
 NO_FALLBACK = {T.Q1_0}  # llama.cpp refuses rows that are not whole blocks instead of falling back
@@ -119,7 +122,7 @@ def test_bytes_equal_ggufpy(qtype):
 @pytest.mark.parametrize("qtype", WRITTEN)
 @pytest.mark.parametrize("with_imatrix", [False, True])
 def test_dequantize_matches_ggufpy(qtype, with_imatrix):
-    if qtype in IMATRIX_ONLY and not with_imatrix:
+    if qtype in IMATRIX_ONLY + SLOW_LLAMA and not with_imatrix:
         with pytest.raises(LowbitError, match="importance"):
             Q.quantize(torch.zeros(2, 256), qtype)
         return
@@ -131,7 +134,7 @@ def test_dequantize_matches_ggufpy(qtype, with_imatrix):
     assert np.array_equal(got, ref)
     rel = np.abs(got - x).mean() / np.abs(x).mean()
     # sanity only: 2-bit and ternary types are coarse on these outlier-heavy rows
-    assert rel < (1.5 if qtype in TERNARY + IMATRIX_ONLY + [T.IQ2_S] else 0.75)
+    assert rel < (1.5 if qtype in TERNARY + IMATRIX_ONLY + SLOW_LLAMA + [T.IQ2_S] else 0.75)
 
 
 DEQ_ONLY = [t for t in T if t in gq._type_traits or t in (T.F32, T.F16)]
@@ -191,6 +194,20 @@ def test_bytes_equal_llamacpp(qtype, with_imatrix, cases, imatrices, llama_bytes
 
 
 @pytest.mark.llamacpp
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LOWBIT_SLOW_TESTS") != "1", reason="set LOWBIT_SLOW_TESTS=1 (about a minute)")
+@pytest.mark.parametrize("qtype", SLOW_LLAMA, ids=lambda t: t.name)
+def test_slow_types_llamacpp(qtype, cases, imatrices, tmp_path):
+    """IQ1_S against llama.cpp, with an importance matrix (it has no other path)."""
+    pytest.importorskip("llama_cpp")
+    use = {k: v for k, v in cases.items() if k.startswith("blk.2") or k == "blk.0.ffn_down.weight"}
+    ref = lu.llamacpp_quantize(use, qtype, {k: imatrices[k] for k in use}, workdir=tmp_path)
+    for name, (wtype, rb) in ref.items():
+        got = ours(use[name], wtype, imatrices[name])
+        assert np.array_equal(got, rb), f"{name}[{wtype.name}]: {(got != rb).any(1).sum()} rows differ"
+
+
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", GRID, ids=lambda t: t.name)
 def test_grid_types_plain_llamacpp(qtype, cases, tmp_path):
     """Without an imatrix llama.cpp quantizes only token_embd/output to these types: name each case so."""
@@ -242,7 +259,7 @@ def test_api_helpers():
     assert Q.block_size(T.Q8_0) == (32, 34)
     assert Q.can_quantize("IQ4_XS") and Q.can_quantize(T.Q2_K)
     assert Q.can_quantize(T.IQ2_XXS) and Q.can_quantize(T.IQ3_S) and Q.can_quantize(T.IQ2_S)
-    assert not Q.can_quantize(T.IQ1_S) and not Q.can_quantize(T.IQ1_M) and Q.can_quantize(T.NVFP4)
+    assert Q.can_quantize(T.IQ1_S) and not Q.can_quantize(T.IQ1_M) and Q.can_quantize(T.NVFP4)
     assert Q.can_quantize(T.TQ1_0) and Q.can_quantize(T.Q1_0)
     with pytest.raises(LowbitError):
         Q.parse_qtype("q9_z")

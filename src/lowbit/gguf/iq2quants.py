@@ -34,10 +34,11 @@ KMAXQ = 3
 def _tables_np(grid_size: int) -> tuple[np.ndarray, ...]:
     """(grid [G, 8] odd positions, kmap [65536] index or -1, rowmap [65536], neighbours [R, K] padded with -1).
 
-    Neighbours: the grid points at the ``nwant`` smallest distances (1 for IQ2_S's 1024 points, else 2).
+    Neighbours: the grid points at the ``nwant`` smallest distances (1 for IQ2_S's 1024 points,
+    3 for IQ1_S's 2048, else 2).
     """
-    src = {256: gq.IQ2_XXS, 512: gq.IQ2_XS, 1024: gq.IQ2_S}[grid_size]
-    nwant = 1 if grid_size == 1024 else 2
+    src = {256: gq.IQ2_XXS, 512: gq.IQ2_XS, 1024: gq.IQ2_S, 2048: gq.IQ1_S}[grid_size]
+    nwant = {1024: 1, 2048: 3}.get(grid_size, 2)
     src.init_grid()
     vals = np.asarray(src.grid).reshape(grid_size, 8)
     levels = np.searchsorted(np.asarray(src.grid_map, dtype=np.float32), vals).astype(np.int64)

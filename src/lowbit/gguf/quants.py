@@ -266,6 +266,7 @@ from . import tquants as _tquants  # noqa: E402,F401
 from . import iq3quants as _iq3quants  # noqa: E402,F401
 from . import iq2quants as _iq2quants  # noqa: E402,F401
 from . import fp4quants as _fp4quants  # noqa: E402,F401
+from . import iq1quants as _iq1quants  # noqa: E402,F401
 
 # --------------------------------------------------------------------------- public API
 
