@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calib-path", default=None, help="calibration text file (default: pydoc_data.topics)")
+    ap.add_argument("--damp", type=float, default=None, help="GPTQ dampening (default 0.01)")
     ap.add_argument("--awq-search-batches", type=int, default=None, help="batches (of 4 samples) used by AWQ's scale search")
     ap.add_argument("--out", default="bench/results/quality_calibrated.jsonl")
     args = ap.parse_args()
@@ -98,7 +100,8 @@ def main() -> None:
     cand = load(src)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    calib = CalibrationConfig(n_samples=args.n_samples, seq_len=args.seq_len, seed=0, batch_size=4)
+    calib = CalibrationConfig(path=args.calib_path, n_samples=args.n_samples, seq_len=args.seq_len, seed=0, batch_size=4)
+    calib_name = args.calib_path or "pydoc_data.topics"
     rows = []
     bos = ref.tokenizer.bos_token_id if model_adds_bos(ref.tokenizer) else None
     cache = RefCache(ref.model, make_chunks(tokens, 512, bos, args.chunks))
@@ -112,6 +115,8 @@ def main() -> None:
             method, ao = ("gptq", True) if m == "gptq_ao" else (m, False)
             t0 = time.perf_counter()
             opts = {"search_batches": args.awq_search_batches} if method == "awq" else {}
+            if method == "gptq" and args.damp is not None:
+                opts["damp"] = args.damp
             qm = quantize_model(src, method, scheme, calib, act_order=ao, **opts)
             dt = time.perf_counter() - t0
             cand_model = cand.model
@@ -120,7 +125,7 @@ def main() -> None:
             r = cache.compare(cand_model)
             row = {"method": m, "scheme": scheme.describe(), "ppl": r["ppl"], "kl": r["kl"],
                    "top1": r["top1"], "quant_s": round(dt, 1),
-                   "calib": f"pydoc_data.topics {args.n_samples}x{args.seq_len}", "eval_chunks": args.chunks}
+                   "calib": f"{calib_name} {args.n_samples}x{args.seq_len}", "damp": args.damp, "eval_chunks": args.chunks}
             rows.append(row)
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
