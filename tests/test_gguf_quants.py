@@ -22,7 +22,7 @@ IQ4 = [T.IQ4_NL, T.IQ4_XS]
 TERNARY = [T.TQ1_0, T.TQ2_0]
 GRID = [T.IQ3_XXS, T.IQ2_S]  # llama.cpp insists on an importance matrix for these (except token_embd/output)
 IMATRIX_ONLY = [T.IQ2_XXS, T.IQ2_XS]  # need an importance matrix, always (llama.cpp asserts)
-SLOW_LLAMA = [T.IQ1_S]  # also imatrix-only; llama.cpp's table setup alone takes ~30 s
+SLOW_LLAMA = [T.IQ1_S, T.IQ1_M]  # llama.cpp's table setup for these alone takes 15-30 s
 FP4 = [T.MXFP4, T.NVFP4]
 WRITTEN = LEGACY + KQUANTS + IQ4 + TERNARY + FP4 + [T.IQ3_S] + GRID + IMATRIX_ONLY  # gguf-py dequantizes these
 NO_FALLBACK = {T.Q1_0}  # llama.cpp refuses rows that are not whole blocks instead of falling back
@@ -122,7 +122,7 @@ def test_bytes_equal_ggufpy(qtype):
 @pytest.mark.parametrize("qtype", WRITTEN)
 @pytest.mark.parametrize("with_imatrix", [False, True])
 def test_dequantize_matches_ggufpy(qtype, with_imatrix):
-    if qtype in IMATRIX_ONLY + SLOW_LLAMA and not with_imatrix:
+    if qtype in IMATRIX_ONLY + [T.IQ1_S] and not with_imatrix:
         with pytest.raises(LowbitError, match="importance"):
             Q.quantize(torch.zeros(2, 256), qtype)
         return
@@ -198,13 +198,17 @@ def test_bytes_equal_llamacpp(qtype, with_imatrix, cases, imatrices, llama_bytes
 @pytest.mark.skipif(os.environ.get("LOWBIT_SLOW_TESTS") != "1", reason="set LOWBIT_SLOW_TESTS=1 (about a minute)")
 @pytest.mark.parametrize("qtype", SLOW_LLAMA, ids=lambda t: t.name)
 def test_slow_types_llamacpp(qtype, cases, imatrices, tmp_path):
-    """IQ1_S against llama.cpp, with an importance matrix (it has no other path)."""
+    """IQ1_S / IQ1_M against llama.cpp with an importance matrix (and IQ1_M without, as token_embd)."""
     pytest.importorskip("llama_cpp")
     use = {k: v for k, v in cases.items() if k.startswith("blk.2") or k == "blk.0.ffn_down.weight"}
     ref = lu.llamacpp_quantize(use, qtype, {k: imatrices[k] for k in use}, workdir=tmp_path)
     for name, (wtype, rb) in ref.items():
         got = ours(use[name], wtype, imatrices[name])
         assert np.array_equal(got, rb), f"{name}[{wtype.name}]: {(got != rb).any(1).sum()} rows differ"
+    if qtype == T.IQ1_M:
+        x = cases["blk.20.attn_k.weight"]
+        wtype, rb = lu.llamacpp_quantize({"token_embd.weight": x}, qtype, workdir=tmp_path)["token_embd.weight"]
+        assert wtype == qtype and np.array_equal(ours(x, qtype), rb)
 
 
 @pytest.mark.llamacpp
@@ -259,7 +263,7 @@ def test_api_helpers():
     assert Q.block_size(T.Q8_0) == (32, 34)
     assert Q.can_quantize("IQ4_XS") and Q.can_quantize(T.Q2_K)
     assert Q.can_quantize(T.IQ2_XXS) and Q.can_quantize(T.IQ3_S) and Q.can_quantize(T.IQ2_S)
-    assert Q.can_quantize(T.IQ1_S) and not Q.can_quantize(T.IQ1_M) and Q.can_quantize(T.NVFP4)
+    assert Q.can_quantize(T.IQ1_S) and Q.can_quantize(T.IQ1_M) and Q.can_quantize(T.NVFP4)
     assert Q.can_quantize(T.TQ1_0) and Q.can_quantize(T.Q1_0)
     with pytest.raises(LowbitError):
         Q.parse_qtype("q9_z")

@@ -1,4 +1,4 @@
-"""IQ1_S quantization in torch, byte-identical to llama.cpp (glibc's stable ``qsort``).
+"""IQ1_S and IQ1_M quantization in torch, byte-identical to llama.cpp (glibc's stable ``qsort``).
 
 IQ1_S codes each group of eight values as one of 2048 points of a ternary grid
 (levels -1, 0, 1, shifted by +-1/8 per 32 values), with a 3-bit scale and the shift
@@ -6,7 +6,12 @@ sign per 32 values under an fp16 super-block scale. llama.cpp sorts each 32-valu
 block (a stable sort with glibc <= 2.36, which this reproduces: ties keep their order),
 tries every split of the sorted values into the three levels for both shifts, keeps
 the best, and snaps off-grid groups to the nearest of their neighbour grid points.
-Needs an importance matrix, as in llama.cpp.
+IQ1_S needs an importance matrix, as in llama.cpp. IQ1_M works on 16-value blocks with
+a shift per group of eight (four combinations tried per split), 3-bit scales, and an fp16
+super-block scale refitted over all 256 values and spread over the scales' top nibbles.
+
+With glibc >= 2.37 llama.cpp's ``qsort`` is an unstable introsort: on blocks with equal
+values its bytes can then differ from these (and between platforms).
 """
 
 from __future__ import annotations
@@ -163,4 +168,171 @@ class IQ1_S(BlockType):
         qh = h.reshape(N, 8) | (ls << 12)
         qhb = torch.stack([qh & 0xFF, qh >> 8], dim=2).reshape(N, 16)
         out = torch.cat([fp16_bytes(d * f32(1.125)), (index & 255).reshape(N, 32), qhb], dim=1).to(torch.uint8)
+        return bytes_rows(out, rows)
+
+
+def _iq1m_sums(px, pw, txs, tws, i1, i2):
+    """Per split: (qx_p, qx_m, q2_p, q2_m) for one half, in llama.cpp's operation order."""
+    p2, m2 = f32(X_P[2]), f32(X_M[2])
+    cp1 = f32(f32(X_P[0] * X_P[0]) - f32(X_P[1] * X_P[1]))
+    cp2 = f32(f32(X_P[1] * X_P[1]) - f32(X_P[2] * X_P[2]))
+    cm1 = f32(f32(X_M[0] * X_M[0]) - f32(X_M[1] * X_M[1]))
+    cm2 = f32(f32(X_M[1] * X_M[1]) - f32(X_M[2] * X_M[2]))
+    a, b = px[:, i1], px[:, i2]
+    sx = a + b
+    qx_p = txs.unsqueeze(1) * p2 - sx
+    qx_m = txs.unsqueeze(1) * m2 - sx
+    wa, wb = pw[:, i1], pw[:, i2]
+    t = tws.unsqueeze(1)
+    q2_p = ((t * p2) * p2 + wa * cp1) + wb * cp2
+    q2_m = ((t * m2) * m2 + wa * cm1) + wb * cm2
+    return qx_p, qx_m, q2_p, q2_m
+
+
+@register(GGMLQuantizationType.IQ1_M)
+class IQ1_M(BlockType):
+    """qs[32], qh[16] (3 high index bits + shift bit per group of 8), scales[8] (3-bit scales + fp16 d in top nibbles)."""
+
+    chunk_elements = 1 << 14
+
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        rows = x.shape[0]
+        b = blocks_of(x, QK_K)
+        N = b.shape[0]
+        M = N * 16
+        dev = x.device
+        grid, kmap, rowmap, nb = _tables(str(dev), 2048)
+        sigma2 = 2.0 * seq_sum((b * b).t().contiguous()) / 256.0
+        if qw is not None:
+            qb = qw.reshape(1, -1, QK_K).expand(rows, -1, -1).reshape(-1, QK_K)
+            wfull = qb * sqrtf(sigma2.unsqueeze(1) + b * b)
+        else:
+            wfull = b * b
+        w = wfull.reshape(M, 16)
+        xb = b.reshape(M, 16)
+        mx = xb.abs().amax(dim=1)
+        empty = mx < f32(1e-7)
+
+        order = torch.sort(xb, dim=1, stable=True).indices
+        ws, xs = torch.gather(w, 1, order), torch.gather(xb, 1, order)
+        half = (order >= 8).long()  # which half of the block each sorted value came from
+        px = [torch.zeros_like(mx), torch.zeros_like(mx)]
+        pw = [torch.zeros_like(mx), torch.zeros_like(mx)]
+        pxs = [[px[0]], [px[1]]]
+        pws = [[pw[0]], [pw[1]]]
+        for j in range(16):
+            for h in (0, 1):
+                mine = half[:, j] == h
+                px[h] = torch.where(mine, px[h] + ws[:, j] * xs[:, j], px[h])
+                pw[h] = torch.where(mine, pw[h] + ws[:, j], pw[h])
+                pxs[h].append(px[h])
+                pws[h].append(pw[h])
+        PX = [torch.stack(v, 1) for v in pxs]  # [M, 17]
+        PW = [torch.stack(v, 1) for v in pws]
+        i1l, i2l = [], []
+        for i1 in range(17):
+            for i2 in range(i1, 17):
+                i1l.append(i1)
+                i2l.append(i2)
+        i1 = const(i1l, torch.int64, dev)
+        i2 = const(i2l, torch.int64, dev)
+        h0 = _iq1m_sums(PX[0], PW[0], PX[0][:, 16], PW[0][:, 16], i1, i2)
+        h1 = _iq1m_sums(PX[1], PW[1], PX[1][:, 16], PW[1][:, 16], i1, i2)
+        # k = 0: (p, p), 1: (p, m), 2: (m, p), 3: (m, m)
+        qx = [h0[0] + h1[0], h0[0] + h1[1], h0[1] + h1[0], h0[1] + h1[1]]
+        q2 = [h0[2] + h1[2], h0[2] + h1[3], h0[3] + h1[2], h0[3] + h1[3]]
+        best = torch.full_like(mx, -3.4028234663852886e38)
+        scale = mx.clone()
+        pick = torch.full(mx.shape, -1, dtype=torch.int64, device=dev)
+        bestk = torch.full(mx.shape, -1, dtype=torch.int64, device=dev)
+        for p in range(len(i1l)):
+            for k in range(4):
+                a, c = qx[k][:, p], q2[k][:, p]
+                take = (c > 0) & (a * a > best * c)
+                sc = a / c
+                scale = torch.where(take, sc, scale)
+                best = torch.where(take, sc * a, best)
+                pick = torch.where(take, torch.full_like(pick, p), pick)
+                bestk = torch.where(take, torch.full_like(bestk, k), bestk)
+        empty = empty | (pick < 0)
+        pk = pick.clamp(min=0)
+        b1 = i1[pk].unsqueeze(1)
+        b2 = i2[pk].unsqueeze(1)
+        rank = torch.arange(16, device=dev).unsqueeze(0)
+        lsorted = torch.where(rank < b1, 0, torch.where(rank < b2, 1, 2))
+        L = torch.empty_like(lsorted).scatter_(1, order, lsorted)
+        neg = scale < 0
+        L = torch.where(neg.unsqueeze(1), 2 - L, L)
+        scale = torch.where(neg, -scale, scale)
+        bestk = torch.where(neg, 3 - bestk, bestk)
+        xp, xm = const(X_P, torch.float32, dev), const(X_M, torch.float32, dev)
+        k0p = (bestk < 2).unsqueeze(1)
+        k1p = (bestk % 2 == 0).unsqueeze(1)
+        xx = torch.stack([torch.where(k0p, xp, xm), torch.where(k1p, xp, xm)], dim=1)  # [M, 2, 3]
+
+        Lg = L.reshape(M, 2, 8)
+        u = _codes(Lg)
+        gi = kmap[u]
+        on = gi >= 0
+        row = rowmap[u]
+        best_d = torch.full(u.shape, float("inf"), dtype=torch.float32, device=dev)
+        best_i = gi.clone()
+        xg = xb.reshape(M, 2, 8)
+        wg = w.reshape(M, 2, 8)
+        s = scale.view(M, 1, 1)
+        xx8 = xx.unsqueeze(2).expand(M, 2, 8, 3)
+        for j in range(nb.shape[1]):
+            cand = nb[row, j].long()
+            valid = cand >= 0
+            lv = ((grid[cand.clamp(min=0)] - 1.0) * 0.5).long()
+            q = torch.gather(xx8, 3, lv.unsqueeze(-1)).squeeze(-1)
+            diff = s * q - xg
+            t = (wg * diff) * diff
+            d2 = t[..., 0]
+            for i in range(1, 8):
+                d2 = d2 + t[..., i]
+            better = valid & ~on & (d2 < best_d)
+            best_d = torch.where(better, d2, best_d)
+            best_i = torch.where(better, cand, best_i)
+        index = best_i  # [M, 2]
+        offgrid = (~on).any(dim=1)
+        lv = ((grid[index.clamp(min=0)] - 1.0) * 0.5).long()  # [M, 2, 8]
+        q = torch.gather(xx8, 3, lv.unsqueeze(-1)).squeeze(-1).reshape(M, 16)
+        sqx = seq_sum(((w * q) * xb).t().contiguous())
+        sq2 = seq_sum(((w * q) * q).t().contiguous())
+        scale = torch.where(offgrid & (sqx > 0) & (sq2 > 0), sqx / sq2, scale)
+
+        index = torch.where(empty.unsqueeze(1), torch.zeros_like(index), index)
+        shifts = torch.where(empty, torch.zeros_like(bestk), bestk)
+        scale = torch.where(empty, torch.zeros_like(scale), scale)
+        qh = (index[:, 0] >> 8) | ((index[:, 1] >> 8) << 4)
+        scale = scale.reshape(N, 16)
+        max_scale = scale.amax(dim=1)
+        max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
+        has = max_scale > 0
+        d = divs(max_scale, 15.0)
+        idd = recip(torch.where(has, d, torch.ones_like(d)))
+        ls = nearest_int(0.5 * (idd.unsqueeze(1) * scale - 1.0)).clamp_(0, 7).to(torch.int64)  # [N, 16]
+        masks = const([0x00, 0x80, 0x08, 0x88], torch.int64, dev)
+        qh_full = qh.reshape(N, 16) | masks[shifts.reshape(N, 16)]
+        qh = torch.where(has.unsqueeze(1), qh_full, qh.reshape(N, 16))
+
+        # refit the super-block scale over all 256 values, in order (zero sub-blocks included)
+        lvs = lv.reshape(N, 16, 2, 8)
+        lvs = torch.where(empty.view(N, 16, 1, 1), ((grid[0] - 1.0) * 0.5).long().view(1, 1, 1, 8), lvs)
+        xxs = torch.where(empty.view(M, 1, 1), xp.view(1, 1, 3), xx).reshape(N, 16, 2, 1, 3).expand(N, 16, 2, 8, 3)
+        qv = torch.gather(xxs, 4, lvs.unsqueeze(-1)).squeeze(-1) * (2 * ls + 1).float().view(N, 16, 1, 1)
+        qv = qv.reshape(N, 256)
+        wf = wfull.reshape(N, 256)
+        fx = seq_sum(((wf * qv) * b).t().contiguous())
+        f2 = seq_sum(((wf * qv) * qv).t().contiguous())
+        dfin = torch.where(f2 > 0, fx / f2, d)
+        dbits = (dfin * f32(1.1125)).to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+        sc = ls.reshape(N, 4, 4)
+        sc = sc[:, :, 0] | (sc[:, :, 1] << 3) | (sc[:, :, 2] << 6) | (sc[:, :, 3] << 9)
+        sc = sc | torch.stack([(dbits & 0x000F) << 12, (dbits & 0x00F0) << 8, (dbits & 0x0F00) << 4, dbits & 0xF000], 1)
+        sc = torch.where(has.unsqueeze(1), sc, torch.zeros_like(sc))
+        scb = torch.stack([sc & 0xFF, sc >> 8], dim=2).reshape(N, 8)
+        out = torch.cat([(index & 255).reshape(N, 32), qh, scb], dim=1).to(torch.uint8)
         return bytes_rows(out, rows)

@@ -17,8 +17,8 @@ This module holds the float types and the legacy 32-element types; the others li
 :mod:`~lowbit.gguf.kquants` (Q2_K..Q6_K), :mod:`~lowbit.gguf.iquants` (IQ4_NL, IQ4_XS),
 :mod:`~lowbit.gguf.iq3quants` (IQ3_XXS, IQ3_S), :mod:`~lowbit.gguf.iq2quants` (IQ2_XXS,
 IQ2_XS, IQ2_S), :mod:`~lowbit.gguf.tquants` (TQ1_0, TQ2_0, Q1_0) and
-:mod:`~lowbit.gguf.fp4quants` (MXFP4, NVFP4). IQ1_S and IQ1_M are dequantize-only
-(through gguf-py).
+:mod:`~lowbit.gguf.fp4quants` (MXFP4, NVFP4) and :mod:`~lowbit.gguf.iq1quants` (IQ1_S,
+IQ1_M). The grid types (IQ1/IQ2/IQ3) dequantize through gguf-py's numpy code.
 
 Exactness notes (each cost a mismatch before it was handled):
 
