@@ -179,7 +179,7 @@ def llama_bytes(cases, imatrices, tmp_path_factory):
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("qtype", WRITTEN + sorted(NO_FALLBACK), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", WRITTEN + sorted(NO_FALLBACK) + [T.F16, T.BF16], ids=lambda t: t.name)
 def test_bytes_equal_llamacpp(qtype, with_imatrix, cases, imatrices, llama_bytes):
     if qtype in GRID + IMATRIX_ONLY and not with_imatrix:
         pytest.skip("llama.cpp refuses this type without an imatrix (IQ3_XXS, IQ2_S: see test_grid_types_plain_llamacpp)")
