@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType
 from ..errors import LowbitError
 from ._base import BlockType, blocks_of, bytes_rows, register
 from ._blockops import const, divs, f32, fp16_bytes, nearest_int, recip, seq_sum, sqrtf
-from .iq2quants import _codes, _tables
+from .iq2quants import _codes, _dq_iq1_m, _dq_iq1_s, _tables
 
 QK_K = 256
 DELTA = 0.125
@@ -336,3 +336,7 @@ class IQ1_M(BlockType):
         scb = torch.stack([sc & 0xFF, sc >> 8], dim=2).reshape(N, 8)
         out = torch.cat([(index & 255).reshape(N, 32), qh, scb], dim=1).to(torch.uint8)
         return bytes_rows(out, rows)
+
+
+IQ1_S.dequantize_blocks = classmethod(lambda cls, blocks: _dq_iq1_s(blocks))
+IQ1_M.dequantize_blocks = classmethod(lambda cls, blocks: _dq_iq1_m(blocks))

@@ -279,3 +279,21 @@ class IQ3_S(BlockType):
         sc = torch.where(has.unsqueeze(1), sc, torch.zeros_like(sc))  # all scales 0: d and scales stay 0
         out = torch.cat([dbytes, qs[:, :8].reshape(N, 64), qh, sg[:, :8].reshape(N, 32), sc], dim=1).to(torch.uint8)
         return bytes_rows(out, rows)
+
+
+def _dq_iq3_xxs(cls, blocks: torch.Tensor) -> torch.Tensor:
+    from .iq2quants import _dq_iq3_xxs as impl
+
+    return impl(blocks)
+
+
+IQ3_XXS.dequantize_blocks = classmethod(_dq_iq3_xxs)
+
+
+def _dq_iq3_s(cls, blocks: torch.Tensor) -> torch.Tensor:
+    from .iq2quants import _dq_iq3_s as impl
+
+    return impl(blocks)
+
+
+IQ3_S.dequantize_blocks = classmethod(_dq_iq3_s)
