@@ -28,7 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lowbit.gguf import quants as Q  # noqa: E402
 
-WRITTEN = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
+WRITTEN = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+           "TQ1_0", "TQ2_0", "Q1_0", "MXFP4", "NVFP4", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
+NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ1_S"}
 
 LLAMA3_8B_LAYER = [
     ("attn_q", 4096, 4096),
@@ -59,7 +61,7 @@ def check(real: dict[str, np.ndarray], log) -> list[dict]:
     for name in WRITTEN:
         qt = Q.parse_qtype(name)
         bs = Q.block_size(qt)[0]
-        for with_im in (False, True):
+        for with_im in (True,) if name in NEEDS_IMATRIX else (False, True):
             rows_bad = rows = 0
             t_cpu = t_gpu = 0.0
             for cname, x in cases.items():

@@ -258,6 +258,16 @@ def test_nonfinite_input(bad):
         Q.quantize(torch.zeros(2, 256), T.Q4_K, im)
 
 
+def test_fp16_scale_overflow_is_an_error():
+    x = torch.full((2, 256), 1e6)
+    with pytest.raises(LowbitError, match="overflow"):
+        Q.quantize(x, T.TQ2_0)  # d = absmax does not fit in fp16
+    with pytest.raises(LowbitError, match="overflow"):
+        Q.quantize(x, T.F16)
+    assert Q.quantize(x, T.Q8_0).shape == (2, 8 * 34)  # d = absmax / 127 fits
+    assert Q.quantize(x, T.BF16).shape == (2, 512)
+
+
 def test_api_helpers():
     assert Q.block_size("q4_k") == (256, 144)
     assert Q.block_size(T.Q8_0) == (32, 34)

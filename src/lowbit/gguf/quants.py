@@ -35,6 +35,8 @@ Exactness notes (each cost a mismatch before it was handled):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -399,7 +401,8 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
     if cols % cls.block_size != 0:
         raise LowbitError(None, f"row length {cols} is not a multiple of the {qt.name} block size {cls.block_size}")
     x = t.detach().float().contiguous()
-    if not bool(torch.isfinite(x).all()):
+    amax = float(x.abs().max()) if x.numel() else 0.0
+    if not math.isfinite(amax):
         raise LowbitError(None, f"cannot quantize to {qt.name}: the tensor contains NaN or Inf values")
     qw = None
     if imatrix is not None and qt not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
@@ -417,9 +420,23 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
         and _graphs_enabled()
         and _run_graphed(cls, x, qw, out, step)
     ):
-        return out
+        return _check_scales(out, qt, (rows, cols), amax)
     for r0 in range(0, rows, step):
         out[r0 : r0 + step] = cls.quantize_rows(x[r0 : r0 + step], qw)
+    return _check_scales(out, qt, (rows, cols), amax)
+
+
+_SCALE_CHECK_ABOVE = 2048.0
+
+
+def _check_scales(out: torch.Tensor, qt: GGMLQuantizationType, shape: tuple[int, int], amax: float) -> torch.Tensor:
+    """Refuse results whose fp16 fields overflowed (llama.cpp's row validation rejects them too).
+
+    Only tensors with large values can overflow a block scale, so only they are decoded to check.
+    """
+    if amax > _SCALE_CHECK_ABOVE and qt not in (GGMLQuantizationType.F32, GGMLQuantizationType.BF16):
+        if not bool(torch.isfinite(dequantize(out, qt, shape)).all()):
+            raise LowbitError(None, f"cannot quantize to {qt.name}: values up to {amax:g} overflow the fp16 block scales")
     return out
 
 
