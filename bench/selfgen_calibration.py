@@ -43,9 +43,9 @@ def main() -> None:
             out = model.generate(first, max_new_tokens=args.tokens, do_sample=True, top_k=0, top_p=1.0,
                                  temperature=1.0, pad_token_id=tok.eos_token_id)
         texts += [tok.decode(o, skip_special_tokens=True) for o in out]
+        with open(args.out, "w", encoding="utf-8") as f:  # rewritten after every batch
+            f.write("\n\n".join(texts))
         print(f"{b0 + nb}/{args.n} sequences, {time.perf_counter() - t0:.0f}s", flush=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.write("\n\n".join(texts))
 
 
 if __name__ == "__main__":
