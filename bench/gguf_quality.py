@@ -144,7 +144,7 @@ def main(argv=None):
 
     print()
     print(f"Model {a.model}: WikiText-2 test, {len(chunks)} x {a.ctx} tokens (second halves scored); "
-          f"imatrix from pydoc topics ({a.calib_chunks} x {a.ctx}).")
+          + (f"imatrix from pydoc topics ({a.calib_chunks} x {a.ctx})." if a.imatrix != "no" else "no imatrix."))
     print("| mix | imatrix | size MiB | bpw | PPL llama.cpp file | PPL lowbit file | KLD llama.cpp | KLD lowbit | tensor bytes equal |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
