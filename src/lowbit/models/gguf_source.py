@@ -72,10 +72,8 @@ def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+    value = reader.kv.get(key)
+    return default if value is None else value
 
 
 def hf_config(reader: Any, path: Path) -> dict[str, Any]:
@@ -91,8 +89,8 @@ def hf_config(reader: Any, path: Path) -> dict[str, Any]:
             raise LowbitError(path, f"missing metadata key {arch}.{key}")
         return v
 
-    embd = [t for t in reader.tensors if t.name == "token_embd.weight"]
-    if not embd:
+    embd = reader.by_name.get("token_embd.weight")
+    if embd is None:
         raise LowbitError(path, "missing tensor token_embd.weight")
     n_head = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
@@ -104,7 +102,7 @@ def hf_config(reader: Any, path: Path) -> dict[str, Any]:
         "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
         "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
-        "vocab_size": int(embd[0].shape[1]),
+        "vocab_size": int(embd.shape[0]),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
@@ -130,29 +128,11 @@ def hf_config(reader: Any, path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _dequantize_tensor(tensor: Any) -> torch.Tensor:
-    from gguf import quants  # imported lazily: gguf-py is a hard dependency, but heavy-ish
-
-    data = np.array(tensor.data)  # a private copy: the memory map is read-only
-    shape = tuple(int(d) for d in reversed(tensor.shape))
-    values = quants.dequantize(data, tensor.tensor_type)
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
-
-
 def open_gguf(path: Path) -> Any:
-    """Open a GGUF file with gguf-py after lowbit's bounded header validation."""
-    try:
-        from ..gguf.reader import open_reader  # bounded validation, when available
-    except ImportError:
-        open_reader = None
-    if open_reader is not None:
-        return open_reader(path)
-    import gguf
+    """A validated, memory-mapped GGUF file (bounded header parsing; see lowbit.gguf.reader)."""
+    from ..gguf.reader import GGUFFile
 
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # noqa: BLE001 - gguf-py raises many kinds on bad files
-        raise LowbitError(path, f"not a readable GGUF file ({exc.__class__.__name__}: {exc})") from None
+    return GGUFFile(path)
 
 
 def cache_key(path: Path) -> str:
@@ -178,7 +158,7 @@ def convert_gguf_to_hf(path: Path, out_dir: Path) -> Path:
         name = hf_name(t.name, arch)
         if name is None:
             continue
-        w = _dequantize_tensor(t)
+        w = torch.from_numpy(np.array(reader.array(t.name), dtype=np.float32))
         if not torch.isfinite(w).all():
             raise LowbitError(path, f"tensor {t.name} has NaN or Inf values")
         if arch in ("llama", "mistral") and name.endswith("q_proj.weight"):
