@@ -25,7 +25,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFValueType as V
@@ -34,8 +34,9 @@ from ..errors import LowbitError
 from ..fileio import atomic_file, check_output_path
 from ..progress import track
 from . import mixes
+from .names import gguf_tensor_name, permute_rotary
 from .reader import GGUFFile
-from .writer import KV, PlannedTensor, can_quantize, dequantize_bytes, quantize_array, write_gguf
+from .writer import KV, PlannedTensor, can_quantize, quantize_array, write_gguf
 
 ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
                       "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -76,39 +77,6 @@ def _gguf_source(path: Path) -> _Source:
 
     quantized = any(t not in (T.F32, T.F16, T.BF16) for t in stypes.values())
     return _Source(arch, kvs, shapes, stypes, hp, f.array, raw, description=str(path), quantized_source=quantized)
-
-
-_HF_BLOCK = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}
-_HF_BLOCK_GEMMA3 = {**_HF_BLOCK, "post_attention_layernorm": "post_attention_norm",
-                    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
-_HF_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-_HF_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-def gguf_tensor_name(hf_name: str, arch: str) -> str | None:
-    """GGUF name of a Hugging Face tensor (None: not part of the GGUF model, e.g. rotary caches)."""
-    if hf_name in _HF_TOP:
-        return _HF_TOP[hf_name]
-    m = _HF_RE.match(hf_name)
-    if not m:
-        return None
-    layer, part, kind = m.groups()
-    table = _HF_BLOCK_GEMMA3 if arch == "gemma3" else _HF_BLOCK
-    if part not in table:
-        return None
-    return f"blk.{layer}.{table[part]}.{kind}"
-
-
-def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Reorder q/k rows from Hugging Face's half-split rotary layout to llama.cpp's interleaved one."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _rope_theta(cfg: dict, default: float) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,55 +20,10 @@ from safetensors.torch import save_file
 
 from ..errors import LowbitError
 from ..fileio import atomic_dir
+from ..gguf.names import hf_tensor_name, unpermute_rotary
 from ..progress import track
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
-
-_COMMON = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "ffn_norm": "post_attention_layernorm",
-}
-_GEMMA3_BLOCK = {
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
-
-
-def hf_name(gguf_name: str, arch: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None for tensors the HF model lacks."""
-    if gguf_name in _COMMON:
-        return _COMMON[gguf_name]
-    m = _BLOCK_RE.match(gguf_name)
-    if not m:
-        return None
-    layer, part, kind = m.groups()
-    table = {**_BLOCK, **_GEMMA3_BLOCK} if arch == "gemma3" else _BLOCK
-    if part not in table:
-        return None
-    return f"model.layers.{layer}.{table[part]}.{kind}"
-
-
-def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's interleaving of q/k rows (its rotary layout) back to Hugging Face's."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
     value = reader.kv.get(key)
@@ -155,7 +109,7 @@ def convert_gguf_to_hf(path: Path, out_dir: Path) -> Path:
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     tensors: dict[str, torch.Tensor] = {}
     for t in track(reader.tensors, desc=f"dequantize {path.name}", total=len(reader.tensors), unit="tensor"):
-        name = hf_name(t.name, arch)
+        name = hf_tensor_name(t.name, arch)
         if name is None:
             continue
         w = torch.from_numpy(np.array(reader.array(t.name), dtype=np.float32))
