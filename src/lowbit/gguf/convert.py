@@ -102,6 +102,17 @@ def _rope_scaling(cfg: dict) -> dict | None:
     return rs or None
 
 
+def hf_to_gguf_layout(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: int) -> np.ndarray:
+    """A Hugging Face tensor in llama.cpp's layout for GGUF tensor ``name`` (rotary rows, Gemma's 1 + w)."""
+    if arch == "llama" and name.endswith("attn_q.weight"):
+        w = permute_rotary(w, n_head)
+    elif arch == "llama" and name.endswith("attn_k.weight"):
+        w = permute_rotary(w, n_kv)
+    if arch == "gemma3" and name.endswith("norm.weight"):
+        w = w + 1.0
+    return w
+
+
 def _hf_source(hf_dir: Path) -> _Source:
     from ..models import Checkpoint
 
@@ -141,13 +152,7 @@ def _hf_source(hf_dir: Path) -> _Source:
     shapes = {g: tuple(int(d) for d in ck.shape(k)) for g, k in names.items()}
 
     def get(name: str) -> np.ndarray:
-        w = ck.get(names[name]).float().numpy()
-        if arch == "llama" and name.endswith("attn_q.weight"):
-            w = permute_rotary(w, n_head)
-        elif arch == "llama" and name.endswith("attn_k.weight"):
-            w = permute_rotary(w, n_kv)
-        if arch == "gemma3" and name.endswith("norm.weight"):
-            w = w + 1.0
+        w = hf_to_gguf_layout(name, ck.get(names[name]).float().numpy(), arch, n_head, n_kv)
         return np.ascontiguousarray(w, dtype=np.float32)
 
     a = arch
@@ -440,7 +445,9 @@ def _plan(src: _Source, mix: str, pure, output_tensor_type, token_embedding_type
 
 def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool = False,
                      output_tensor_type: str | None = None, token_embedding_type: str | None = None,
-                     tensor_types: list[str] | tuple[str, ...] = (), overwrite: bool = False) -> Path:
+                     tensor_types: list[str] | tuple[str, ...] = (), overwrite: bool = False,
+                     values: Callable[[str, _Source], np.ndarray | None] | None = None,
+                     encoded: Callable[[PlannedTensor, _Source], np.ndarray | None] | None = None) -> Path:
     """Write ``source`` as a GGUF file of ``mix`` at ``out_path``; returns the path.
 
     ``source``: anything ``lowbit.models.resolve`` accepts (HF folder, GGUF file, ...).
@@ -452,6 +459,11 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
     output.weight/token_embd.weight.  ``tensor_types``: ``PATTERN=TYPE`` overrides, PATTERN a
     regex searched in the GGUF tensor name (first match wins), as ``llama-quantize
     --tensor-type``.  The file is written atomically; an existing one needs ``overwrite``.
+
+    Hooks (used by :mod:`lowbit.gguf.from_quantized`): ``values(name, src)`` may return float32
+    values (GGUF layout) replacing the source's for tensor ``name``; ``encoded(planned, src)``
+    may return the finished data of a tensor (uint8 ``[rows, bytes_per_row]`` of its planned
+    type).  Either returns ``None`` to leave a tensor to the normal path.
     """
     out = check_output_path(out_path, overwrite)
     src = _open_source(source)
@@ -496,10 +508,16 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
         kvs.append(KV("quantize.imatrix.entries_count", V.UINT32, len(imat)))
 
     def produce(t: PlannedTensor) -> np.ndarray:
+        if encoded is not None:
+            data = encoded(t, src)
+            if data is not None:
+                return data
+        x = values(t.name, src) if values is not None else None
         st = src.source_types.get(t.name)
-        if src.raw is not None and st == t.qtype:
+        if x is None and src.raw is not None and st == t.qtype:
             return src.raw(t.name)
-        x = src.get(t.name)
+        if x is None:
+            x = src.get(t.name)
         if not np.isfinite(x).all():
             raise LowbitError(src.description, f"tensor {t.name} has NaN or Inf values")
         im = None

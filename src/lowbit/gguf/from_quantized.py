@@ -1,0 +1,175 @@
+"""Calibrated codes (GPTQ, AWQ, RTN) written as GGUF blocks without choosing them again.
+
+A :class:`~lowbit.methods.base.QuantizedWeight` already holds integer codes and per-group
+scales. Where a llama.cpp block type can hold that grid exactly, the codes are stored as they
+are and only the block scale (and minimum) are rounded to fp16:
+
+* ``Q4_0`` ``x = (q - 8) * d``: 4-bit symmetric codes, ``d = scale``.
+* ``Q4_1`` ``x = q * d + m``: 4-bit codes (either symmetry), ``d = scale``, ``m = -zero * scale``.
+* ``Q8_0`` ``x = i8 * d``: 8-bit symmetric codes, ``i8 = code - 128``, ``d = scale``.
+
+Every 32-column block must lie inside one quantization group: group sizes that are multiples
+of 32, per-channel and per-tensor grids fit; act-order ``g_idx`` fits only where it keeps each
+block in one group (static groups), otherwise :class:`LowbitError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from ..errors import LowbitError
+from ..methods.base import QuantizedModel, QuantizedWeight
+from ._blockops import fp16_bytes
+from .names import gguf_tensor_name, permute_rotary
+from .quants import _pack_nibbles, parse_qtype
+
+BLOCK = 32
+
+# qtype -> (bits, symmetric schemes allowed, asymmetric schemes allowed)
+_GRIDS: dict[T, tuple[int, bool, bool]] = {T.Q4_0: (4, True, False), T.Q4_1: (4, True, True), T.Q8_0: (8, True, False)}
+
+SUPPORTED = tuple(t.name for t in _GRIDS)
+
+
+def _check_scheme(qw: QuantizedWeight, qt: T, where: str) -> None:
+    """Raise unless ``qw``'s grid can be stored as ``qt`` blocks as it is."""
+    if qt not in _GRIDS:
+        raise LowbitError(where, f"{qt.name} cannot hold calibrated codes (supported: {', '.join(SUPPORTED)})")
+    bits, sym_ok, asym_ok = _GRIDS[qt]
+    s = qw.scheme
+    fits = s.bits == bits and (sym_ok if s.symmetric else asym_ok)
+    gs_ok = s.group_size <= 0 or s.group_size % BLOCK == 0
+    if not (fits and gs_ok):
+        need = f"{bits}-bit {'symmetric' if not asym_ok else 'symmetric or asymmetric'}, group size a multiple of {BLOCK}"
+        raise LowbitError(where, f"scheme {s.describe()} does not fit GGUF {qt.name} (needs {need})")
+    if qw.codes.shape[1] % BLOCK:
+        raise LowbitError(where, f"row length {qw.codes.shape[1]} is not a multiple of the {qt.name} block size {BLOCK}")
+    if int(qw.codes.min()) < 0 or int(qw.codes.max()) > s.qmax:
+        raise LowbitError(where, f"codes outside [0, {s.qmax}] for scheme {s.describe()}")
+
+
+def _block_params(qw: QuantizedWeight, qt: T, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block ``scale`` and ``zero`` (float32 ``[rows, n_blocks]``); raises where a block spans groups."""
+    out_f, in_f = qw.codes.shape
+    nb = in_f // BLOCK
+    if qw.scale.numel() == 1:
+        s = qw.scale.float().reshape(1, 1).expand(out_f, nb)
+        return s, qw.zero.float().reshape(1, 1).expand(out_f, nb)
+    groups = qw.column_groups().reshape(nb, BLOCK)
+    if not bool((groups == groups[:, :1]).all()):
+        raise LowbitError(where, f"act-order g_idx puts columns of one {BLOCK}-element block in different groups; "
+                          f"GGUF {qt.name} blocks are contiguous (quantize with act_order=False or static groups)")
+    first = groups[:, 0]
+    return qw.scale.float()[:, first], qw.zero.float()[:, first]
+
+
+def _fp16_checked(v: torch.Tensor, what: str, where: str) -> torch.Tensor:
+    """``v`` as fp16 bytes ``[..., 2]``; raises when a value overflows fp16."""
+    if not bool(torch.isfinite(v.to(torch.float16)).all()):
+        raise LowbitError(where, f"{what} overflows fp16 (max |{what}| = {float(v.abs().max()):g})")
+    return fp16_bytes(v)
+
+
+def blocks_from_quantized(qw: QuantizedWeight, qtype, name: str = "weight") -> torch.Tensor:
+    """Encode ``qw``'s codes as GGUF ``qtype`` blocks: uint8 ``[rows, bytes_per_row]``.
+
+    The codes are kept; block scales (and Q4_1 minimums) are rounded to fp16. ``name`` only
+    labels errors. Raises :class:`LowbitError` when the scheme or ``g_idx`` does not fit.
+    """
+    qt = parse_qtype(qtype)
+    where = f"tensor {name}"
+    _check_scheme(qw, qt, where)
+    scale, zero = _block_params(qw, qt, where)
+    rows, in_f = qw.codes.shape
+    q = qw.codes.to(torch.int32).reshape(rows * (in_f // BLOCK), BLOCK)
+    d = _fp16_checked(scale.reshape(-1), "scale", where)
+    if qt == T.Q4_0:
+        if not bool((zero == 8).all()):
+            raise LowbitError(where, "Q4_0 needs zero points of 8 (symmetric 4-bit grid)")
+        blocks = torch.cat([d, _pack_nibbles(q)], dim=1)
+    elif qt == T.Q4_1:
+        m = _fp16_checked((-zero * scale).reshape(-1), "zero * scale", where)
+        blocks = torch.cat([d, m, _pack_nibbles(q)], dim=1)
+    else:
+        if not bool((zero == 128).all()):
+            raise LowbitError(where, "Q8_0 needs zero points of 128 (symmetric 8-bit grid)")
+        blocks = torch.cat([d, (q - 128).to(torch.int8).view(torch.uint8)], dim=1)
+    return blocks.reshape(rows, -1).contiguous()
+
+
+def permute_quantized(qw: QuantizedWeight, n_head: int) -> QuantizedWeight:
+    """``qw`` with its rows in llama.cpp's rotary order (rows are whole, so this is exact)."""
+    if qw.scale.numel() == 1:
+        return QuantizedWeight(permute_rotary(qw.codes, n_head), qw.scale, qw.zero, qw.scheme, qw.g_idx)
+    return QuantizedWeight(permute_rotary(qw.codes, n_head), permute_rotary(qw.scale, n_head),
+                           permute_rotary(qw.zero, n_head), qw.scheme, qw.g_idx)
+
+
+def _gguf_layout(qw: QuantizedWeight, gname: str, arch: str, n_head: int, n_kv: int) -> QuantizedWeight:
+    if arch == "llama" and gname.endswith("attn_q.weight"):
+        return permute_quantized(qw, n_head)
+    if arch == "llama" and gname.endswith("attn_k.weight"):
+        return permute_quantized(qw, n_kv)
+    return qw
+
+
+def _by_gguf_name(qm: QuantizedModel, arch: str) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    weights: dict[str, QuantizedWeight] = {}
+    floats: dict[str, torch.Tensor] = {}
+    for table, out in ((qm.weights, weights), (qm.float_overrides, floats)):
+        for hf, v in table.items():
+            g = gguf_tensor_name(hf, arch)
+            if g is None:
+                raise LowbitError(hf, f"quantized tensor has no GGUF name for {arch}")
+            out[g] = v
+    return weights, floats
+
+
+def quantized_to_gguf(source, qm: QuantizedModel, out_path, qtype: str = "Q4_0", overwrite: bool = False,
+                      token_embedding_type: str | None = None, output_tensor_type: str | None = None) -> Path:
+    """Write ``source`` as a pure ``qtype`` GGUF whose linear weights are ``qm``'s codes.
+
+    Tensors of ``qm.weights`` planned as ``qtype`` keep their codes (:func:`blocks_from_quantized`);
+    those the plan types otherwise (rows not a multiple of 32: llama.cpp's fallback types) are
+    encoded from ``qm``'s dequantized values. ``qm.float_overrides`` (AWQ-folded norms) replace
+    the source's tensors; everything else is written as :func:`quantize_to_gguf` writes it
+    (``token_embedding_type``/``output_tensor_type`` as there, e.g. ``"f16"``). Atomic output.
+    """
+    from .convert import PlannedTensor, _Source, hf_to_gguf_layout, quantize_to_gguf
+
+    qt = parse_qtype(qtype)
+    if qt not in _GRIDS:
+        raise LowbitError(out_path, f"{qt.name} cannot hold calibrated codes (supported: {', '.join(SUPPORTED)})")
+    cache: dict[str, tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]] = {}
+
+    def tables(src: _Source) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+        if "t" not in cache:
+            cache["t"] = _by_gguf_name(qm, src.arch)
+        return cache["t"]
+
+    def encoded(t: PlannedTensor, src: _Source) -> np.ndarray | None:
+        qw = tables(src)[0].get(t.name)
+        if qw is None or t.qtype != qt:
+            return None
+        hp = src.hparams
+        qw = _gguf_layout(qw, t.name, src.arch, hp.n_head, hp.n_head_kv)
+        return blocks_from_quantized(qw, qt, t.name).numpy()
+
+    def values(name: str, src: _Source) -> np.ndarray | None:
+        weights, floats = tables(src)
+        if name in weights:
+            w = weights[name].dequantize().numpy()
+        elif name in floats:
+            w = floats[name].float().numpy()
+        else:
+            return None
+        hp = src.hparams
+        return np.ascontiguousarray(hf_to_gguf_layout(name, w, src.arch, hp.n_head, hp.n_head_kv), dtype=np.float32)
+
+    return quantize_to_gguf(source, out_path, qt.name, pure=True, overwrite=overwrite,
+                            token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
+                            values=values, encoded=encoded)
