@@ -180,3 +180,31 @@ def test_gptq_q4_0_runs_in_llamacpp_like_lowbit(gptq_q4, tmp_path):
     # llama.cpp's Q4_0 kernels quantize activations to Q8_0: close, not exact
     assert d_ours < 0.05 * np.abs(ref).max()
     assert d_ours < d_theirs
+
+
+def test_all_gptq_weights_within_fp16(gptq_q4):
+    """Every GPTQ weight of stories260K: GGUF values differ from lowbit's only by fp16 scale rounding."""
+    worst, worst_rel = 0.0, 0.0
+    for name, qw in gptq_q4.weights.items():
+        got = dequantize(blocks_from_quantized(qw, "Q4_0", name), "Q4_0", tuple(qw.shape))
+        diff = float((got - qw.dequantize()).abs().max())
+        assert diff <= 8 * float((qw.scale - _fp16(qw.scale)).abs().max()) + 1e-7, name
+        worst = max(worst, diff)
+        worst_rel = max(worst_rel, diff / float(qw.scale.abs().max()))
+    print(f"GPTQ Q4_0 max |gguf - lowbit| = {worst:.3g} ({worst_rel:.3g} of the largest scale)")
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype,scheme", [("Q4_1", QuantScheme(4, 32, False)), ("Q8_0", QuantScheme(8, 32, True))])
+def test_rtn_file_runs_in_llamacpp(stories, qtype, scheme, tmp_path):
+    pytest.importorskip("llama_cpp")
+    qm = _quantize("rtn", scheme)
+    lm = _lowbit_model(qm)
+    ids = lm.tokenizer("Once upon a time")["input_ids"]
+    with torch.inference_mode():
+        ref = lm.model(torch.tensor([ids])).logits[0].numpy()
+    out = quantized_to_gguf(STORIES, qm, tmp_path / f"{qtype}.gguf", qtype, token_embedding_type="f16")
+    assert {t.type for t in GGUFFile(out).tensors} >= {T[qtype]}
+    lg = _llama_logits(out, ids)
+    assert np.isfinite(lg).all()
+    assert float(np.abs(lg - ref).max()) < 0.05 * np.abs(ref).max()
