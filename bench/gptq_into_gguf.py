@@ -1,0 +1,101 @@
+"""GPTQ-chosen Q4_0 codes vs llama.cpp's own Q4_0, both evaluated by llama.cpp.
+
+Files (pure Q4_0, same tensor types, only the codes/scales of the decoder linears differ):
+
+* ``F16``: the unquantized reference;
+* ``Q4_0 (llama.cpp)``: ``quantize_to_gguf(..., "Q4_0", pure=True)`` (byte-identical to
+  llama-quantize's Q4_0, see tests/test_gguf_convert.py);
+* ``Q4_0 (lowbit RTN)`` / ``Q4_0 (GPTQ)``: ``quantize_model`` int4 sym g32 codes written by
+  ``lowbit.gguf.from_quantized.quantized_to_gguf`` (calibration: Python's pydoc topics, never
+  the evaluation text).
+
+llama.cpp evaluates each on WikiText-2 test (``--chunks`` chunks of ``--ctx`` tokens,
+llama-perplexity's convention: BOS first, second half of each chunk scored): perplexity and
+mean KL divergence to F16.
+
+Run:  python bench/gptq_into_gguf.py --model stories260K --chunks 8 --ctx 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from gguf_util import SMOL, STORIES, WIKI, LlamaRunner, chunks_of, score_chunk  # noqa: E402
+
+MODELS = {"stories260K": STORIES, "smollm2": SMOL}
+
+
+def evaluate(path: Path, chunks: list[list[int]], base_lp: list[np.ndarray] | None) -> tuple[dict, list[np.ndarray]]:
+    nll, kl, lps = [], [], []
+    with LlamaRunner(path, n_ctx=len(chunks[0])) as r:
+        for i, c in enumerate(chunks):
+            n, k, lp = score_chunk(r.logits(c), c, None if base_lp is None else base_lp[i])
+            nll.append(n)
+            lps.append(lp.astype(np.float32))
+            if k is not None:
+                kl.append(k)
+    nll_a = np.concatenate(nll)
+    ppl = float(np.exp(nll_a.mean()))
+    out = {"ppl": ppl, "ppl_se": ppl * float(nll_a.std()) / np.sqrt(len(nll_a))}
+    if kl:
+        out["kld"] = float(np.concatenate(kl).mean())
+    return out, lps
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="stories260K")
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--work", default="/tmp/lowbit-gptq-into-gguf")
+    a = ap.parse_args(argv)
+
+    from lowbit.core.scheme import QuantScheme
+    from lowbit.gguf.convert import quantize_to_gguf
+    from lowbit.gguf.from_quantized import quantized_to_gguf
+    from lowbit.methods.api import quantize_model
+    from lowbit.models.calibration import CalibrationConfig
+
+    warnings.simplefilter("ignore")
+    src = MODELS.get(a.model, a.model)
+    work = Path(a.work) / Path(str(src)).stem
+    work.mkdir(parents=True, exist_ok=True)
+    scheme = QuantScheme(4, 32, True)
+    calib = CalibrationConfig(n_samples=a.calib_samples, seq_len=a.calib_len)
+
+    files: dict[str, Path] = {"F16": quantize_to_gguf(src, work / "f16.gguf", "F16", overwrite=True)}
+    files["Q4_0 (llama.cpp)"] = quantize_to_gguf(src, work / "q4_0-llamacpp.gguf", "Q4_0", pure=True, overwrite=True)
+    for method in ("rtn", "gptq"):
+        t = time.time()
+        qm = quantize_model(src, method, scheme, calib)
+        files[f"Q4_0 ({method.upper()})"] = quantized_to_gguf(src, qm, work / f"q4_0-{method}.gguf", "Q4_0", overwrite=True)
+        print(f"{method}: {len(qm.weights)} weights in {time.time() - t:.0f}s", flush=True)
+
+    text = Path(WIKI).read_text(encoding="utf-8")
+    with LlamaRunner(files["F16"], n_ctx=a.ctx) as r:
+        chunks = chunks_of(r.tokenize(text, True), a.ctx, a.chunks, r.bos if r.add_bos else None)
+    base_lp: list[np.ndarray] | None = None
+    print(f"\n{a.model}: WikiText-2 test, {len(chunks)} chunks x {a.ctx} tokens, llama.cpp evaluation")
+    print(f"{'file':<20} {'size KiB':>9} {'ppl':>10} {'+-':>7} {'KLD vs F16':>11}")
+    for name, path in files.items():
+        res, lps = evaluate(path, chunks, base_lp)
+        if base_lp is None:
+            base_lp = lps
+        kld = f"{res['kld']:.5f}" if "kld" in res else "-"
+        print(f"{name:<20} {path.stat().st_size / 1024:>9.0f} {res['ppl']:>10.4f} {res['ppl_se']:>7.4f} {kld:>11}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
