@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--calib-path", default=None, help="calibration text/JSONL (default: Python's pydoc topics)")
+    ap.add_argument("--check-lowbit", action="store_true",
+                    help="also evaluate the GPTQ model dequantized in torch (lowbit) on the same chunks")
+    ap.add_argument("--token-embedding-type", default=None,
+                    help="e.g. f16: keep token_embd (and a tied output) out of Q4_0 in every quantized file")
     ap.add_argument("--work", default="/tmp/lowbit-gptq-into-gguf")
     a = ap.parse_args(argv)
 
@@ -72,14 +77,17 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(a.work) / Path(str(src)).stem
     work.mkdir(parents=True, exist_ok=True)
     scheme = QuantScheme(4, 32, True)
-    calib = CalibrationConfig(n_samples=a.calib_samples, seq_len=a.calib_len)
+    calib = CalibrationConfig(path=a.calib_path, n_samples=a.calib_samples, seq_len=a.calib_len)
 
     files: dict[str, Path] = {"F16": quantize_to_gguf(src, work / "f16.gguf", "F16", overwrite=True)}
-    files["Q4_0 (llama.cpp)"] = quantize_to_gguf(src, work / "q4_0-llamacpp.gguf", "Q4_0", pure=True, overwrite=True)
+    files["Q4_0 (llama.cpp)"] = quantize_to_gguf(src, work / "q4_0-llamacpp.gguf", "Q4_0", pure=True, overwrite=True,
+                                                   token_embedding_type=a.token_embedding_type)
+    qms = {}
     for method in ("rtn", "gptq"):
         t = time.time()
-        qm = quantize_model(src, method, scheme, calib)
-        files[f"Q4_0 ({method.upper()})"] = quantized_to_gguf(src, qm, work / f"q4_0-{method}.gguf", "Q4_0", overwrite=True)
+        qm = qms[method] = quantize_model(src, method, scheme, calib)
+        files[f"Q4_0 ({method.upper()})"] = quantized_to_gguf(src, qm, work / f"q4_0-{method}.gguf", "Q4_0", overwrite=True,
+                                                                token_embedding_type=a.token_embedding_type)
         print(f"{method}: {len(qm.weights)} weights in {time.time() - t:.0f}s", flush=True)
 
     text = Path(WIKI).read_text(encoding="utf-8")
@@ -95,6 +103,34 @@ def main(argv: list[str] | None = None) -> None:
         kld = f"{res['kld']:.5f}" if "kld" in res else "-"
         print(f"{name:<20} {path.stat().st_size / 1024:>9.0f} {res['ppl']:>10.4f} {res['ppl_se']:>7.4f} {kld:>11}",
               flush=True)
+    if a.check_lowbit:
+        res = lowbit_eval(src, qms["gptq"], chunks, base_lp)
+        print(f"{'GPTQ (lowbit torch)':<20} {'-':>9} {res['ppl']:>10.4f} {res['ppl_se']:>7.4f} {res['kld']:>11.5f}")
+
+
+def lowbit_eval(src, qm, chunks: list[list[int]], base_lp: list[np.ndarray] | None) -> dict:
+    """The same scoring on lowbit's own dequantized model (float weights = codes x scales)."""
+    import torch
+
+    from lowbit.models import load
+
+    model = load(src).model
+    sd = model.state_dict()
+    with torch.no_grad():
+        for n, qw in qm.weights.items():
+            sd[n].copy_(qw.dequantize())
+        for n, t in qm.float_overrides.items():
+            sd[n].copy_(t)
+        nll, kl = [], []
+        for i, c in enumerate(chunks):
+            logits = model(torch.tensor([c])).logits[0].float().numpy()
+            n_, k, _ = score_chunk(logits, c, None if base_lp is None else base_lp[i])
+            nll.append(n_)
+            kl.append(k)
+    nll_a = np.concatenate(nll)
+    ppl = float(np.exp(nll_a.mean()))
+    return {"ppl": ppl, "ppl_se": ppl * float(nll_a.std()) / np.sqrt(len(nll_a)),
+            "kld": float(np.concatenate(kl).mean()) if base_lp is not None else float("nan")}
 
 
 if __name__ == "__main__":
