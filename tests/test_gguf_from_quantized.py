@@ -208,3 +208,24 @@ def test_rtn_file_runs_in_llamacpp(stories, qtype, scheme, tmp_path):
     lg = _llama_logits(out, ids)
     assert np.isfinite(lg).all()
     assert float(np.abs(lg - ref).max()) < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_awq_q4_1_with_folded_norms_runs_in_llamacpp(stories, tmp_path):
+    """AWQ's float_overrides (folded norms) reach the file: llama.cpp agrees with lowbit (~25 s)."""
+    pytest.importorskip("llama_cpp")
+    from lowbit.methods.api import quantize_model
+    from lowbit.models.calibration import CalibrationConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = quantize_model(STORIES, "awq", QuantScheme(4, 32, False), CalibrationConfig(n_samples=4, seq_len=64))
+    assert qm.float_overrides
+    lm = _lowbit_model(qm)
+    ids = lm.tokenizer("Once upon a time, there was a little girl")["input_ids"]
+    with torch.inference_mode():
+        ref = lm.model(torch.tensor([ids])).logits[0].numpy()
+    out = quantized_to_gguf(STORIES, qm, tmp_path / "awq.gguf", "Q4_1", token_embedding_type="f16")
+    lg = _llama_logits(out, ids)
+    assert float(np.abs(lg - ref).max()) < 0.05 * np.abs(ref).max()
