@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lowbit.core.scheme import QuantScheme
-from lowbit.eval import default_text, perplexity, read_text, tokenize
+from lowbit.eval import chunk_bos, default_text, perplexity, read_text, tokenize
 from lowbit.methods.rtn import rtn
 from lowbit.models import Checkpoint, load, resolve
 from lowbit.recipe import Recipe
@@ -84,7 +84,7 @@ def main() -> None:
     out["text"] = name
     model = load(args.model)
     tokens = tokenize(model.tokenizer, text)
-    bos = model.tokenizer.bos_token_id if tokens[0].item() == model.tokenizer.bos_token_id else None
+    bos = chunk_bos(model.tokenizer, tokens)
     ours = perplexity(model.model, tokens, ctx=args.ctx, bos_id=bos, max_chunks=args.chunks)
     out["lowbit"] = ours.as_dict()
 

@@ -12,7 +12,7 @@ import torch
 
 from .core.scheme import QuantScheme
 from .errors import LowbitError
-from .eval import compare_models, default_text, folder_size, kl_divergence, perplexity, read_text, tokenize
+from .eval import chunk_bos, compare_models, default_text, folder_size, kl_divergence, perplexity, read_text, tokenize
 from .methods.base import QuantizedModel, QuantizedWeight
 from .methods.rtn import rtn
 from .models import Checkpoint, load, resolve
@@ -92,7 +92,7 @@ def evaluate(model: Any, ref: Any = None, settings: EvalSettings | None = None) 
     settings = settings or EvalSettings()
     loaded = load(model)
     text_name, tokens = _text_tokens(loaded.tokenizer, settings)
-    bos = loaded.tokenizer.bos_token_id if tokens[0].item() == loaded.tokenizer.bos_token_id else None
+    bos = chunk_bos(loaded.tokenizer, tokens)
     kwargs = dict(ctx=settings.ctx, batch_size=settings.batch_size, bos_id=bos,
                   score_all=settings.score_all, max_chunks=settings.max_chunks)
     result: dict[str, Any] = {"model": str(model), "text": text_name, "ctx": settings.ctx}
@@ -152,7 +152,7 @@ def demo(model: str = "smollm2-135m", settings: EvalSettings | None = None,
     src = resolve(model)
     ref = load(src)
     text_name, tokens = _text_tokens(ref.tokenizer, settings)
-    bos = ref.tokenizer.bos_token_id if tokens[0].item() == ref.tokenizer.bos_token_id else None
+    bos = chunk_bos(ref.tokenizer, tokens)
     ref_size = folder_size(src.hf_dir)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:

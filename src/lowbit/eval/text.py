@@ -59,3 +59,9 @@ def tokenize(tokenizer, text: str, where: str = "text") -> torch.Tensor:
     if len(ids) < 2:
         raise LowbitError(where, "text is too short to evaluate")
     return torch.tensor(ids, dtype=torch.long)
+
+
+def chunk_bos(tokenizer, tokens: torch.Tensor) -> int | None:
+    """The BOS id to put at the start of every chunk when the token stream begins with one."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None and int(tokens[0]) == bos else None
