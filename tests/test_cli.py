@@ -184,3 +184,18 @@ def test_hub_source_offline_is_a_clear_error(monkeypatch) -> None:
         resolve("hf:someone/some-model")
     with pytest.raises(LowbitError, match="ORG/NAME"):
         resolve("hf:nonsense")
+
+
+def test_gptq_into_gguf_from_the_cli(capsys, stories_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gptq.gguf"
+    code, stdout, err = run(capsys, "quantize", str(stories_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                            "--group-fallback", "--samples", "4", "--seq-len", "64", "--format", "gguf", "--to", "Q4_0",
+                            "-o", str(out), "--json", "--quiet")
+    assert code == EXIT_OK, err
+    code, stdout, _ = run(capsys, "inspect", str(out), "--json")
+    info = json.loads(stdout)
+    assert info["file_type"] == "Q4_0" and info["per_type"]["Q4_0"]["n_tensors"] > 20
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False)
+    text = llm("Once upon a time", max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert len(text.split()) >= 3

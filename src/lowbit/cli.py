@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=("compressed-tensors", "gptq", "awq", "gguf"), default=None,
                    help="checkpoint format (default compressed-tensors; gguf when --to is given)")
     _add_scheme_args(q)
-    q.add_argument("--to", metavar="TYPE", help="GGUF type or mix: Q4_K_M, Q8_0, Q6_K, IQ4_XS, F16 ...")
+    q.add_argument("--to", metavar="TYPE", help="GGUF type or mix: Q4_K_M, Q8_0, Q6_K, IQ4_XS, F16 ... "
+                   "(with --method gptq/awq: Q4_0, Q4_1 or Q8_0 blocks holding the calibrated codes)")
     q.add_argument("--imatrix", help="llama.cpp importance matrix file (GGUF or .dat)")
     q.add_argument("--pure", action="store_true", help="GGUF: one type for every tensor, no mix rules")
     q.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE", help="GGUF per-tensor type")
@@ -115,6 +116,14 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from . import api
 
     fmt = args.format or ("gguf" if args.to else "compressed-tensors")
+    if fmt == "gguf" and args.method != "rtn":
+        from .gguf.from_quantized import quantized_to_gguf
+
+        qm = api.quantize_calibrated(args.model, args.method, _recipe(args), calib=args.calib, samples=args.samples,
+                                     seq_len=args.seq_len, act_order=args.act_order, device=args.device,
+                                     seed=args.seed)
+        out = quantized_to_gguf(args.model, qm, args.output, qtype=args.to or "Q4_0", overwrite=args.overwrite)
+        return {"output": str(out), "format": "gguf", "method": args.method, "type": args.to or "Q4_0"}
     if fmt == "gguf" or args.to:
         if not args.to:
             raise LowbitError(None, "--format gguf needs --to TYPE (e.g. Q4_K_M)")
@@ -213,7 +222,9 @@ COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = ("--quiet", "--debug")  # global flags are accepted anywhere on the line
+    args = parser.parse_args([a for a in argv if a in flags] + [a for a in argv if a not in flags])
     if args.quiet:
         from .progress import set_enabled
 
