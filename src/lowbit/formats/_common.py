@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -264,3 +265,11 @@ def fused_aliases(selected: set[str], linears: list[str]) -> list[str]:
             if all(x in present for x in members) and all(x in selected for x in members):
                 out.append(f"{parent}.{fused}")
     return sorted(out)
+
+
+def warn_issues(issues: list[str], message: str) -> list[str]:
+    """One warning: ``message``, then the first three issues and a count of the rest."""
+    if issues:
+        more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
+        warnings.warn(f"{message}: {'; '.join(issues[:3])}{more}", stacklevel=4)
+    return issues

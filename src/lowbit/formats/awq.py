@@ -20,7 +20,6 @@ Rules: asymmetric (``zero_point: true``) 4-bit with groups, no act-order, ``out 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,7 +29,7 @@ from ..core.packing import pack, unpack
 from ..core.scheme import QuantScheme
 from ..errors import LowbitError
 from ..methods.base import QuantizedWeight
-from ._common import check_weight, fused_aliases, module_of, trivial_g_idx
+from ._common import check_weight, fused_aliases, module_of, trivial_g_idx, warn_issues
 
 #: Output channel stored in nibble k of a packed word.
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -168,12 +167,5 @@ def marlin_issues(weights: Mapping[str, QuantizedWeight]) -> list[str]:
 
 def warn_if_not_marlin(weights: Mapping[str, QuantizedWeight]) -> list[str]:
     """Emit one warning listing why ``awq_marlin`` would not apply; returns the issues."""
-    issues = marlin_issues(weights)
-    if issues:
-        more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
-        warnings.warn(
-            "AWQ checkpoint does not qualify for vLLM's fast awq_marlin kernel; vLLM falls back to the "
-            f"slower awq kernel: {'; '.join(issues[:3])}{more}",
-            stacklevel=3,
-        )
-    return issues
+    return warn_issues(marlin_issues(weights), "AWQ checkpoint does not qualify for vLLM's fast awq_marlin "
+                       "kernel; vLLM falls back to the slower awq kernel")

@@ -34,7 +34,7 @@ from ..core.packing import pack, unpack
 from ..core.scheme import PER_CHANNEL, QuantScheme
 from ..errors import LowbitError
 from ..methods.base import QuantizedWeight
-from ._common import check_weight, module_of, pad_columns, per_channel, trivial_g_idx
+from ._common import check_weight, module_of, pad_columns, per_channel, trivial_g_idx, warn_issues
 
 FORMAT = "pack-quantized"
 QUANT_METHOD = "compressed-tensors"
@@ -115,11 +115,7 @@ def encode(
             "Use the gptq format for act-order checkpoints meant for transformers.",
             stacklevel=3,
         )
-    issues = vllm_issues(weights)
-    if issues:
-        more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
-        warnings.warn(f"compressed-tensors checkpoint that vLLM cannot load as written: {'; '.join(issues[:3])}{more}",
-                      stacklevel=3)
+    warn_issues(vllm_issues(weights), "compressed-tensors checkpoint that vLLM cannot load as written")
     quantized = {m for mods in groups.values() for m in mods}
     ignore = sorted(m for m in linears if m not in quantized)
     single = len(groups) == 1

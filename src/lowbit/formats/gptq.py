@@ -25,7 +25,6 @@ refused with a clear error.
 from __future__ import annotations
 
 import re
-import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,7 +35,8 @@ from ..core.packing import pack, unpack
 from ..core.scheme import PER_CHANNEL, QuantScheme
 from ..errors import LowbitError
 from ..methods.base import QuantizedWeight
-from ._common import VLLM_FUSED, check_weight, exact_regex, fused_aliases, module_of, per_channel, trivial_g_idx
+from ._common import (VLLM_FUSED, check_weight, exact_regex, fused_aliases, module_of, per_channel, trivial_g_idx,
+                      warn_issues)
 
 QUANTIZE_CONFIG = "quantize_config.json"
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -239,12 +239,5 @@ def marlin_issues(weights: Mapping[str, QuantizedWeight], tensor_parallel: int =
 
 def warn_if_not_marlin(weights: Mapping[str, QuantizedWeight]) -> list[str]:
     """Emit one warning listing why ``gptq_marlin`` would not apply; returns the issues."""
-    issues = marlin_issues(weights)
-    if issues:
-        more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
-        warnings.warn(
-            "GPTQ checkpoint does not qualify for vLLM's fast gptq_marlin kernel; vLLM falls back to the "
-            f"slower gptq kernel or refuses: {'; '.join(issues[:3])}{more}",
-            stacklevel=3,
-        )
-    return issues
+    return warn_issues(marlin_issues(weights), "GPTQ checkpoint does not qualify for vLLM's fast gptq_marlin "
+                       "kernel; vLLM falls back to the slower gptq kernel or refuses")
