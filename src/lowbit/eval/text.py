@@ -32,8 +32,11 @@ def read_text(path: str | Path) -> str:
 def default_text() -> tuple[str, str]:
     """``(name, text)``: WikiText-2 test when it can be found, else Python's own documentation."""
     env = os.environ.get("LOWBIT_WIKITEXT")
-    for cand in ([env] if env else []) + list(WIKITEXT_CANDIDATES):
-        p = Path(cand).expanduser()
+    # Relative candidates are tried from the working folder and from beside a source checkout.
+    checkout = Path(__file__).resolve().parents[3]
+    cands = [Path(c).expanduser() for c in ([env] if env else []) + list(WIKITEXT_CANDIDATES)]
+    cands += [checkout / c for c in WIKITEXT_CANDIDATES if not c.startswith("~")]
+    for p in cands:
         if p.is_file():
             return f"WikiText-2 test ({p})", read_text(p)
     from pydoc_data import topics  # ships with every CPython
