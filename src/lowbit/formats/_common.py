@@ -273,3 +273,22 @@ def warn_issues(issues: list[str], message: str) -> list[str]:
         more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
         warnings.warn(f"{message}: {'; '.join(issues[:3])}{more}", stacklevel=4)
     return issues
+
+
+#: vLLM marlin_utils: the kernel's minimum tile sizes and the group sizes it supports.
+MARLIN_MIN_N = 64
+MARLIN_MIN_K = 128
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+
+
+def marlin_shape_issues(qw: QuantizedWeight, tensor_parallel: int = 1) -> list[str]:
+    """Group-size and shape reasons why a Marlin kernel would not take ``qw`` (per tensor-parallel shard)."""
+    out_f, in_f = qw.codes.shape
+    why = []
+    if qw.scheme.group_size not in MARLIN_GROUP_SIZES:
+        why.append(f"group size {qw.scheme.group_size} (needs -1/32/64/128)")
+    if (out_f // tensor_parallel) % MARLIN_MIN_N or out_f % tensor_parallel:
+        why.append(f"out={out_f} not divisible by {MARLIN_MIN_N}")
+    if (in_f // tensor_parallel) % MARLIN_MIN_K or in_f % tensor_parallel:
+        why.append(f"in={in_f} not divisible by {MARLIN_MIN_K}")
+    return why

@@ -29,16 +29,13 @@ from ..core.packing import pack, unpack
 from ..core.scheme import QuantScheme
 from ..errors import LowbitError
 from ..methods.base import QuantizedWeight
-from ._common import check_weight, fused_aliases, module_of, trivial_g_idx, warn_issues
+from ._common import check_weight, fused_aliases, marlin_shape_issues, module_of, trivial_g_idx, warn_issues
 
 #: Output channel stored in nibble k of a packed word.
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 #: Nibble that holds output channel j (the inverse permutation of ORDER).
 REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 BITS = 4
-MARLIN_MIN_N = 64
-MARLIN_MIN_K = 128
-MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 
 
 def validate(name: str, qw: QuantizedWeight) -> None:
@@ -151,15 +148,7 @@ def marlin_issues(weights: Mapping[str, QuantizedWeight]) -> list[str]:
     """
     issues = []
     for name in sorted(weights):
-        qw = weights[name]
-        out_f, in_f = qw.codes.shape
-        why = []
-        if qw.scheme.group_size not in MARLIN_GROUP_SIZES:
-            why.append(f"group size {qw.scheme.group_size} (needs -1/32/64/128)")
-        if out_f % MARLIN_MIN_N:
-            why.append(f"out={out_f} not divisible by {MARLIN_MIN_N}")
-        if in_f % MARLIN_MIN_K:
-            why.append(f"in={in_f} not divisible by {MARLIN_MIN_K}")
+        why = marlin_shape_issues(weights[name])
         if why:
             issues.append(f"{module_of(name)}: {', '.join(why)}")
     return issues

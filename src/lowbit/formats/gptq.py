@@ -35,15 +35,11 @@ from ..core.packing import pack, unpack
 from ..core.scheme import PER_CHANNEL, QuantScheme
 from ..errors import LowbitError
 from ..methods.base import QuantizedWeight
-from ._common import (VLLM_FUSED, check_weight, exact_regex, fused_aliases, module_of, per_channel, trivial_g_idx,
-                      warn_issues)
+from ._common import (VLLM_FUSED, check_weight, exact_regex, fused_aliases, marlin_shape_issues, module_of,
+                      per_channel, trivial_g_idx, warn_issues)
 
 QUANTIZE_CONFIG = "quantize_config.json"
 SUPPORTED_BITS = (2, 3, 4, 8)
-#: vLLM marlin_utils: GPTQ_MARLIN_MIN_THREAD_N / _K and the supported group sizes.
-MARLIN_MIN_N = 64
-MARLIN_MIN_K = 128
-MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 
 
 def validate(name: str, qw: QuantizedWeight) -> None:
@@ -219,19 +215,13 @@ def marlin_issues(weights: Mapping[str, QuantizedWeight], tensor_parallel: int =
     for name in sorted(weights):
         qw = per_channel(weights[name])
         s = qw.scheme
-        out_f, in_f = qw.codes.shape
         why = []
         if s.bits not in (4, 8):
             why.append(f"{s.bits}-bit (needs 4 or 8)")
         if not s.symmetric:
             why.append("asymmetric (needs sym=True)")
-        if s.group_size not in MARLIN_GROUP_SIZES:
-            why.append(f"group size {s.group_size} (needs -1/32/64/128)")
         # vLLM shards either dimension by the tensor-parallel size; check the stricter per-shard sizes.
-        if (out_f // tensor_parallel) % MARLIN_MIN_N or out_f % tensor_parallel:
-            why.append(f"out={out_f} not divisible by {MARLIN_MIN_N}")
-        if (in_f // tensor_parallel) % MARLIN_MIN_K or in_f % tensor_parallel:
-            why.append(f"in={in_f} not divisible by {MARLIN_MIN_K}")
+        why += marlin_shape_issues(qw, tensor_parallel)
         if why:
             issues.append(f"{module_of(name)}: {', '.join(why)}")
     return issues

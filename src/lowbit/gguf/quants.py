@@ -144,21 +144,25 @@ def _half(d: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- legacy types
 
 
+def _symmetric_levels(x: torch.Tensor, qw: torch.Tensor | None, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block scale d and levels in [0, 2*half) of Q4_0 (half=8) and Q5_0 (half=16): x ~ (L - half) * d."""
+    if qw is not None:
+        w = _row_weights(x, qw)
+        d, L = make_qx_quants(element_major(x, 32), half, element_major(w, 32))
+        return d, L.t()
+    b = blocks_of(x, 32)
+    _, mx = first_abs_max(b.t())
+    d = divs(mx, -float(half))
+    idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
+    return d, c_int8_cast(b * idv.unsqueeze(1) + (half + 0.5)).clamp_(max=2 * half - 1) & 0xFF
+
+
 @register(GGMLQuantizationType.Q4_0)
 class Q4_0(BlockType):
     @classmethod
     def quantize_rows(cls, x, qw):
         rows = x.shape[0]
-        if qw is not None:
-            w = _row_weights(x, qw)
-            d, L = make_qx_quants(element_major(x, 32), 8, element_major(w, 32))
-            L = L.t()
-        else:
-            b = blocks_of(x, 32)
-            _, mx = first_abs_max(b.t())
-            d = divs(mx, -8.0)
-            idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
-            L = c_int8_cast(b * idv.unsqueeze(1) + 8.5).clamp_(max=15) & 0xFF
+        d, L = _symmetric_levels(x, qw, 8)
         return bytes_rows(torch.cat([_half(d), _pack_nibbles(L)], dim=1), rows)
 
     @classmethod
@@ -197,16 +201,7 @@ class Q5_0(BlockType):
     @classmethod
     def quantize_rows(cls, x, qw):
         rows = x.shape[0]
-        if qw is not None:
-            w = _row_weights(x, qw)
-            d, L = make_qx_quants(element_major(x, 32), 16, element_major(w, 32))
-            L = L.t()
-        else:
-            b = blocks_of(x, 32)
-            _, mx = first_abs_max(b.t())
-            d = divs(mx, -16.0)
-            idv = torch.where(d != 0, recip(d), torch.zeros_like(d))
-            L = c_int8_cast(b * idv.unsqueeze(1) + 16.5).clamp_(max=31) & 0xFF
+        d, L = _symmetric_levels(x, qw, 16)
         qh, qs = _pack_q5(L)
         return bytes_rows(torch.cat([_half(d), qh, qs], dim=1), rows)
 

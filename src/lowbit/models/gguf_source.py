@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from ..errors import LowbitError
 from ..fileio import atomic_dir
 from ..gguf.names import hf_tensor_name, unpermute_rotary
+from ..gguf.reader import GGUFFile
 from ..progress import track
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
@@ -82,13 +83,6 @@ def hf_config(reader: Any, path: Path) -> dict[str, Any]:
     return cfg
 
 
-def open_gguf(path: Path) -> Any:
-    """A validated, memory-mapped GGUF file (bounded header parsing; see lowbit.gguf.reader)."""
-    from ..gguf.reader import GGUFFile
-
-    return GGUFFile(path)
-
-
 def cache_key(path: Path) -> str:
     """A key that changes when the file changes (name, size, first and last MiB)."""
     h = hashlib.sha256()
@@ -103,7 +97,7 @@ def cache_key(path: Path) -> str:
 
 def convert_gguf_to_hf(path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF model into a Hugging Face folder (config, safetensors, tokenizer)."""
-    reader = open_gguf(path)
+    reader = GGUFFile(path)  # bounded header validation, memory-mapped tensors
     cfg = hf_config(reader, path)
     arch = _field(reader, "general.architecture")
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
