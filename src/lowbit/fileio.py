@@ -51,7 +51,10 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
             old = out.with_name(f".{out.name}.old")
             os.replace(out, old)
             os.replace(tmp_path, out)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
         else:
             os.replace(tmp_path, out)
     finally:
