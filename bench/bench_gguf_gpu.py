@@ -7,11 +7,17 @@ weights if ``--real path.npz`` is given).
 
 Part B (``--time``): F16 -> Q4_K and Q6_K on Llama-3-8B shapes with random weights made
 on the GPU (32 layers of q,k,v,o 4096x4096 / 1024x4096, gate/up 14336x4096, down
-4096x14336, plus the 128256x4096 embedding). Only ``quantize`` is timed (synchronized), CUDA-graph captures included.
+4096x14336, plus the 128256x4096 embedding), every tensor in one type (an upper bound).
+Only ``quantize`` is timed (synchronized), CUDA-graph captures included.
 If the projected time exceeds ``--budget`` seconds per type, the remaining layers are
 extrapolated from the measured ones, and the output says so.
 
-    python bench/bench_gguf_gpu.py --check --time [--real shared.npz] [--json out.json]
+Part C (``--mix Q4_K_M``): the whole model (embedding, 32 layers, untied output) in the
+mix's own per-tensor types, as :func:`lowbit.gguf.mixes.tensor_types` chooses them for
+Llama-3-8B's hyper-parameters (32 heads, 8 KV heads). Timed per tensor as in part B; the
+first 64 rows of one tensor of each type are also quantized on the CPU and compared.
+
+    python bench/bench_gguf_gpu.py --check --time --mix Q4_K_M [--real shared.npz] [--json out.json]
 """
 
 from __future__ import annotations
@@ -131,11 +137,52 @@ def time_type(name: str, budget: float, log) -> dict:
     return r
 
 
+def time_mix(mix: str, log) -> dict:
+    """F16 -> ``mix`` for the whole Llama-3-8B-shaped model, each tensor in the mix's type."""
+    from lowbit.gguf.mixes import ModelHParams, tensor_types
+
+    shapes = {f"{n}.weight": (r, c) for n, r, c in llama3_tensors()}
+    shapes["output.weight"] = (128256, 4096)
+    types = tensor_types(shapes, ModelHParams("llama", 32, 32, 8), mix)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    per_type: dict[str, list[float]] = {}
+    checked: dict[str, int] = {}
+    torch.cuda.reset_peak_memory_stats()
+    elapsed = 0.0
+    for i, (name, qt) in enumerate(types.items()):
+        r, c = shapes[name]
+        w = torch.randn(r, c, generator=g, device="cuda", dtype=torch.float16) * 0.02
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        q = Q.quantize(w, qt)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        acc = per_type.setdefault(qt.name, [0.0, 0.0])
+        acc[0] += dt
+        acc[1] += r * c
+        if qt.name not in checked:
+            checked[qt.name] = int((Q.quantize(w[:64].float().cpu(), qt) != q[:64].cpu()).any(dim=1).sum())
+        if i in (0, 8) or i % 56 == 1 or i == len(types) - 1:
+            log(f"  {mix} {name} ({qt.name}): {elapsed:.2f}s so far")
+        del w, q
+    total_el = sum(r * c for r, c in shapes.values())
+    r = {"mix": mix, "elements": total_el, "seconds": round(elapsed, 3),
+         "per_type": {k: {"seconds": round(v[0], 3), "elements": int(v[1])} for k, v in per_type.items()},
+         "cpu_check_rows_mismatched": checked,
+         "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    log(f"mix {mix}: {elapsed:.2f}s for {total_el / 1e9:.2f}G elements; per type "
+        + ", ".join(f"{k} {v[0]:.2f}s/{v[1] / 1e9:.2f}G" for k, v in per_type.items())
+        + f"; CPU check mismatched rows (64 per type) {checked}; peak {r['peak_mem_GiB']} GiB")
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--time", action="store_true")
     ap.add_argument("--types", default="Q4_K,Q6_K")
+    ap.add_argument("--mix", default=None, help="time this mix (e.g. Q4_K_M) on the whole Llama-3-8B-shaped model")
     ap.add_argument("--budget", type=float, default=120.0, help="seconds of wall time per timed type")
     ap.add_argument("--real", default=None, help="npz of float32 [rows, cols] weights for the check")
     ap.add_argument("--eager-check", action="store_true", help="repeat a few checks with CUDA graphs off")
@@ -184,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         res["time"] = [time_type(n, args.budget, log) for n in args.types.split(",")]
         tot = sum(r["seconds_total"] for r in res["time"])
         log(f"total F16 -> {'+'.join(args.types.split(','))} on Llama-3-8B shapes: {tot:.2f}s")
+    if args.mix:
+        Q.quantize(torch.randn(256, 4096, device="cuda", dtype=torch.float16), "Q4_K")  # warm-up
+        res["mix"] = time_mix(args.mix, log)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
