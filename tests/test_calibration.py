@@ -94,3 +94,30 @@ def test_bad_jsonl_line(tok, tmp_path: Path) -> None:
     p.write_text('{"messages": [{"role": "user", "content": "ok"}]}\nnot json\n')
     with pytest.raises(LowbitError, match=":2"):
         load_calibration(tok, CalibrationConfig(path=str(p), n_samples=1, seq_len=8))
+
+
+def test_selfgen_samples_are_deterministic_full_length_and_cached(stories_dir, tmp_path, monkeypatch):
+    """The 'selfgen' named set: BOS + a word + sampled tokens, no special tokens, cached, seeded."""
+    from lowbit.models import load
+    from lowbit.models import selfgen
+    from lowbit.models.calibration import CalibrationConfig, load_calibration
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    lm = load(stories_dir)
+    cfg = CalibrationConfig(path="selfgen", n_samples=3, seq_len=12, seed=5)
+    a = load_calibration(lm.tokenizer, cfg, source=stories_dir, device="cpu")
+    assert a.input_ids.shape == (3, 12) and a.attention_mask is None
+    ids = a.input_ids
+    assert (ids[:, 0] == lm.tokenizer.bos_token_id).all()
+    special = set(lm.tokenizer.all_special_ids)
+    assert not any(int(t) in special for t in ids[:, 1:].flatten())
+    assert len(list((tmp_path / "calibration").glob("selfgen-*.safetensors"))) == 1
+    # the cached copy, and a fresh sampling with the same seed, give the same tokens
+    b = load_calibration(lm.tokenizer, cfg, source=stories_dir, device="cpu")
+    assert torch.equal(a.input_ids, b.input_ids)
+    fresh = selfgen.sample_sequences(lm.model, lm.tokenizer, 3, 12, seed=5, bos_id=lm.tokenizer.bos_token_id)
+    assert torch.equal(fresh, ids)
+    other = selfgen.sample_sequences(lm.model, lm.tokenizer, 3, 12, seed=6, bos_id=lm.tokenizer.bos_token_id)
+    assert not torch.equal(other, ids)
+    with pytest.raises(LowbitError, match="selfgen"):
+        load_calibration(lm.tokenizer, cfg)

@@ -90,7 +90,7 @@ def quantize_model(
     config = AutoConfig.from_pretrained(str(src.hf_dir))
     data: CalibrationData | None = None
     if handler.needs_inputs:
-        data = load_calibration(load_tokenizer(src.hf_dir), calib, method)
+        data = load_calibration(load_tokenizer(src.hf_dir), calib, method, source=src, device=device)
     request = {"source": _source_identity(src.hf_dir), "calib": calib.resolved(method).describe(), "dtype": str(dtype)}
     sr = stream_quantize(
         config, ckpt, data, handler, device=device, dtype=dtype, batch_size=calib.batch_size,
