@@ -42,6 +42,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import LowbitError
+from . import native
 from ._base import REGISTRY, BlockType, blocks_of, bytes_rows, element_major, register
 from ._blockops import (
     c_int8_cast,
@@ -416,6 +417,10 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
         and _run_graphed(cls, x, qw, out, step)
     ):
         return _check_scales(out, qt, (rows, cols), amax)
+    if x.device.type == "cpu":
+        fast = native.quantize_rows(int(qt), x, qw, out.shape[1])
+        if fast is not None:
+            return _check_scales(fast, qt, (rows, cols), amax)
     for r0 in range(0, rows, step):
         out[r0 : r0 + step] = cls.quantize_rows(x[r0 : r0 + step], qw)
     return _check_scales(out, qt, (rows, cols), amax)

@@ -1,0 +1,837 @@
+/* Native CPU GGUF block quantizers: a scalar C port of lowbit.gguf's torch code.
+ *
+ * Every function mirrors its torch counterpart (quants.py, kquants.py, iquants.py,
+ * _blockops.py) operation by operation in float32, so the bytes are the same. Build
+ * with -ffp-contract=off and without fast-math: fused multiply-adds or reassociation
+ * would change results.
+ *
+ * Entry point: lowbit_quantize(); see the end of the file.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define QK 32
+#define QK_K 256
+#define GROUP_MAX_EPS 1e-15f
+
+/* ------------------------------------------------------------------ scalar helpers */
+
+/* _blockops.nearest_int: add 1.5 * 2**23 and read the mantissa. */
+static inline int nearest_int(float v) {
+    float t = v + 12582912.0f;
+    int32_t i;
+    memcpy(&i, &t, 4);
+    return (i & 0x007FFFFF) - 0x00400000;
+}
+
+/* _blockops.c_int8_cast: truncate to int32 (out of range / NaN -> INT_MIN), keep the low byte. */
+static inline int c_int8_cast(float v) {
+    int32_t t = fabsf(v) < 2147483648.0f ? (int32_t)v : 0;
+    return (int)(int8_t)(uint8_t)(t & 0xFF);
+}
+
+/* _blockops.sqrtf: float64 root rounded once to float32. */
+static inline float sqrt_f(float v) { return (float)sqrt((double)v); }
+
+static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline int iclamp(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+/* IEEE half, round to nearest even (subnormals, overflow to inf, NaN kept quiet). */
+static uint16_t fp32_to_fp16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t ax = x & 0x7FFFFFFFu;
+    if (ax > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);
+    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* >= 65520 rounds to inf */
+    if (ax < 0x38800000u) {                                    /* below 2**-14: half subnormal */
+        uint32_t e = ax >> 23;
+        if (e < 102) return (uint16_t)sign; /* below 2**-25 */
+        uint32_t m = (ax & 0x7FFFFFu) | 0x800000u;
+        uint32_t s = 126 - e; /* 14 .. 24 */
+        uint32_t q = m >> s, rem = m & ((1u << s) - 1), half = 1u << (s - 1);
+        if (rem > half || (rem == half && (q & 1))) q++;
+        return (uint16_t)(sign | q);
+    }
+    ax += 0xC8000FFFu + ((ax >> 13) & 1u); /* rebias the exponent, round to nearest even */
+    return (uint16_t)(sign | (ax >> 13));
+}
+
+static float fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1F, m = h & 0x3FFu, bits;
+    if (e == 0) {
+        float v = (float)m * 5.9604644775390625e-8f; /* m * 2**-24, exact */
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+    } else if (e == 31) {
+        bits = sign | 0x7F800000u | (m << 13);
+    } else {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    }
+    float r;
+    memcpy(&r, &bits, 4);
+    return r;
+}
+
+static inline float fp16_round(float v) { return fp16_to_fp32(fp32_to_fp16(v)); }
+
+static inline void put_f16(uint8_t *p, float v) {
+    uint16_t h = fp32_to_fp16(v);
+    p[0] = (uint8_t)(h & 0xFF);
+    p[1] = (uint8_t)(h >> 8);
+}
+
+/* _blockops.first_abs_max: max |x| and the signed first value reaching it (+0 if all zero). */
+static inline float first_abs_max(const float *x, int n, float *amax_out) {
+    float amax = 0.0f, mx = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float ax = fabsf(x[i]);
+        if (ax > amax) {
+            amax = ax;
+            mx = x[i];
+        }
+    }
+    if (amax_out) *amax_out = amax;
+    return mx;
+}
+
+/* _blockops.seq_min / seq_max: first value of the running strict comparison. */
+static inline float seq_min(const float *x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] < m) m = x[i];
+    return m;
+}
+
+static inline float seq_max(const float *x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] > m) m = x[i];
+    return m;
+}
+
+/* amax over a block (value only) */
+static inline float max_val(const float *x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] > m) m = x[i];
+    return m;
+}
+
+/* kquants._pos_max: running max starting from +0.0 */
+static inline float pos_max(const float *v, int n) {
+    float m = 0.0f;
+    for (int i = 0; i < n; i++)
+        if (v[i] > m) m = v[i];
+    return m;
+}
+
+static inline float sum_sq(const float *x, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s = s + x[i] * x[i];
+    return s;
+}
+
+/* ------------------------------------------------------------------ searches */
+
+/* _blockops.make_qx_quants: symmetric scale search; L in [0, 2*nmax). w NULL -> x*x. */
+static float make_qx_quants(int n, int nmax, const float *x, const float *w_in, uint8_t *L) {
+    float amax, mx = first_abs_max(x, n, &amax);
+    if (amax < GROUP_MAX_EPS) {
+        memset(L, 0, (size_t)n);
+        return 0.0f;
+    }
+    float w[QK_K], wx[QK_K];
+    for (int i = 0; i < n; i++) {
+        w[i] = w_in ? w_in[i] : x[i] * x[i];
+        wx[i] = w[i] * x[i];
+    }
+    float iscale = (float)(-nmax) / mx;
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float l = (float)iclamp(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+        sumlx = sumlx + wx[i] * l;
+        suml2 = suml2 + (w[i] * l) * l;
+    }
+    float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
+    float best = scale * sumlx;
+    float chosen = iscale;
+    for (int s = -9; s <= 9; s++) {
+        if (s == 0) continue;
+        float c = -((float)nmax + 0.1f * (float)s);
+        float isc = c / mx;
+        float slx = 0.0f, sl2 = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float l = (float)iclamp(nearest_int(isc * x[i]), -nmax, nmax - 1);
+            slx = slx + wx[i] * l;
+            sl2 = sl2 + (w[i] * l) * l;
+        }
+        if (sl2 > 0.0f && slx * slx > best * sl2) {
+            chosen = isc;
+            scale = slx / sl2;
+            best = scale * slx;
+        }
+    }
+    for (int i = 0; i < n; i++) L[i] = (uint8_t)(iclamp(nearest_int(chosen * x[i]), -nmax, nmax - 1) + nmax);
+    return scale;
+}
+
+/* _blockops.make_q3_quants (weights x*x, coordinate descent); L in [0, 2*nmax). */
+static float make_q3_quants(int n, int nmax, const float *x, uint8_t *Lout) {
+    float amax, mx = first_abs_max(x, n, &amax);
+    if (amax < GROUP_MAX_EPS) {
+        memset(Lout, 0, (size_t)n);
+        return 0.0f;
+    }
+    float iscale = (float)(-nmax) / mx;
+    int L[QK_K];
+    float w[QK_K], wx[QK_K];
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        L[i] = iclamp(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+        w[i] = x[i] * x[i];
+        wx[i] = w[i] * x[i];
+        float lf = (float)L[i];
+        sumlx = sumlx + wx[i] * lf;
+        suml2 = suml2 + (w[i] * lf) * lf;
+    }
+    for (int it = 0; it < 5; it++) {
+        for (int i = 0; i < n; i++) {
+            float li = (float)L[i];
+            float slx = sumlx - wx[i] * li;
+            float sl2 = suml2 - (w[i] * li) * li;
+            if (!(slx > 0.0f)) continue;
+            int nl = iclamp(nearest_int((x[i] * sl2) / slx), -nmax, nmax - 1);
+            if (nl == L[i]) continue;
+            float nf = (float)nl;
+            float slx2 = slx + wx[i] * nf;
+            float sl22 = sl2 + (w[i] * nf) * nf;
+            if (sl22 > 0.0f && (slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22) {
+                L[i] = nl;
+                sumlx = slx2;
+                suml2 = sl22;
+            }
+        }
+    }
+    for (int i = 0; i < n; i++) Lout[i] = (uint8_t)(L[i] + nmax);
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* _blockops.make_qkx: affine scale/min search. Returns scale, *the_min = -min, L in [0, nmax]. */
+static float make_qkx(int n, const float *x, const float *w, int nmax, float rmin, float rdelta, int nstep,
+                      int use_mad, float *the_min, uint8_t *L) {
+    float mn = seq_min(x, n);
+    float mx = max_val(x, n);
+    if (mn > 0.0f) mn = 0.0f;
+    if (mx <= mn) { /* flat block */
+        memset(L, 0, (size_t)n);
+        *the_min = -mn;
+        return 0.0f;
+    }
+    float sum_w = w[0], sum_x = w[0] * x[0];
+    for (int i = 1; i < n; i++) {
+        sum_w = sum_w + w[i];
+        sum_x = sum_x + w[i] * x[i];
+    }
+    float iscale = (float)nmax / (mx - mn);
+    float scale = 1.0f / iscale;
+    uint8_t Lc[QK_K];
+    float best = 0.0f;
+    for (int i = 0; i < n; i++) {
+        L[i] = (uint8_t)iclamp(nearest_int(iscale * (x[i] - mn)), 0, nmax);
+        float diff = (scale * (float)L[i] + mn) - x[i];
+        diff = use_mad ? fabsf(diff) : diff * diff;
+        best = best + w[i] * diff;
+    }
+    for (int s = 0; s <= nstep; s++) {
+        float c = (rmin + rdelta * (float)s) + (float)nmax;
+        float isc = c / (mx - mn);
+        float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
+        for (int i = 0; i < n; i++) {
+            int l = iclamp(nearest_int(isc * (x[i] - mn)), 0, nmax);
+            Lc[i] = (uint8_t)l;
+            float wl = w[i] * (float)l;
+            sum_l = sum_l + wl;
+            sum_l2 = sum_l2 + wl * (float)l;
+            sum_xl = sum_xl + wl * x[i];
+        }
+        float D = sum_w * sum_l2 - sum_l * sum_l;
+        float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        if (this_min > 0.0f) {
+            this_min = 0.0f;
+            this_scale = sum_xl / sum_l2;
+        }
+        if (!(D > 0.0f)) continue;
+        float cur = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float diff = (this_scale * (float)Lc[i] + this_min) - x[i];
+            diff = use_mad ? fabsf(diff) : diff * diff;
+            cur = cur + w[i] * diff;
+        }
+        if (cur < best) {
+            best = cur;
+            memcpy(L, Lc, (size_t)n);
+            scale = this_scale;
+            mn = this_min;
+        }
+    }
+    *the_min = -mn;
+    return scale;
+}
+
+/* _blockops.make_qp_quants: non-negative scales to [0, nmax]; L wraps like uint8. */
+static float make_qp_quants(int n, int nmax, const float *x, const float *qw, uint8_t *Lout) {
+    float mx = max_val(x, n);
+    if (!(mx > 0.0f)) mx = 0.0f;
+    if (mx < GROUP_MAX_EPS) {
+        memset(Lout, 0, (size_t)n);
+        return 0.0f;
+    }
+    float iscale = (float)nmax / mx;
+    float scale = 1.0f / iscale;
+    float best = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float d = x[i] - scale * (float)(nearest_int(iscale * x[i]) & 0xFF);
+        best = best + (qw[i] * d) * d;
+    }
+    for (int s = -4; s <= 4; s++) {
+        if (s == 0) continue;
+        float isc = (0.1f * (float)s + (float)nmax) / mx;
+        float ssc = 1.0f / isc;
+        float mse = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float l = (float)imin(nearest_int(isc * x[i]), nmax);
+            float di = x[i] - ssc * l;
+            mse = mse + (qw[i] * di) * di;
+        }
+        if (mse < best) {
+            best = mse;
+            iscale = isc;
+        }
+    }
+    int L[QK_K];
+    float wx[QK_K];
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int l = imin(nearest_int(iscale * x[i]), nmax);
+        float lf = (float)l;
+        wx[i] = qw[i] * x[i];
+        sumlx = sumlx + wx[i] * lf;
+        suml2 = suml2 + (qw[i] * lf) * lf;
+        L[i] = l & 0xFF;
+    }
+    for (int it = 0; it < 5; it++) {
+        for (int i = 0; i < n; i++) {
+            float li = (float)L[i];
+            float slx = sumlx - wx[i] * li;
+            float sl2 = suml2 - (qw[i] * li) * li;
+            if (!(slx > 0.0f && sl2 > 0.0f)) continue;
+            int nl = imin(nearest_int((x[i] * sl2) / slx), nmax);
+            if (nl == L[i]) continue;
+            float nf = (float)nl;
+            float slx2 = slx + wx[i] * nf;
+            float sl22 = sl2 + (qw[i] * nf) * nf;
+            if ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22) {
+                L[i] = nl & 0xFF;
+                sumlx = slx2;
+                suml2 = sl22;
+            }
+        }
+    }
+    for (int i = 0; i < n; i++) Lout[i] = (uint8_t)L[i];
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* ------------------------------------------------------------------ legacy types (32 values) */
+
+/* quants._row_weights: qw * sqrt(sigma2 + x*x), sigma2 = mean of x*x over the row. */
+static void row_weights(const float *x, int64_t n, const float *qw, float *w) {
+    float sigma2 = sum_sq(x, (int)n) / (float)n;
+    for (int64_t i = 0; i < n; i++) w[i] = qw[i] * sqrt_f(sigma2 + x[i] * x[i]);
+}
+
+static void pack_nibbles(const uint8_t *L, uint8_t *qs) {
+    for (int j = 0; j < 16; j++) qs[j] = (uint8_t)(L[j] | (L[j + 16] << 4));
+}
+
+static void pack_q5(const uint8_t *L, uint8_t *qh, uint8_t *qs) {
+    uint32_t h = 0;
+    for (int j = 0; j < 32; j++) h |= (uint32_t)((L[j] >> 4) & 1) << j;
+    for (int k = 0; k < 4; k++) qh[k] = (uint8_t)(h >> (8 * k));
+    for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4));
+}
+
+/* quants._symmetric_levels: scale d and levels in [0, 2*half). */
+static float symmetric_levels(const float *x, const float *w, int half, uint8_t *L) {
+    if (w) return make_qx_quants(QK, half, x, w, L);
+    float mx = first_abs_max(x, QK, NULL);
+    float d = mx / -(float)half;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < QK; j++)
+        L[j] = (uint8_t)(imin(c_int8_cast(x[j] * id + ((float)half + 0.5f)), 2 * half - 1) & 0xFF);
+    return d;
+}
+
+/* Q4_1 / Q5_1: d, m and levels in [0, nmax]. */
+static void affine_levels(const float *x, const float *w, int nmax, int clamp, float *d_out, float *m_out, uint8_t *L) {
+    if (w) {
+        float the_min;
+        *d_out = make_qkx(QK, x, w, nmax, -0.9f, 0.05f, 36, 0, &the_min, L);
+        *m_out = -the_min;
+        return;
+    }
+    float m = seq_min(x, QK), mx = seq_max(x, QK);
+    float d = (mx - m) / (float)nmax;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < QK; j++) {
+        int v = c_int8_cast((x[j] - m) * id + 0.5f);
+        L[j] = (uint8_t)((clamp ? imin(v, nmax) : v) & 0xFF);
+    }
+    *d_out = d;
+    *m_out = m;
+}
+
+static void row_q4_0(const float *x, const float *w, int64_t nb, uint8_t *y) {
+    uint8_t L[QK];
+    for (int64_t b = 0; b < nb; b++, y += 18) {
+        float d = symmetric_levels(x + b * QK, w ? w + b * QK : NULL, 8, L);
+        put_f16(y, d);
+        pack_nibbles(L, y + 2);
+    }
+}
+
+static void row_q5_0(const float *x, const float *w, int64_t nb, uint8_t *y) {
+    uint8_t L[QK];
+    for (int64_t b = 0; b < nb; b++, y += 22) {
+        float d = symmetric_levels(x + b * QK, w ? w + b * QK : NULL, 16, L);
+        put_f16(y, d);
+        pack_q5(L, y + 2, y + 6);
+    }
+}
+
+static void row_q4_1(const float *x, const float *w, int64_t nb, uint8_t *y) {
+    uint8_t L[QK];
+    float d, m;
+    for (int64_t b = 0; b < nb; b++, y += 20) {
+        affine_levels(x + b * QK, w ? w + b * QK : NULL, 15, 1, &d, &m, L);
+        put_f16(y, d);
+        put_f16(y + 2, m);
+        pack_nibbles(L, y + 4);
+    }
+}
+
+static void row_q5_1(const float *x, const float *w, int64_t nb, uint8_t *y) {
+    uint8_t L[QK];
+    float d, m;
+    for (int64_t b = 0; b < nb; b++, y += 24) {
+        affine_levels(x + b * QK, w ? w + b * QK : NULL, 31, 0, &d, &m, L);
+        put_f16(y, d);
+        put_f16(y + 2, m);
+        pack_q5(L, y + 4, y + 8);
+    }
+}
+
+static void row_q8_0(const float *x, int64_t nb, uint8_t *y) {
+    for (int64_t b = 0; b < nb; b++, y += 34) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        float d = amax / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        put_f16(y, d);
+        for (int j = 0; j < QK; j++) y[2 + j] = (uint8_t)c_int8_cast(roundf(xb[j] * id));
+    }
+}
+
+/* ------------------------------------------------------------------ K-quants (256 values) */
+
+/* kquants weights with an importance matrix: qw * sqrt(sigma2 + x*x), sigma2 = f * sum x*x / 256. */
+static void kq_weights(const float *x, const float *qw, float factor, float *w) {
+    float sigma2 = factor * sum_sq(x, QK_K) / 256.0f;
+    for (int i = 0; i < QK_K; i++) w[i] = qw[i] * sqrt_f(sigma2 + x[i] * x[i]);
+}
+
+/* kquants._pack_2bit: byte 32h+l = elements 128h+32k+l at bits 2k. */
+static void pack_2bit(const uint8_t *L, uint8_t *q) {
+    for (int h = 0; h < 2; h++)
+        for (int l = 0; l < 32; l++) {
+            const uint8_t *p = L + 128 * h + l;
+            q[32 * h + l] = (uint8_t)(p[0] | (p[32] << 2) | (p[64] << 4) | (p[96] << 6));
+        }
+}
+
+/* kquants._requant over one sub-block: L = clamp(nearest_int((x + dm) / d)) where d != 0. */
+static void requant(const float *x, int n, float d, float dm, int lo, int hi, int *L) {
+    if (d == 0.0f) return;
+    for (int i = 0; i < n; i++) L[i] = iclamp(nearest_int((x[i] + dm) / d), lo, hi);
+}
+
+static void block_q2_k(const float *x, const float *qw, uint8_t *y) {
+    uint8_t Lb[QK_K], byte[16];
+    float sc[16], mn[16], d, dmin;
+    if (!qw) {
+        float ax[QK_K];
+        for (int i = 0; i < QK_K; i++) ax[i] = fabsf(x[i]);
+        for (int j = 0; j < 16; j++) sc[j] = make_qkx(16, x + 16 * j, ax + 16 * j, 3, -0.5f, 0.1f, 15, 1, &mn[j], Lb + 16 * j);
+        float max_scale = pos_max(sc, 16), max_min = pos_max(mn, 16);
+        int has_s = max_scale > 0.0f, has_m = max_min > 0.0f;
+        float iscale = has_s ? 15.0f / max_scale : 0.0f;
+        float imn = 15.0f / (has_m ? max_min : 1.0f);
+        for (int j = 0; j < 16; j++) {
+            int ls = has_s ? (nearest_int(iscale * sc[j]) & 0xFF) : 0;
+            int lm = has_m ? nearest_int(imn * mn[j]) : 0;
+            byte[j] = (uint8_t)((ls | (((unsigned)lm << 4) & 0xFF)) & 0xFF);
+        }
+        d = has_s ? max_scale / 15.0f : 0.0f;
+        dmin = has_m ? max_min / 15.0f : 0.0f;
+    } else {
+        float w[QK_K], sw[16];
+        uint8_t Ls[16], Lm[16];
+        kq_weights(x, qw, 1.0f, w);
+        for (int j = 0; j < 16; j++) {
+            float s = 0.0f;
+            for (int i = 0; i < 16; i++) s = s + w[16 * j + i];
+            sw[j] = s;
+            sc[j] = make_qkx(16, x + 16 * j, w + 16 * j, 3, -0.9f, 0.05f, 36, 0, &mn[j], Lb + 16 * j);
+        }
+        d = make_qp_quants(16, 15, sc, sw, Ls);
+        dmin = make_qp_quants(16, 15, mn, sw, Lm);
+        for (int j = 0; j < 16; j++) byte[j] = (uint8_t)((Ls[j] | ((Lm[j] << 4) & 0xFF)) & 0xFF);
+    }
+    float d16 = fp16_round(d), m16 = fp16_round(dmin);
+    int L[QK_K];
+    uint8_t Lq[QK_K];
+    for (int i = 0; i < QK_K; i++) L[i] = Lb[i];
+    for (int j = 0; j < 16; j++)
+        requant(x + 16 * j, 16, d16 * (float)(byte[j] & 0xF), m16 * (float)(byte[j] >> 4), 0, 3, L + 16 * j);
+    for (int i = 0; i < QK_K; i++) Lq[i] = (uint8_t)L[i];
+    memcpy(y, byte, 16);
+    pack_2bit(Lq, y + 16);
+    put_f16(y + 80, d);
+    put_f16(y + 82, dmin);
+}
+
+/* kquants._pack_scales_q3: sixteen 6-bit values -> 12 bytes. */
+static void pack_scales_q3(const int *l, uint8_t *p) {
+    for (int j = 0; j < 8; j++) p[j] = (uint8_t)((l[j] & 0xF) | ((l[j + 8] & 0xF) << 4));
+    for (int m = 0; m < 4; m++) {
+        int v = 0;
+        for (int g = 0; g < 4; g++) v |= ((l[4 * g + m] >> 4) & 3) << (2 * g);
+        p[8 + m] = (uint8_t)v;
+    }
+}
+
+static void block_q3_k(const float *x, const float *qw, uint8_t *y) {
+    uint8_t Lb[QK_K], packed[12];
+    float sc[16], d;
+    int l[16];
+    if (!qw) {
+        for (int j = 0; j < 16; j++) sc[j] = make_q3_quants(16, 4, x + 16 * j, Lb + 16 * j);
+        float max_scale = first_abs_max(sc, 16, NULL);
+        int nz = max_scale != 0.0f;
+        float iscale = -32.0f / (nz ? max_scale : 1.0f);
+        for (int j = 0; j < 16; j++) l[j] = nz ? iclamp(nearest_int(iscale * sc[j]), -32, 31) + 32 : 0;
+        pack_scales_q3(l, packed);
+        if (!nz) memset(packed, 0, 12);
+        d = nz ? 1.0f / iscale : 0.0f;
+    } else {
+        float w[QK_K], sw[16];
+        uint8_t Ls[16];
+        kq_weights(x, qw, 2.0f, w);
+        for (int j = 0; j < 16; j++) {
+            float s = 0.0f;
+            for (int i = 0; i < 16; i++) s = s + w[16 * j + i];
+            sw[j] = s;
+            sc[j] = make_qx_quants(16, 4, x + 16 * j, w + 16 * j, Lb + 16 * j);
+        }
+        d = make_qx_quants(16, 32, sc, sw, Ls);
+        for (int j = 0; j < 16; j++) l[j] = Ls[j];
+        pack_scales_q3(l, packed);
+    }
+    /* scales as decoded from the packed bytes */
+    float d16 = fp16_round(d);
+    int L[QK_K];
+    for (int i = 0; i < QK_K; i++) L[i] = (int)Lb[i] - 4;
+    for (int j = 0; j < 16; j++) {
+        int lo = j < 8 ? (packed[j] & 0xF) : (packed[j - 8] >> 4);
+        int hi = (packed[8 + (j & 3)] >> (2 * (j >> 2))) & 3;
+        requant(x + 16 * j, 16, d16 * (float)((lo | (hi << 4)) - 32), 0.0f, -4, 3, L + 16 * j);
+    }
+    uint8_t Lq[QK_K];
+    memset(y, 0, 32);
+    for (int i = 0; i < QK_K; i++) {
+        int v = L[i] + 4;
+        if (v > 3) {
+            y[i & 31] |= (uint8_t)(1 << (i >> 5));
+            v -= 4;
+        }
+        Lq[i] = (uint8_t)v;
+    }
+    pack_2bit(Lq, y + 32);
+    memcpy(y + 96, packed, 12);
+    put_f16(y + 108, d);
+}
+
+/* Q4_K / Q5_K shared part (kquants._q45_scales): writes d, dmin, packed scales; returns codes in L. */
+static void q45_scales(const float *x, const float *qw, int nmax, float rmin, float rdelta, int nstep, uint8_t *y, int *L) {
+    uint8_t Lb[QK_K];
+    float sc[8], mn[8], d, dmin;
+    int ls[8], lm[8];
+    if (!qw) {
+        float w[32];
+        for (int j = 0; j < 8; j++) {
+            const float *xs = x + 32 * j;
+            float av = sqrt_f(sum_sq(xs, 32) / 32.0f);
+            for (int i = 0; i < 32; i++) w[i] = av + fabsf(xs[i]);
+            sc[j] = make_qkx(32, xs, w, nmax, rmin, rdelta, nstep, 0, &mn[j], Lb + 32 * j);
+        }
+        float max_scale = pos_max(sc, 8), max_min = pos_max(mn, 8);
+        float inv_s = max_scale > 0.0f ? 63.0f / max_scale : 0.0f;
+        float inv_m = max_min > 0.0f ? 63.0f / max_min : 0.0f;
+        for (int j = 0; j < 8; j++) {
+            ls[j] = imin(nearest_int(inv_s * sc[j]) & 0xFF, 63);
+            lm[j] = imin(nearest_int(inv_m * mn[j]) & 0xFF, 63);
+        }
+        d = max_scale / 63.0f;
+        dmin = max_min / 63.0f;
+    } else {
+        float w[QK_K], sw[8];
+        uint8_t Ls[8], Lm[8];
+        kq_weights(x, qw, 2.0f, w);
+        for (int j = 0; j < 8; j++) {
+            float s = 0.0f;
+            for (int i = 0; i < 32; i++) s = s + w[32 * j + i];
+            sw[j] = s;
+            sc[j] = make_qkx(32, x + 32 * j, w + 32 * j, nmax, -0.9f, 0.05f, 36, 0, &mn[j], Lb + 32 * j);
+        }
+        d = make_qp_quants(8, 63, sc, sw, Ls);
+        dmin = make_qp_quants(8, 63, mn, sw, Lm);
+        for (int j = 0; j < 8; j++) {
+            ls[j] = nmax == 31 ? imin(Ls[j], 63) : Ls[j];
+            lm[j] = nmax == 31 ? imin(Lm[j], 63) : Lm[j];
+        }
+    }
+    uint8_t *p = y + 4;
+    for (int j = 0; j < 4; j++) {
+        p[j] = (uint8_t)((ls[j] | ((ls[j + 4] >> 4) << 6)) & 0xFF);
+        p[j + 4] = (uint8_t)((lm[j] | ((lm[j + 4] >> 4) << 6)) & 0xFF);
+        p[j + 8] = (uint8_t)(((ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4)) & 0xFF);
+    }
+    put_f16(y, d);
+    put_f16(y + 2, dmin);
+    float d16 = fp16_round(d), m16 = fp16_round(dmin);
+    for (int i = 0; i < QK_K; i++) L[i] = Lb[i];
+    for (int j = 0; j < 8; j++) {
+        int s6, m6;
+        if (j < 4) {
+            s6 = p[j] & 63;
+            m6 = p[j + 4] & 63;
+        } else {
+            s6 = (p[j + 4] & 0xF) | ((p[j - 4] >> 6) << 4);
+            m6 = (p[j + 4] >> 4) | ((p[j] >> 6) << 4);
+        }
+        requant(x + 32 * j, 32, d16 * (float)s6, m16 * (float)m6, 0, nmax, L + 32 * j);
+    }
+}
+
+static void pack_4bit_pairs(const int *L, uint8_t *q) {
+    for (int g = 0; g < 4; g++)
+        for (int l = 0; l < 32; l++) q[32 * g + l] = (uint8_t)((L[64 * g + l] & 0xF) | ((L[64 * g + 32 + l] & 0xF) << 4));
+}
+
+static void block_q4_k(const float *x, const float *qw, uint8_t *y) {
+    int L[QK_K];
+    q45_scales(x, qw, 15, -1.0f, 0.1f, 20, y, L);
+    pack_4bit_pairs(L, y + 16);
+}
+
+static void block_q5_k(const float *x, const float *qw, uint8_t *y) {
+    int L[QK_K];
+    q45_scales(x, qw, 31, -0.5f, 0.1f, 15, y, L);
+    uint8_t *qh = y + 16;
+    memset(qh, 0, 32);
+    for (int i = 0; i < QK_K; i++) qh[i & 31] |= (uint8_t)(((L[i] >> 4) & 1) << (i >> 5));
+    pack_4bit_pairs(L, y + 48);
+}
+
+static void block_q6_k(const float *x, const float *qw, uint8_t *y) {
+    uint8_t Lb[QK_K];
+    float sc[16];
+    for (int j = 0; j < 16; j++) sc[j] = make_qx_quants(16, 32, x + 16 * j, qw ? qw + 16 * j : NULL, Lb + 16 * j);
+    float amax, max_scale = first_abs_max(sc, 16, &amax);
+    if (amax < GROUP_MAX_EPS) {
+        memset(y, 0, 210);
+        return;
+    }
+    float iscale = -128.0f / max_scale;
+    float d = 1.0f / iscale, d16 = fp16_round(d);
+    int L[QK_K], s8[16];
+    for (int i = 0; i < QK_K; i++) L[i] = (int)Lb[i] - 32;
+    for (int j = 0; j < 16; j++) {
+        s8[j] = imin(nearest_int(iscale * sc[j]), 127);
+        requant(x + 16 * j, 16, d16 * (float)s8[j], 0.0f, -32, 31, L + 16 * j);
+    }
+    for (int i = 0; i < QK_K; i++) L[i] += 32;
+    for (int h = 0; h < 2; h++) {
+        const int *Lh = L + 128 * h;
+        for (int l = 0; l < 32; l++) {
+            y[64 * h + l] = (uint8_t)((Lh[l] & 0xF) | ((Lh[64 + l] & 0xF) << 4));
+            y[64 * h + 32 + l] = (uint8_t)((Lh[32 + l] & 0xF) | ((Lh[96 + l] & 0xF) << 4));
+            y[128 + 32 * h + l] =
+                (uint8_t)((Lh[l] >> 4) | ((Lh[32 + l] >> 4) << 2) | ((Lh[64 + l] >> 4) << 4) | ((Lh[96 + l] >> 4) << 6));
+        }
+    }
+    for (int j = 0; j < 16; j++) y[192 + j] = (uint8_t)(s8[j] & 0xFF);
+    put_f16(y + 208, d);
+}
+
+/* ------------------------------------------------------------------ IQ4_NL / IQ4_XS */
+
+static const float KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+static const float MIDS[15] = {-231, -187, -148, -114, -84, -57, -32, -9, 14, 38, 63, 91, 122, 158, 202};
+
+/* iquants.best_index: number of doubled midpoints not above v + v (NaN -> 0). */
+static inline int best_index(float v) {
+    float v2 = v + v;
+    int lo = 0, hi = 15; /* first index with MIDS[i] > v2 */
+    while (lo < hi) {
+        int mid = (lo + hi) >> 1;
+        if (MIDS[mid] <= v2) lo = mid + 1;
+        else hi = mid;
+    }
+    return v2 != v2 ? 0 : lo;
+}
+
+/* iquants._block_scales for one block of 32. */
+static float iq4_block_scale(const float *x, const float *w) {
+    float amax, mx = first_abs_max(x, 32, &amax);
+    if (amax < GROUP_MAX_EPS) return 0.0f;
+    float d = -mx / -127.0f;
+    float isc[16];
+    isc[0] = 1.0f / d;
+    for (int t = -7; t <= 7; t++) isc[t + 8] = (float)(t - 127) / mx;
+    float best = 0.0f;
+    for (int k = 0; k < 16; k++) {
+        float a = 0.0f, b = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            float q = KVALUES[best_index(isc[k] * x[j])];
+            float wq = w[j] * q;
+            a = a + wq * x[j];
+            b = b + wq * q;
+        }
+        if (k == 0) {
+            d = b > 0.0f ? a / b : 0.0f;
+            best = d * a;
+        } else if (b > 0.0f && a * a > best * b) {
+            d = a / b;
+            best = d * a;
+        }
+    }
+    return d;
+}
+
+static void iq4_weights(const float *x, const float *qw, int n, float *w) {
+    if (!qw) {
+        for (int i = 0; i < n; i++) w[i] = x[i] * x[i];
+        return;
+    }
+    float sigma2 = sum_sq(x, n) * (2.0f / (float)n);
+    for (int i = 0; i < n; i++) w[i] = qw[i] * sqrt_f(sigma2 + x[i] * x[i]);
+}
+
+static void iq4_pack(const float *x, float id, uint8_t *q) {
+    for (int j = 0; j < 16; j++) q[j] = (uint8_t)(best_index(id * x[j]) | (best_index(id * x[j + 16]) << 4));
+}
+
+static void block_iq4_nl(const float *x, const float *qw, uint8_t *y) {
+    float w[32];
+    iq4_weights(x, qw, 32, w);
+    float d = iq4_block_scale(x, w);
+    put_f16(y, d);
+    iq4_pack(x, d != 0.0f ? 1.0f / d : 0.0f, y + 2);
+}
+
+static void block_iq4_xs(const float *x, const float *qw, uint8_t *y) {
+    float w[QK_K], sc[8];
+    iq4_weights(x, qw, QK_K, w);
+    for (int j = 0; j < 8; j++) sc[j] = iq4_block_scale(x + 32 * j, w + 32 * j);
+    float max_scale = first_abs_max(sc, 8, NULL);
+    float d = -max_scale / 32.0f;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    unsigned sh = 0;
+    memset(y + 4, 0, 4);
+    for (int j = 0; j < 8; j++) {
+        int l = iclamp(nearest_int(id * sc[j]), -32, 31);
+        float dl = d * (float)l;
+        iq4_pack(x + 32 * j, dl != 0.0f ? 1.0f / dl : 0.0f, y + 8 + 16 * j);
+        l += 32;
+        y[4 + j / 2] |= (uint8_t)((l & 0xF) << (4 * (j & 1)));
+        sh |= (unsigned)(l >> 4) << (2 * j);
+    }
+    put_f16(y, d);
+    y[2] = (uint8_t)(sh & 0xFF);
+    y[3] = (uint8_t)((sh >> 8) & 0xFF);
+}
+
+/* ------------------------------------------------------------------ entry point */
+
+/* GGML type ids (gguf.GGMLQuantizationType) */
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11,
+       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23 };
+
+typedef void (*block_fn)(const float *, const float *, uint8_t *);
+
+/* Whether a type is implemented here (1) or not (0). */
+int lowbit_supports(int type) {
+    switch (type) {
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0:
+    case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K: case T_Q6_K:
+    case T_IQ4_NL: case T_IQ4_XS:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Quantize rows [nrows, ncols] of float32 x (importance qw [ncols] or NULL) into y.
+ * work: ncols floats of scratch (legacy types with qw). Returns 0, or -1 for an unknown type. */
+int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, const float *qw, uint8_t *y, float *work) {
+    block_fn fn = NULL;
+    int bs = QK_K, ts = 0;
+    switch (type) {
+    case T_Q2_K: fn = block_q2_k; ts = 84; break;
+    case T_Q3_K: fn = block_q3_k; ts = 110; break;
+    case T_Q4_K: fn = block_q4_k; ts = 144; break;
+    case T_Q5_K: fn = block_q5_k; ts = 176; break;
+    case T_Q6_K: fn = block_q6_k; ts = 210; break;
+    case T_IQ4_NL: fn = block_iq4_nl; bs = 32; ts = 18; break;
+    case T_IQ4_XS: fn = block_iq4_xs; ts = 136; break;
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0: break;
+    default: return -1;
+    }
+    int64_t nb = ncols / (fn ? bs : QK);
+    for (int64_t r = 0; r < nrows; r++) {
+        const float *xr = x + r * ncols;
+        if (fn) {
+            uint8_t *yr = y + r * nb * ts;
+            for (int64_t b = 0; b < nb; b++) fn(xr + b * bs, qw ? qw + b * bs : NULL, yr + b * ts);
+            continue;
+        }
+        const float *w = NULL;
+        if (qw && type != T_Q8_0) {
+            row_weights(xr, ncols, qw, work);
+            w = work;
+        }
+        switch (type) {
+        case T_Q4_0: row_q4_0(xr, w, nb, y + r * nb * 18); break;
+        case T_Q4_1: row_q4_1(xr, w, nb, y + r * nb * 20); break;
+        case T_Q5_0: row_q5_0(xr, w, nb, y + r * nb * 22); break;
+        case T_Q5_1: row_q5_1(xr, w, nb, y + r * nb * 24); break;
+        default: row_q8_0(xr, nb, y + r * nb * 34); break;
+        }
+    }
+    return 0;
+}
