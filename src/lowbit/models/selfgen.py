@@ -92,8 +92,12 @@ def _cache_path(identity: dict[str, Any]) -> Path:
 
 
 def self_generated(source: Any, n_samples: int, seq_len: int, seed: int = 0, device: str | torch.device | None = None,
-                   batch_size: int = 16) -> torch.Tensor:
-    """Self-generated calibration ids for a model source (``lowbit.models.resolve`` input), cached."""
+                   batch_size: int | None = None) -> torch.Tensor:
+    """Self-generated calibration ids for a model source (``lowbit.models.resolve`` input), cached.
+
+    ``batch_size`` (sequences sampled at once) defaults to 64 on CUDA and 16 on the CPU; it is
+    part of the cache key because it changes which random numbers each sequence draws.
+    """
     from lowbit.eval.text import model_adds_bos
     from lowbit.progress import bar
 
@@ -102,8 +106,9 @@ def self_generated(source: Any, n_samples: int, seq_len: int, seed: int = 0, dev
     src = resolve(source)
     files = sorted(p for p in src.hf_dir.glob("*") if p.suffix in (".safetensors", ".bin", ".json"))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch_size = batch_size or (64 if device.type == "cuda" else 16)
     identity = {"model": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files], "dir": str(src.hf_dir.resolve()),
-                "n": n_samples, "len": seq_len, "seed": seed, "device": device.type}
+                "n": n_samples, "len": seq_len, "seed": seed, "batch": batch_size, "device": device.type}
     path = _cache_path(identity)
     if path.is_file():
         return load_file(str(path))["input_ids"]
