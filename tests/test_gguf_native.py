@@ -1,0 +1,83 @@
+"""lowbit.gguf.native: the C quantizers give the torch code's bytes; the torch fallback switch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from lowbit.gguf import native
+from lowbit.gguf import quants as Q
+from test_gguf_quants import importance, synthetic
+
+NATIVE = [T.Q4_0, T.Q8_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q6_K, T.Q4_K, T.Q5_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS]
+
+needs_native = pytest.mark.skipif(not native.enabled(), reason="native library not built (or LOWBIT_NATIVE=0)")
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    """All synthetic cases of test_gguf_quants (two seeds) stacked into one [rows, 512] tensor."""
+    parts = [v for seed in (0, 1) for v in synthetic(cols=512, rows=8, seed=seed).values()]
+    return np.concatenate(parts, axis=0)
+
+
+def quantize(x: np.ndarray, qtype: T, im: np.ndarray | None) -> np.ndarray:
+    return Q.quantize(torch.from_numpy(x), qtype, None if im is None else torch.from_numpy(im)).numpy()
+
+
+@needs_native
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
+def test_native_equals_torch(qtype, with_imatrix, data, monkeypatch):
+    im = importance(data.shape[1], 7) if with_imatrix else None
+    n = torch.get_num_threads()
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    torch.set_num_threads(1)  # many small torch ops: extra threads only contend
+    try:
+        want = quantize(data, qtype, im)
+        monkeypatch.setenv("LOWBIT_NATIVE", "1")
+        monkeypatch.setattr(native, "_ROW_CHUNK_ELEMENTS", 3 * 512)  # several chunks per call
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got = native.quantize_rows(int(qtype), torch.from_numpy(data), None if im is None else torch.from_numpy(im),
+                                       want.shape[1])
+            assert got is not None
+            np.testing.assert_array_equal(got.numpy(), want, err_msg=f"{qtype.name} threads={threads}")
+    finally:
+        torch.set_num_threads(n)
+
+
+@needs_native
+def test_cpu_quantize_uses_native(monkeypatch):
+    x = torch.randn(4, 256)
+    cls = Q.REGISTRY[T.Q4_K]
+
+    def boom(*a, **k):
+        raise AssertionError("torch path used")
+
+    monkeypatch.setattr(cls, "quantize_rows", boom)
+    assert Q.quantize(x, T.Q4_K).shape == (4, 144)
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    with pytest.raises(AssertionError):
+        Q.quantize(x, T.Q4_K)
+
+
+def test_fallback_without_library(monkeypatch):
+    """No library (compiler missing or build failed): everything runs through torch."""
+    x = torch.randn(4, 256)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_loaded", True)
+    assert not native.enabled()
+    assert native.quantize_rows(int(T.Q4_0), x, None, 144) is None
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    want = Q.quantize(x, T.Q4_K)
+    monkeypatch.delenv("LOWBIT_NATIVE")
+    np.testing.assert_array_equal(Q.quantize(x, T.Q4_K).numpy(), want.numpy())
+
+
+def test_not_native_cases():
+    x = torch.randn(2, 256)
+    assert native.quantize_rows(int(T.TQ2_0), x, None, 66) is None  # type without a C quantizer
+    assert native.quantize_rows(int(T.Q4_0), x.double(), None, 144) is None  # only float32
