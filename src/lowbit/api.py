@@ -13,8 +13,9 @@ import torch
 from .core.scheme import QuantScheme
 from .errors import LowbitError
 from .eval import chunk_bos, compare_models, default_text, folder_size, kl_divergence, perplexity, read_text, tokenize
-from .methods.base import QuantizedModel, QuantizedWeight
+from .methods.base import QuantizedModel
 from .methods.rtn import rtn
+from .methods.store import ScratchDir, StoredWeights, write_result_file
 from .models import Checkpoint, load, resolve
 from .models.loader import read_config
 from .progress import track
@@ -22,17 +23,25 @@ from .recipe import Recipe
 
 
 def quantize_rtn(source: Any, recipe: Recipe) -> QuantizedModel:
-    """Round-to-nearest over a whole model, one tensor in memory at a time."""
+    """Round-to-nearest over a whole model, one tensor in memory at a time.
+
+    Each result goes to a file in a temporary folder; the returned weights read them back on access.
+    """
     src = resolve(source)
     ckpt = Checkpoint(src.hf_dir)
     plan = recipe.plan({n: ckpt.shape(n) for n in ckpt.keys()}, where=src.spec)
-    weights: dict[str, QuantizedWeight] = {}
-    for name in track(plan, desc="rtn", total=len(plan), unit="tensor"):
+    scratch = ScratchDir("lowbit-rtn-")
+    entries: dict[str, tuple[Path, str, QuantScheme]] = {}
+    for k, name in enumerate(track(plan, desc="rtn", total=len(plan), unit="tensor")):
         w = ckpt.get(name).float()
         if not torch.isfinite(w).all():
             raise LowbitError(ckpt.file_of(name), f"tensor {name} has NaN or Inf values")
-        weights[name] = rtn(w, plan[name], mse_clip=recipe.mse_clip)
-    return QuantizedModel(weights, {}, read_config(src.hf_dir), "rtn")
+        path = scratch.path / f"{k:06d}.safetensors"
+        qw = rtn(w, plan[name], mse_clip=recipe.mse_clip)
+        write_result_file(path, {name: qw}, {}, {})
+        entries[name] = (path, name, qw.scheme)
+        ckpt.close()
+    return QuantizedModel(StoredWeights(entries, scratch), {}, read_config(src.hf_dir), "rtn")
 
 
 def quantize_calibrated(source: Any, method: str, recipe: Recipe, calib: str | None = None,

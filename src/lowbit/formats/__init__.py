@@ -2,7 +2,8 @@
 
 Public API::
 
-    save(quantized_model, source_hf_dir, out_dir, format="compressed-tensors", overwrite=False) -> Path
+    save(quantized_model, source_hf_dir, out_dir, format="compressed-tensors", overwrite=False,
+         max_shard_bytes=None) -> Path
     detect_format(path) -> "compressed-tensors" | "gptq" | "awq" | None
     read(path) -> dict[str, QuantizedWeight]          # keyed by HF weight name "<module>.weight"
     read_checkpoint(path) -> (weights, float_tensors, config)
@@ -14,8 +15,8 @@ Formats:
 * ``awq``: AutoAWQ GEMM layout (vLLM ``awq`` / ``awq_marlin``, transformers).
 
 Each output folder holds ``config.json`` (source config + ``quantization_config``),
-``model.safetensors`` (quantized tensors plus the float tensors of the source checkpoint
-that were not quantized: embeddings, norms, biases, an unquantized ``lm_head``) and the
+``model.safetensors`` or shards with an index (quantized tensors plus the float tensors of the
+source checkpoint that were not quantized: embeddings, norms, biases, an unquantized ``lm_head``) and the
 tokenizer / generation files copied from the source. Writing goes through
 :func:`lowbit.fileio.atomic_dir`: on any error no partial output is left behind.
 """
@@ -32,16 +33,7 @@ from ..errors import LowbitError
 from ..fileio import atomic_dir, check_output_path
 from ..methods.base import QuantizedWeight
 from . import awq, compressed_tensors, gptq
-from ._common import (
-    copy_side_files,
-    float_tensors,
-    linear_modules,
-    load_config,
-    model_dtype,
-    module_of,
-    save_tensors,
-    write_json,
-)
+from ._common import ShardWriter, copy_side_files, linear_modules, load_config, model_dtype, module_of, write_json
 
 FORMATS = ("compressed-tensors", "gptq", "awq")
 
@@ -51,23 +43,18 @@ __all__ = ["FORMATS", "detect_format", "read", "read_checkpoint", "save"]
 class QuantizedModelLike(Protocol):
     """What :func:`save` needs of a ``QuantizedModel`` (from :mod:`lowbit.methods`)."""
 
-    weights: dict[str, QuantizedWeight]
-    float_overrides: dict[str, torch.Tensor]
+    weights: Mapping[str, QuantizedWeight]
+    float_overrides: Mapping[str, torch.Tensor]
     config: dict
     method: str
 
 
-def _validate(fmt: str, weights: Mapping[str, QuantizedWeight]) -> None:
-    if not weights:
-        raise LowbitError(None, "nothing to save: the model has no quantized weights")
-    for name, qw in weights.items():
-        module_of(name)
-        if fmt == "compressed-tensors":
-            compressed_tensors.validate(name, qw)
-        elif fmt == "gptq":
-            gptq.validate(name, qw)
-        else:
-            awq.validate(name, qw)
+class Encoder(Protocol):
+    """One format's writer: :meth:`add` validates and encodes a weight, :meth:`config` comes last."""
+
+    def add(self, name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]: ...
+
+    def config(self) -> dict[str, Any]: ...
 
 
 def save(
@@ -76,52 +63,64 @@ def save(
     out_dir: str | Path,
     format: str = "compressed-tensors",  # noqa: A002 - the public keyword the CLI uses
     overwrite: bool = False,
+    max_shard_bytes: int | None = None,
 ) -> Path:
     """Write ``quantized_model`` as a Hugging Face checkpoint in ``format``; returns ``out_dir``.
 
     The non-quantized tensors come from the float checkpoint in ``source_hf_dir`` (replaced
     by ``quantized_model.float_overrides`` where given); tokenizer and generation files are
-    copied from it. Raises :class:`LowbitError` when the weights break the format's rules
-    (e.g. AWQ needs asymmetric grouped 4-bit), when the output exists and ``overwrite`` is
-    false, or the source is not a model folder; nothing is left at ``out_dir`` then.
+    copied from it. Tensors are read, encoded and written one at a time into safetensors
+    shards of at most ``max_shard_bytes`` (see :class:`~lowbit.formats._common.ShardWriter`),
+    so memory stays about one shard whatever the model size. Raises :class:`LowbitError` when
+    the weights break the format's rules (e.g. AWQ needs asymmetric grouped 4-bit), when the
+    output exists and ``overwrite`` is false, or the source is not a model folder; nothing is
+    left at ``out_dir`` then.
     """
+    from ..models.checkpoint import Checkpoint
+
     if format not in FORMATS:
         raise LowbitError(None, f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
     source = Path(source_hf_dir)
     out = check_output_path(out_dir, overwrite)
-    weights = dict(quantized_model.weights)
-    overrides = dict(getattr(quantized_model, "float_overrides", None) or {})
-    _validate(format, weights)
+    weights = quantized_model.weights
+    overrides = getattr(quantized_model, "float_overrides", None) or {}
+    if not weights:
+        raise LowbitError(None, "nothing to save: the model has no quantized weights")
     config = load_config(source)
     dtype = model_dtype(config)
     linears = linear_modules(config, source)
     missing = sorted(module_of(n) for n in weights if module_of(n) not in linears)
     if missing:
         raise LowbitError(source, f"quantized weights of modules that are not linear layers: {', '.join(missing[:5])}")
-    floats = float_tensors(source, weights, overrides)
+    both = sorted(n for n in overrides if n in weights)
+    if both:
+        raise LowbitError(both[0], "is both quantized and given as a float override")
+    ckpt = Checkpoint(source)
+    floats = set(overrides) | {n for n in ckpt.keys() if n not in weights}
     config = dict(config)
     if "lm_head.weight" in weights and config.get("tie_word_embeddings"):
         config["tie_word_embeddings"] = False  # the float embedding stays; lm_head becomes its own quantized tensor
-    extra_files: dict[str, dict[str, Any]] = {}
+    encoder: Encoder
     if format == "compressed-tensors":
-        qtensors, qconfig = compressed_tensors.encode(weights, dtype, linears)
+        encoder = compressed_tensors.Encoder(dtype, linears)
     elif format == "gptq":
-        qtensors, qconfig = gptq.encode(weights, linears)
-        extra_files[gptq.QUANTIZE_CONFIG] = qconfig
-        gptq.warn_if_not_marlin(weights)
+        encoder = gptq.Encoder(linears)
     else:
-        qtensors, qconfig = awq.encode(weights, linears)
-        awq.warn_if_not_marlin(weights)
-    clash = sorted(set(qtensors) & set(floats))
-    if clash:
-        raise LowbitError(source, f"float tensors clash with quantized tensor names: {', '.join(clash[:5])}")
-    config["quantization_config"] = qconfig
+        encoder = awq.Encoder(linears)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_tensors(tmp, {**floats, **qtensors})
+        shards = ShardWriter(tmp, max_shard_bytes)
+        for name in sorted(set(weights) | floats):  # one tensor (or one module's encoding) read at a time
+            if name in weights:
+                for k, t in encoder.add(name, weights[name]).items():
+                    shards.add(k, t)
+            else:
+                shards.add(name, overrides[name] if name in overrides else ckpt.get(name))
+        config["quantization_config"] = encoder.config()
+        shards.finish()
         copy_side_files(source, tmp)
         write_json(tmp / "config.json", config)
-        for fname, data in extra_files.items():
-            write_json(tmp / fname, data)
+        if format == "gptq":
+            write_json(tmp / gptq.QUANTIZE_CONFIG, config["quantization_config"])
     return out
 
 

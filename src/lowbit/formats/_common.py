@@ -35,8 +35,9 @@ _SKIP_NAMES = {
 #: safetensors metadata written by every writer (fixed, so output bytes are reproducible).
 SAFETENSORS_METADATA = {"format": "pt"}
 
-#: Shard size limit for ``model-0000x-of-0000y.safetensors`` files.
-MAX_SHARD_BYTES = 5 * 1024**3
+#: Shard size limit for ``model-0000x-of-0000y.safetensors`` files (also the most tensor
+#: bytes a writer holds in memory).
+MAX_SHARD_BYTES = 2 * 1024**3
 
 _DTYPES = {
     "float32": torch.float32,
@@ -87,47 +88,66 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def save_tensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int | None = None) -> list[str]:
-    """Write tensors (sorted by name) as one ``model.safetensors`` or shards plus an index.
+class ShardWriter:
+    """Safetensors shards written as they fill, so at most one shard of tensors is in memory.
 
-    Shards hold at most ``max_shard_bytes`` (default :data:`MAX_SHARD_BYTES`) unless one
-    tensor alone is larger.
+    Tensors join the current shard in the order they are added; when the next one would take
+    it past ``max_shard_bytes`` (default :data:`MAX_SHARD_BYTES`) the shard is written to a
+    temporary file (a tensor larger than the limit gets a shard of its own). :meth:`finish`
+    writes one ``model.safetensors`` when everything fit in one shard, else renames the shards
+    to ``model-0000i-of-0000N.safetensors`` and writes ``model.safetensors.index.json``.
     """
-    max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
-    names = sorted(tensors)
-    clean: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for n in names:
-        t = tensors[n].detach().cpu().contiguous()
+
+    def __init__(self, folder: Path, max_shard_bytes: int | None = None) -> None:
+        self.folder = folder
+        self.max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []  # written shard files and their tensor names
+        self._names: set[str] = set()
+        self._total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise LowbitError(name, "two tensors of the checkpoint have this name (a float tensor clashes with a "
+                              "quantized tensor's)")
+        t = tensor.detach().cpu().contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
         ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:  # e.g. one act-order g_idx shared by q/k/v: safetensors wants separate storage
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        clean[n] = t
-    shards: list[list[str]] = [[]]
-    size = 0
-    for n in names:
-        nbytes = clean[n].numel() * clean[n].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(n)
-        size += nbytes
-    if len(shards) == 1:
-        save_file(clean, str(folder / "model.safetensors"), metadata=SAFETENSORS_METADATA)
-        return ["model.safetensors"]
-    files = []
-    weight_map = {}
-    total = 0
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: clean[n] for n in shard}, str(folder / fname), metadata=SAFETENSORS_METADATA)
-        files.append(fname)
-        for n in shard:
-            weight_map[n] = fname
-            total += clean[n].numel() * clean[n].element_size()
-    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return files
+        if any(p.untyped_storage().data_ptr() == ptr for p in self._pending.values()):
+            t = t.clone()  # e.g. one act-order g_idx shared by q/k/v: safetensors wants separate storage
+        self._names.add(name)
+        self._pending[name] = t
+        self._pending_bytes += nbytes
+        self._total += nbytes
+
+    def _flush(self) -> None:
+        path = self.folder / f".shard-{len(self._shards):05d}.partial"
+        save_file(self._pending, str(path), metadata=SAFETENSORS_METADATA)
+        self._shards.append((path, sorted(self._pending)))
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def finish(self) -> list[str]:
+        """Write what is left and name the files; returns the weight file names."""
+        if not self._shards:
+            save_file(self._pending, str(self.folder / "model.safetensors"), metadata=SAFETENSORS_METADATA)
+            self._pending = {}
+            return ["model.safetensors"]
+        if self._pending:
+            self._flush()
+        files = []
+        weight_map = {}
+        for i, (path, names) in enumerate(self._shards, 1):
+            fname = f"model-{i:05d}-of-{len(self._shards):05d}.safetensors"
+            path.rename(self.folder / fname)
+            files.append(fname)
+            weight_map.update(dict.fromkeys(names, fname))
+        write_json(self.folder / "model.safetensors.index.json",
+                   {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))})
+        return files
 
 
 def linear_modules(config: Mapping[str, Any], source: Path | None = None) -> list[str]:
@@ -162,23 +182,6 @@ def linear_modules(config: Mapping[str, Any], source: Path | None = None) -> lis
             names.add("lm_head")
         return sorted(names)
     return sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
-
-
-def float_tensors(source: Path, quantized: Mapping[str, QuantizedWeight], overrides: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The source checkpoint's tensors that stay in float: all but the quantized weights.
-
-    ``overrides`` replace source tensors of the same name (or add new ones, e.g. a
-    smoothed norm weight).
-    """
-    from ..models.checkpoint import Checkpoint
-
-    ckpt = Checkpoint(source)
-    out = {name: ckpt.get(name) for name in ckpt.keys() if name not in quantized}
-    for name, t in overrides.items():
-        if name in quantized:
-            raise LowbitError(name, "is both quantized and given as a float override")
-        out[name] = t
-    return out
 
 
 def check_weight(name: str, qw: QuantizedWeight) -> None:

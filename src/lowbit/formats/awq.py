@@ -80,30 +80,38 @@ def encode_weight(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-def encode(weights: Mapping[str, QuantizedWeight], linears: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """All AWQ tensors (full names) and the ``quantization_config`` dict."""
-    tensors: dict[str, torch.Tensor] = {}
-    group_sizes = set()
-    for name in sorted(weights):
-        validate(name, weights[name])
+class Encoder:
+    """AWQ tensors one module at a time (:meth:`add`), then ``quantization_config`` (:meth:`config`)."""
+
+    def __init__(self, linears: list[str]) -> None:
+        self.linears = linears
+        self.group_sizes: set[int] = set()
+        self.quantized: set[str] = set()
+        self.marlin_issues: list[str] = []
+
+    def add(self, name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """Validate and encode one weight: its tensors under full names (``<module>.qweight`` ...)."""
+        validate(name, qw)
         module = module_of(name)
-        for k, v in encode_weight(weights[name]).items():
-            tensors[f"{module}.{k}"] = v
-        group_sizes.add(weights[name].scheme.group_size)
-    if len(group_sizes) != 1:
-        raise LowbitError(None, f"AWQ has one group size per checkpoint; got {sorted(group_sizes)}")
-    quantized = {module_of(n) for n in weights}
-    skipped = {m for m in linears if m not in quantized and m != "lm_head"}
-    skipped = sorted(skipped | set(fused_aliases(skipped, linears)))
-    qconfig = {
-        "bits": BITS,
-        "group_size": group_sizes.pop(),
-        "modules_to_not_convert": skipped or None,
-        "quant_method": "awq",
-        "version": "gemm",
-        "zero_point": True,
-    }
-    return tensors, qconfig
+        self.group_sizes.add(qw.scheme.group_size)
+        self.quantized.add(module)
+        self.marlin_issues += marlin_issues({name: qw})
+        return {f"{module}.{k}": v for k, v in encode_weight(qw).items()}
+
+    def config(self) -> dict[str, Any]:
+        """The ``quantization_config`` dict; warns when vLLM's Marlin kernel won't apply."""
+        if len(self.group_sizes) != 1:
+            raise LowbitError(None, f"AWQ has one group size per checkpoint; got {sorted(self.group_sizes)}")
+        warn_issues(self.marlin_issues, MARLIN_WARNING)
+        skipped = {m for m in self.linears if m not in self.quantized and m != "lm_head"}
+        return {
+            "bits": BITS,
+            "group_size": next(iter(self.group_sizes)),
+            "modules_to_not_convert": sorted(skipped | set(fused_aliases(skipped, self.linears))) or None,
+            "quant_method": "awq",
+            "version": "gemm",
+            "zero_point": True,
+        }
 
 
 def decode(
@@ -154,7 +162,10 @@ def marlin_issues(weights: Mapping[str, QuantizedWeight]) -> list[str]:
     return issues
 
 
+MARLIN_WARNING = ("AWQ checkpoint does not qualify for vLLM's fast awq_marlin kernel; vLLM falls back to the "
+                  "slower awq kernel")
+
+
 def warn_if_not_marlin(weights: Mapping[str, QuantizedWeight]) -> list[str]:
     """Emit one warning listing why ``awq_marlin`` would not apply; returns the issues."""
-    return warn_issues(marlin_issues(weights), "AWQ checkpoint does not qualify for vLLM's fast awq_marlin "
-                       "kernel; vLLM falls back to the slower awq kernel")
+    return warn_issues(marlin_issues(weights), MARLIN_WARNING)

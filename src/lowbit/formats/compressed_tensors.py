@@ -94,28 +94,39 @@ def encode_weight(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[dict[str, to
     return t, actorder
 
 
-def encode(
-    weights: Mapping[str, QuantizedWeight], dtype: torch.dtype, linears: list[str]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """All quantized tensors (full names) and the ``quantization_config`` dict."""
-    tensors: dict[str, torch.Tensor] = {}
-    groups: dict[tuple, list[str]] = {}
-    for name in sorted(weights):
-        validate(name, weights[name])
+class Encoder:
+    """pack-quantized tensors one module at a time (:meth:`add`), then ``quantization_config`` (:meth:`config`)."""
+
+    def __init__(self, dtype: torch.dtype, linears: list[str]) -> None:
+        self.dtype = dtype
+        self.linears = linears
+        self.groups: dict[tuple[int, int, bool, bool], list[str]] = {}
+        self.vllm_issues: list[str] = []
+
+    def add(self, name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """Validate and encode one weight: its tensors under full names (``<module>.weight_packed`` ...)."""
+        validate(name, qw)
         module = module_of(name)
-        local, actorder = encode_weight(weights[name], dtype)
-        for k, v in local.items():
-            tensors[f"{module}.{k}"] = v
-        s = per_channel(weights[name]).scheme
-        groups.setdefault((s.bits, s.group_size, s.symmetric, actorder), []).append(module)
-    if any(key[3] for key in groups):
-        warnings.warn(
-            "compressed-tensors: act-order weights are written with actorder='group' and weight_g_idx; "
-            "vLLM reads them but compressed-tensors >= 0.15 (and transformers using it) refuses them. "
-            "Use the gptq format for act-order checkpoints meant for transformers.",
-            stacklevel=3,
-        )
-    warn_issues(vllm_issues(weights), "compressed-tensors checkpoint that vLLM cannot load as written")
+        local, actorder = encode_weight(qw, self.dtype)
+        s = per_channel(qw).scheme
+        self.groups.setdefault((s.bits, s.group_size, s.symmetric, actorder), []).append(module)
+        self.vllm_issues += vllm_issues({name: qw})
+        return {f"{module}.{k}": v for k, v in local.items()}
+
+    def config(self) -> dict[str, Any]:
+        """The ``quantization_config`` dict; warns about what vLLM or transformers cannot load."""
+        if any(key[3] for key in self.groups):
+            warnings.warn(
+                "compressed-tensors: act-order weights are written with actorder='group' and weight_g_idx; "
+                "vLLM reads them but compressed-tensors >= 0.15 (and transformers using it) refuses them. "
+                "Use the gptq format for act-order checkpoints meant for transformers.",
+                stacklevel=3,
+            )
+        warn_issues(self.vllm_issues, "compressed-tensors checkpoint that vLLM cannot load as written")
+        return _quantization_config(self.groups, self.linears)
+
+
+def _quantization_config(groups: dict[tuple[int, int, bool, bool], list[str]], linears: list[str]) -> dict[str, Any]:
     quantized = {m for mods in groups.values() for m in mods}
     ignore = sorted(m for m in linears if m not in quantized)
     single = len(groups) == 1
@@ -142,7 +153,7 @@ def encode(
         "transform_config": {},
         "version": VERSION,
     }
-    return tensors, qconfig
+    return qconfig
 
 
 def vllm_issues(weights: Mapping[str, QuantizedWeight]) -> list[str]:

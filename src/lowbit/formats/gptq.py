@@ -85,17 +85,29 @@ def encode_weight(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-def encode(weights: Mapping[str, QuantizedWeight], linears: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """All GPTQ tensors (full names) and the quantize config dict (also ``quantization_config``)."""
-    tensors: dict[str, torch.Tensor] = {}
-    per_module: dict[str, dict[str, Any]] = {}
-    for name in sorted(weights):
-        validate(name, weights[name])
+class Encoder:
+    """GPTQ tensors one module at a time (:meth:`add`), then the quantize config (:meth:`config`)."""
+
+    def __init__(self, linears: list[str]) -> None:
+        self.linears = linears
+        self.per_module: dict[str, dict[str, Any]] = {}
+        self.marlin_issues: list[str] = []
+
+    def add(self, name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """Validate and encode one weight: its tensors under full names (``<module>.qweight`` ...)."""
+        validate(name, qw)
         module = module_of(name)
-        qw = weights[name]
-        for k, v in encode_weight(qw).items():
-            tensors[f"{module}.{k}"] = v
-        per_module[module] = _args(per_channel(qw).scheme, not trivial_g_idx(qw))
+        self.per_module[module] = _args(per_channel(qw).scheme, not trivial_g_idx(qw))
+        self.marlin_issues += marlin_issues({name: qw})
+        return {f"{module}.{k}": v for k, v in encode_weight(qw).items()}
+
+    def config(self) -> dict[str, Any]:
+        """The quantize config dict (also ``quantization_config``); warns when vLLM's Marlin kernel won't apply."""
+        warn_issues(self.marlin_issues, MARLIN_WARNING)
+        return _quantize_config(self.per_module, self.linears)
+
+
+def _quantize_config(per_module: dict[str, dict[str, Any]], linears: list[str]) -> dict[str, Any]:
     body = [a for m, a in per_module.items() if m != "lm_head"] or list(per_module.values())
     counts = Counter(tuple(sorted(a.items())) for a in body)
     base = dict(max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0])
@@ -125,7 +137,7 @@ def encode(weights: Mapping[str, QuantizedWeight], linears: list[str]) -> tuple[
     body_linears = [m for m in linears if m != "lm_head"]
     if any(m not in per_module for m in body_linears):
         qconfig["modules_in_block_to_quantize"] = [_block_selection(body_linears, set(per_module))]
-    return tensors, qconfig
+    return qconfig
 
 
 def _block_selection(linears: list[str], quantized: set[str]) -> list[str]:
@@ -227,7 +239,10 @@ def marlin_issues(weights: Mapping[str, QuantizedWeight], tensor_parallel: int =
     return issues
 
 
+MARLIN_WARNING = ("GPTQ checkpoint does not qualify for vLLM's fast gptq_marlin kernel; vLLM falls back to the "
+                  "slower gptq kernel or refuses")
+
+
 def warn_if_not_marlin(weights: Mapping[str, QuantizedWeight]) -> list[str]:
     """Emit one warning listing why ``gptq_marlin`` would not apply; returns the issues."""
-    return warn_issues(marlin_issues(weights), "GPTQ checkpoint does not qualify for vLLM's fast gptq_marlin "
-                       "kernel; vLLM falls back to the slower gptq kernel or refuses")
+    return warn_issues(marlin_issues(weights), MARLIN_WARNING)

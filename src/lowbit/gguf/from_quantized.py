@@ -117,15 +117,16 @@ def _gguf_layout(qw: QuantizedWeight, gname: str, arch: str, n_head: int, n_kv: 
     return qw
 
 
-def _by_gguf_name(qm: QuantizedModel, arch: str) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
-    weights: dict[str, QuantizedWeight] = {}
-    floats: dict[str, torch.Tensor] = {}
+def _by_gguf_name(qm: QuantizedModel, arch: str) -> tuple[dict[str, str], dict[str, str]]:
+    """GGUF name -> HF name of ``qm.weights`` and of ``qm.float_overrides`` (values are read on use)."""
+    weights: dict[str, str] = {}
+    floats: dict[str, str] = {}
     for table, out in ((qm.weights, weights), (qm.float_overrides, floats)):
-        for hf, v in table.items():
+        for hf in table:
             g = gguf_tensor_name(hf, arch)
             if g is None:
                 raise LowbitError(hf, f"quantized tensor has no GGUF name for {arch}")
-            out[g] = v
+            out[g] = hf
     return weights, floats
 
 
@@ -144,27 +145,27 @@ def quantized_to_gguf(source, qm: QuantizedModel, out_path, qtype: str = "Q4_0",
     qt = parse_qtype(qtype)
     if qt not in _GRIDS:
         raise LowbitError(out_path, f"{qt.name} cannot hold calibrated codes (supported: {', '.join(SUPPORTED)})")
-    cache: dict[str, tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]] = {}
+    cache: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
 
-    def tables(src: _Source) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    def tables(src: _Source) -> tuple[dict[str, str], dict[str, str]]:
         if "t" not in cache:
             cache["t"] = _by_gguf_name(qm, src.arch)
         return cache["t"]
 
     def encoded(t: PlannedTensor, src: _Source) -> np.ndarray | None:
-        qw = tables(src)[0].get(t.name)
-        if qw is None or t.qtype != qt:
+        hf = tables(src)[0].get(t.name)
+        if hf is None or t.qtype != qt:
             return None
         hp = src.hparams
-        qw = _gguf_layout(qw, t.name, src.arch, hp.n_head, hp.n_head_kv)
+        qw = _gguf_layout(qm.weights[hf], t.name, src.arch, hp.n_head, hp.n_head_kv)
         return blocks_from_quantized(qw, qt, t.name).numpy()
 
     def values(name: str, src: _Source) -> np.ndarray | None:
         weights, floats = tables(src)
         if name in weights:
-            w = weights[name].dequantize().numpy()
+            w = qm.weights[weights[name]].dequantize().numpy()
         elif name in floats:
-            w = floats[name].float().numpy()
+            w = qm.float_overrides[floats[name]].float().numpy()
         else:
             return None
         hp = src.hparams

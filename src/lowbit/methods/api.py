@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,6 +14,10 @@ from lowbit.models.calibration import CalibrationConfig, CalibrationData, load_c
 
 from .base import QuantizedModel, QuantizedWeight
 from .layerwise import GPTQHandler, RTNHandler, Rules
+from .store import StoredTensors, StoredWeights, index_result_file
+
+if TYPE_CHECKING:
+    from lowbit.models.streaming import StreamResult
 
 METHODS = ("gptq", "awq", "rtn")
 
@@ -50,6 +54,26 @@ def _flatten(adapter: Any, results: dict[int, Any]) -> tuple[dict[str, Quantized
     return weights, floats, info
 
 
+def _stored(sr: StreamResult) -> tuple[StoredWeights, StoredTensors, dict[str, Any]]:
+    """Lazy views over the per-layer result files of a :class:`~lowbit.models.streaming.StreamResult`."""
+    from lowbit.models.streaming import disk_name, full_weight_name, layer_path
+
+    adapter = sr.adapter
+    weights: dict[str, tuple[Path, str, QuantScheme]] = {}
+    floats: dict[str, tuple[Path, str]] = {}
+    info: dict[str, Any] = {}
+    for i in range(sr.n_layers):
+        path = layer_path(sr.workdir, i)
+        schemes, float_names, layer_info = index_result_file(path)
+        for name, scheme in schemes.items():
+            weights[full_weight_name(adapter, i, name)] = (path, name, scheme)
+        for name in float_names:
+            floats[f"{adapter.layer_prefix(i)}{disk_name(adapter, name)}"] = (path, name)
+        if layer_info:
+            info[str(i)] = layer_info
+    return StoredWeights(weights, sr.scratch), StoredTensors(floats, sr.scratch), info
+
+
 def _source_identity(hf_dir: Path) -> dict[str, Any]:
     files = sorted(p for p in hf_dir.glob("*") if p.suffix in (".safetensors", ".bin", ".json"))
     return {"dir": str(hf_dir.resolve()), "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
@@ -73,7 +97,10 @@ def quantize_model(
     ``source`` is anything :func:`lowbit.models.resolve` accepts (an HF folder, a GGUF file...).
     ``rules`` maps regular expressions over HF weight names to a scheme or ``None`` (keep float).
     Embeddings, ``lm_head`` and norms stay float (AWQ may return folded norms in
-    ``float_overrides``). ``workdir`` keeps per-layer results so an interrupted run resumes.
+    ``float_overrides``). Finished layers' results are written to ``workdir`` (so an interrupted
+    run resumes) or to a temporary folder, and the returned model's ``weights`` and
+    ``float_overrides`` read them from there one tensor at a time: keep ``workdir`` until the
+    result is saved (a temporary folder lives as long as the returned mappings).
     ``options`` go to the method's handler (GPTQ: ``damp``, ``static_groups``, ``block_size``,
     ``mse_clip``, ``min_expert_tokens``; AWQ: ``n_grid``, ``duo_scaling``, ``clip``...).
     """
@@ -96,7 +123,7 @@ def quantize_model(
         config, ckpt, data, handler, device=device, dtype=dtype, batch_size=calib.batch_size,
         workdir=workdir, request=request, stop_after=stop_after,
     )
-    weights, floats, info = _flatten(sr.adapter, sr.layers)
+    weights, floats, info = _stored(sr)
     cfg = config.to_dict()
     cfg["lowbit"] = {
         "method": method, "scheme": scheme.describe(), "act_order": act_order, "calibration": request["calib"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -89,9 +90,11 @@ class QuantizedModel:
     quantized form; ``float_overrides`` maps HF names to float tensors that replace the original
     ones (AWQ-folded norms, a MoE router); every other tensor is the original checkpoint's.
     ``config`` is the HF model config (a dict) plus ``info`` about the run (``config["lowbit"]``).
+    Both mappings may be read-only views over results on disk
+    (:class:`~lowbit.methods.store.StoredWeights`) that read one tensor per access.
     """
 
-    weights: dict[str, QuantizedWeight]
-    float_overrides: dict[str, torch.Tensor]
+    weights: Mapping[str, QuantizedWeight]
+    float_overrides: Mapping[str, torch.Tensor]
     config: dict
     method: str

@@ -132,6 +132,10 @@ class Checkpoint:
             self._open[path] = handle
         return handle.get_tensor(name)  # type: ignore[attr-defined]
 
+    def close(self) -> None:
+        """Drop the open (memory-mapped) files; the next :meth:`get` reopens what it needs."""
+        self._open.clear()
+
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in set(self._where.values()))
 

@@ -6,7 +6,8 @@ arguments every layer receives, masks and position embeddings included, are reco
 stand-in layers during one pass of the model's own forward). Then, for each layer ``i``: its
 weights are read from the checkpoint onto ``device``, a :class:`LayerHandler` quantizes its
 linear layers, the layer is run to produce the inputs of layer ``i+1``, its result is written to
-``<workdir>/layer_{i:03d}.safetensors`` and its weights are freed. A manifest with a hash of the
+``<workdir>/layer_{i:03d}.safetensors`` (a temporary folder when no ``workdir`` is given) and
+its weights are freed; no finished layer stays in memory. A manifest with a hash of the
 whole request lets an interrupted run resume at the first unfinished layer (finished layers are
 replayed from their saved results, which reproduces the activations exactly).
 """
@@ -25,12 +26,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.methods.base import QuantizedWeight
+from lowbit.methods.store import ScratchDir, read_result_file, write_result_file
 
 from .adapters import Adapter, check_model, expert_slot, get_adapter, get_submodule, get_weight, is_expert_slot, set_weight
 from .calibration import CalibrationData
@@ -281,40 +281,18 @@ def request_hash(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _layer_path(workdir: Path, i: int) -> Path:
+def layer_path(workdir: Path, i: int) -> Path:
+    """The result file of layer ``i`` (see :mod:`lowbit.methods.store` for its layout)."""
     return workdir / f"layer_{i:03d}.safetensors"
 
 
 def save_layer_result(workdir: Path, i: int, result: LayerResult) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    for name, qw in result.weights.items():
-        tensors.update(qw.tensors(prefix=f"q::{name}::"))
-    for name, t in result.float_overrides.items():
-        tensors[f"f::{name}"] = t.detach().contiguous().cpu()
-    meta = {"info": json.dumps(result.info, default=str), "schemes": json.dumps(
-        {n: [qw.scheme.bits, qw.scheme.group_size, qw.scheme.symmetric] for n, qw in result.weights.items()}
-    )}
-    path = _layer_path(workdir, i)
-    tmp = path.with_suffix(".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_result_file(layer_path(workdir, i), result.weights, result.float_overrides, result.info)
 
 
 def load_layer_result(workdir: Path, i: int) -> LayerResult:
-    from safetensors import safe_open
-
-    path = _layer_path(workdir, i)
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    schemes = json.loads(meta.get("schemes", "{}"))
-    res = LayerResult(info=json.loads(meta.get("info", "{}")))
-    for name, (bits, gs, sym) in schemes.items():
-        res.weights[name] = QuantizedWeight.from_tensors(tensors, QuantScheme(bits, gs, sym), prefix=f"q::{name}::")
-    for k, t in tensors.items():
-        if k.startswith("f::"):
-            res.float_overrides[k[3:]] = t
-    return res
+    weights, floats, info = read_result_file(layer_path(workdir, i))
+    return LayerResult(weights, floats, info)
 
 
 def _read_manifest(workdir: Path, digest: str) -> int:
@@ -330,7 +308,7 @@ def _read_manifest(workdir: Path, digest: str) -> int:
         warnings.warn(f"{workdir}: results of a different request found; starting over", stacklevel=3)
         return 0
     done = int(man.get("layers_done", 0))
-    while done > 0 and not _layer_path(workdir, done - 1).exists():
+    while done > 0 and not layer_path(workdir, done - 1).exists():
         done -= 1
     return done
 
@@ -347,12 +325,18 @@ def _write_manifest(workdir: Path, digest: str, done: int, n_layers: int, reques
 
 @dataclass
 class StreamResult:
-    """Per-layer results keyed by layer index, plus the adapter used."""
+    """Where the per-layer results lie (``layer_path(workdir, i)``), plus the adapter used.
 
-    layers: dict[int, LayerResult]
+    ``scratch`` is the temporary folder that is ``workdir`` when the caller gave none: it is
+    deleted once this object (or whatever else holds ``scratch``) is gone.
+    """
+
+    workdir: Path
+    n_layers: int
     adapter: Adapter
     seconds: float
     resumed_from: int
+    scratch: ScratchDir | None = None
 
 
 def _check_finite(t: torch.Tensor, what: str, i: int) -> None:
@@ -375,8 +359,9 @@ def stream_quantize(
 ) -> StreamResult:
     """Quantize every decoder layer of the checkpoint with ``handler``, one layer in memory.
 
-    ``request`` (JSON-able) identifies the run for resuming from ``workdir``. ``stop_after`` (for
-    tests) raises ``KeyboardInterrupt`` after that many layers are finished in this call.
+    Each finished layer's result is written to ``workdir`` (a temporary folder when ``None``)
+    and not kept in memory. ``request`` (JSON-able) identifies the run for resuming from
+    ``workdir``. ``stop_after`` (for tests) raises ``KeyboardInterrupt`` after that many layers are finished in this call.
     ``on_layer(i, seconds, eta)`` is called after each layer.
     """
     from lowbit.progress import bar
@@ -389,14 +374,16 @@ def stream_quantize(
     layers = get_submodule(model, adapter.layers)
     n_layers = len(layers)
 
-    wd = Path(workdir) if workdir is not None else None
+    scratch = None
+    if workdir is None:
+        scratch = ScratchDir("lowbit-layers-")
+        workdir = scratch.path
+    wd = Path(workdir)
     digest = request_hash({"engine": ENGINE_VERSION, "config": config.to_dict(), "handler": handler.fingerprint(), **(request or {})})
-    start = 0
-    if wd is not None:
-        wd.mkdir(parents=True, exist_ok=True)
-        start = _read_manifest(wd, digest)
-        if start == 0:
-            _write_manifest(wd, digest, 0, n_layers, request or {})
+    wd.mkdir(parents=True, exist_ok=True)
+    start = _read_manifest(wd, digest)
+    if start == 0:
+        _write_manifest(wd, digest, 0, n_layers, request or {})
 
     t0 = time.perf_counter()
     inputs: LayerInputs | None = None
@@ -414,7 +401,6 @@ def stream_quantize(
         _free_outer(adapter, model)
         inputs = LayerInputs(hidden, [kw[0] for kw in all_kwargs], masks)
 
-    results: dict[int, LayerResult] = {}
     progress = bar(n_layers, desc=f"quantizing {n_layers} layers", unit="layer")
     progress.update(start)
     finished_here = 0
@@ -425,14 +411,12 @@ def stream_quantize(
         if inputs is not None:
             inputs.kwargs = [kw[i] for kw in all_kwargs]
         if i < start:
-            assert wd is not None and inputs is not None
-            res = load_layer_result(wd, i)
+            assert inputs is not None
             if handler.propagate == "quantized":
-                apply_result(adapter, layer, res)
+                apply_result(adapter, layer, load_layer_result(wd, i))
             with torch.no_grad():
                 inputs.hidden = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
-            results[i] = res
-            free_layer(layer)
+            _release(layer, ckpt)
             continue
         ctx = LayerContext(i, layer, adapter, config, inputs if inputs is not None else LayerInputs([], [], []), device)
         with torch.no_grad():
@@ -443,11 +427,10 @@ def stream_quantize(
                 for o in outs:
                     _check_finite(o, "the layer outputs", i)
                 inputs.hidden = outs
-        results[i] = res
-        if wd is not None:
-            save_layer_result(wd, i, res)
-            _write_manifest(wd, digest, i + 1, n_layers, request or {})
-        free_layer(layer)
+        save_layer_result(wd, i, res)
+        _write_manifest(wd, digest, i + 1, n_layers, request or {})
+        del res  # only one layer's result in memory at a time
+        _release(layer, ckpt)
         progress.update(1)
         finished_here += 1
         if on_layer is not None:
@@ -457,7 +440,15 @@ def stream_quantize(
             progress.close()
             raise KeyboardInterrupt(f"stopped after layer {i} (stop_after={stop_after})")
     progress.close()
-    return StreamResult(results, adapter, time.perf_counter() - t0, start)
+    return StreamResult(wd, n_layers, adapter, time.perf_counter() - t0, start, scratch)
+
+
+def _release(layer: nn.Module, ckpt: Any) -> None:
+    """Free a finished layer, and unmap the checkpoint files so their pages leave this process."""
+    free_layer(layer)
+    close = getattr(ckpt, "close", None)
+    if close is not None:
+        close()
 
 
 # --- statistics hooks ----------------------------------------------------------------------------
@@ -546,6 +537,7 @@ __all__ = [
     "expert_slot",
     "full_weight_name",
     "input_hooks",
+    "layer_path",
     "load_layer_weights",
     "load_layer_result",
     "run_layer",

@@ -1,0 +1,135 @@
+"""Quantization results kept on disk and read back one weight at a time.
+
+A result file is a safetensors file holding the quantized weights and float tensors of one
+group (a decoder layer, or one tensor for RTN): ``q::<name>::codes|scale|zero[|g_idx]`` and
+``f::<name>``, with the weights' schemes and a free-form ``info`` dict in its metadata. Codes
+are stored as uint8 (no scheme has more than 8 bits) and read back as int32.
+
+:class:`StoredWeights` and :class:`StoredTensors` are read-only mappings over such files: each
+access opens the file and reads just the tensors asked for, so a whole model's results never
+sit in memory at once. Without a folder of its own a run writes into a :class:`ScratchDir`,
+a temporary folder deleted once no mapping uses it any more (or at interpreter exit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lowbit.core.scheme import QuantScheme
+
+from .base import QuantizedWeight
+
+
+def write_result_file(
+    path: Path, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, torch.Tensor], info: Mapping[str, Any]
+) -> None:
+    """Write one group's results to ``path`` (atomically: a partial file is never left under that name)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, qw in weights.items():
+        stored = QuantizedWeight(qw.codes.to(torch.uint8), qw.scale, qw.zero, qw.scheme, qw.g_idx)
+        tensors.update(stored.tensors(prefix=f"q::{name}::"))
+    for name, t in floats.items():
+        tensors[f"f::{name}"] = t.detach().contiguous().cpu()
+    # Own storage for each (one act-order g_idx is shared by q/k/v; MoE experts are slices of one tensor).
+    tensors = {k: t.clone() for k, t in tensors.items()}
+    meta = {"info": json.dumps(dict(info), default=str), "schemes": json.dumps(
+        {n: [qw.scheme.bits, qw.scheme.group_size, qw.scheme.symmetric] for n, qw in weights.items()}
+    )}
+    tmp = path.with_suffix(".partial")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def index_result_file(path: Path) -> tuple[dict[str, QuantScheme], list[str], dict[str, Any]]:
+    """What a result file holds, from its header only: weight schemes, float tensor names, info."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        floats = [k[3:] for k in f.keys() if k.startswith("f::")]
+    schemes = {n: QuantScheme(bits, gs, sym) for n, (bits, gs, sym) in json.loads(meta.get("schemes", "{}")).items()}
+    return schemes, floats, json.loads(meta.get("info", "{}"))
+
+
+def _read_weight(f: Any, name: str, scheme: QuantScheme) -> QuantizedWeight:
+    prefix = f"q::{name}::"
+    g_idx = f.get_tensor(prefix + "g_idx") if prefix + "g_idx" in f.keys() else None
+    return QuantizedWeight(f.get_tensor(prefix + "codes").to(torch.int32), f.get_tensor(prefix + "scale"),
+                           f.get_tensor(prefix + "zero"), scheme, g_idx)
+
+
+def read_result_file(path: Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict[str, Any]]:
+    """Everything in one result file: ``(weights, floats, info)``."""
+    schemes, float_names, info = index_result_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        weights = {n: _read_weight(f, n, s) for n, s in schemes.items()}
+        floats = {n: f.get_tensor(f"f::{n}") for n in float_names}
+    return weights, floats, info
+
+
+class ScratchDir:
+    """A temporary folder (under the system temp dir) deleted when this object is garbage or at exit."""
+
+    def __init__(self, prefix: str = "lowbit-") -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+    def cleanup(self) -> None:
+        self._cleanup()
+
+
+class StoredWeights(Mapping[str, QuantizedWeight]):
+    """Read-only ``{HF weight name: QuantizedWeight}`` whose values are read from result files on access.
+
+    ``entries`` maps each name to ``(file, name inside the file, scheme)``; ``keep_alive`` (e.g. the
+    :class:`ScratchDir` holding the files) lives as long as this mapping.
+    """
+
+    def __init__(self, entries: Mapping[str, tuple[Path, str, QuantScheme]], keep_alive: object = None) -> None:
+        self._entries = dict(entries)
+        self._keep_alive = keep_alive
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        path, stored, scheme = self._entries[name]
+        with safe_open(str(path), framework="pt") as f:
+            return _read_weight(f, stored, scheme)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+class StoredTensors(Mapping[str, torch.Tensor]):
+    """Read-only ``{HF name: float tensor}`` read from result files on access (see :class:`StoredWeights`)."""
+
+    def __init__(self, entries: Mapping[str, tuple[Path, str]], keep_alive: object = None) -> None:
+        self._entries = dict(entries)
+        self._keep_alive = keep_alive
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, stored = self._entries[name]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(f"f::{stored}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
