@@ -12,6 +12,8 @@ Then the bytes of every tensor are compared.
 OMP_WAIT_POLICY defaults to PASSIVE here (torch's spinning OpenMP workers are very slow
 on a machine shared with other jobs). llama.cpp's time includes reading and writing its GGUF files (small next to the
 quantization itself); lowbit's is the sum of ``quantize`` calls on in-memory tensors.
+The ``path`` column says whether lowbit ran its native C quantizers (``lowbit.gguf.native``,
+built by ``pip install -e .``) or the torch code (``LOWBIT_NATIVE=0``, or no C compiler).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from gguf import GGMLQuantizationType as T
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import llamacpp_util as lu  # noqa: E402
 
+from lowbit.gguf import native  # noqa: E402
 from lowbit.gguf import quants as Q  # noqa: E402
 
 DEFAULT_TYPES = ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL"]
@@ -57,9 +60,11 @@ def bench_type(qtype: T, weights: dict[str, np.ndarray], threads: int, workdir: 
     mism_rows = 0
     total_rows = 0
     written = set()
+    paths = set()
     for name, x in weights.items():
         wtype, rb = ref[name]
         written.add(wtype.name)
+        paths.add("native" if native.supports(int(wtype)) else "torch")
         xt = torch.from_numpy(x)
         im = None if imatrix is None else torch.from_numpy(imatrix[name])
         t0 = time.perf_counter()
@@ -74,6 +79,7 @@ def bench_type(qtype: T, weights: dict[str, np.ndarray], threads: int, workdir: 
     return {
         "type": qtype.name,
         "written_types": sorted(written),
+        "path": "+".join(sorted(paths)),
         "tensors": len(weights),
         "elements": int(sum(v.size for v in weights.values())),
         "lowbit_s": t_ours,
@@ -106,21 +112,22 @@ def main(argv: list[str] | None = None) -> int:
         imatrix = {k: np.exp(rng.standard_normal(v.shape[1])).astype(np.float32) for k, v in weights.items()}
     n_el = sum(v.size for v in weights.values())
     print(f"SmolLM2-135M: {len(weights)} tensors, {n_el / 1e6:.1f}M weights, threads={args.threads}, "
-          f"torch {torch.__version__}, imatrix={'yes' if imatrix else 'no'}")
+          f"torch {torch.__version__}, imatrix={'yes' if imatrix else 'no'}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         lu.write_llama_gguf(Path(tmp) / "in.gguf", weights, n_layer=30)
-        hdr = f"{'type':8} {'written':16} {'lowbit s':>9} {'llama.cpp s':>11} {'ratio':>6}  bytes equal"
+        hdr = f"{'type':8} {'written':16} {'path':6} {'lowbit s':>9} {'llama.cpp s':>11} {'ratio':>6}  bytes equal"
         print(hdr)
         print("-" * len(hdr))
         for name in args.types.split(","):
             r = bench_type(Q.parse_qtype(name.strip()), weights, args.threads, tmp, imatrix)
             results.append(r)
             eq = f"{r['tensors_bytes_equal']}/{r['tensors']} tensors ({r['rows_mismatched']} of {r['rows']} rows differ)"
-            print(f"{r['type']:8} {'+'.join(r['written_types']):16} {r['lowbit_s']:9.2f} {r['llamacpp_s']:11.2f} "
-                  f"{r['ratio']:6.1f}  {eq}", flush=True)
+            print(f"{r['type']:8} {'+'.join(r['written_types']):16} {r['path']:6} {r['lowbit_s']:9.2f} {r['llamacpp_s']:11.2f} "
+                  f"{r['ratio']:6.2f}  {eq}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"threads": args.threads, "load_average": os.getloadavg(), "results": results}, indent=2))
     return 0
 
 

@@ -76,9 +76,15 @@ def quantize_rows(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | None, row
 
     starts = list(range(0, rows, step))
     threads = min(torch.get_num_threads(), len(starts))
-    if threads <= 1:
-        codes = [run(r0) for r0 in starts]
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            codes = list(pool.map(run, starts))
+    codes = [run(r0) for r0 in starts] if threads <= 1 else list(_pool(threads).map(run, starts))
     return out if all(c == 0 for c in codes) else None
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A kept pool per thread count (creating one per tensor costs more than small tensors take)."""
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="lowbit-native")
+    return _pools[threads]

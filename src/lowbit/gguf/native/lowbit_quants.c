@@ -31,6 +31,15 @@ static inline int c_int8_cast(float v) {
     return (int)(int8_t)(uint8_t)(t & 0xFF);
 }
 
+/* c_int8_cast(roundf(v)): C roundf (half away from zero), then the int8 cast. */
+static inline int round_int8(float v) {
+    if (!(fabsf(v) < 8388608.0f)) return c_int8_cast(v); /* already integral, inf or NaN */
+    int32_t t = (int32_t)v;
+    float frac = v - (float)t; /* exact */
+    t += (frac >= 0.5f) - (frac <= -0.5f);
+    return (int)(int8_t)(uint8_t)(t & 0xFF);
+}
+
 /* _blockops.sqrtf: float64 root rounded once to float32. */
 static inline float sqrt_f(float v) { return (float)sqrt((double)v); }
 
@@ -158,20 +167,25 @@ static float make_qx_quants(int n, int nmax, const float *x, const float *w_in, 
     float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
     float best = scale * sumlx;
     float chosen = iscale;
-    for (int s = -9; s <= 9; s++) {
-        if (s == 0) continue;
-        float c = -((float)nmax + 0.1f * (float)s);
-        float isc = c / mx;
-        float slx = 0.0f, sl2 = 0.0f;
-        for (int i = 0; i < n; i++) {
-            float l = (float)iclamp(nearest_int(isc * x[i]), -nmax, nmax - 1);
-            slx = slx + wx[i] * l;
-            sl2 = sl2 + (w[i] * l) * l;
+    /* the 18 candidate scales are independent: accumulate them side by side (same sums, more ILP) */
+    float isc[18], slx[18], sl2[18];
+    for (int k = 0; k < 18; k++) {
+        int s = k < 9 ? k - 9 : k - 8;
+        isc[k] = -((float)nmax + 0.1f * (float)s) / mx;
+        slx[k] = 0.0f;
+        sl2[k] = 0.0f;
+    }
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < 18; k++) {
+            float l = (float)iclamp(nearest_int(isc[k] * x[i]), -nmax, nmax - 1);
+            slx[k] = slx[k] + wx[i] * l;
+            sl2[k] = sl2[k] + (w[i] * l) * l;
         }
-        if (sl2 > 0.0f && slx * slx > best * sl2) {
-            chosen = isc;
-            scale = slx / sl2;
-            best = scale * slx;
+    for (int k = 0; k < 18; k++) {
+        if (sl2[k] > 0.0f && slx[k] * slx[k] > best * sl2[k]) {
+            chosen = isc[k];
+            scale = slx[k] / sl2[k];
+            best = scale * slx[k];
         }
     }
     for (int i = 0; i < n; i++) L[i] = (uint8_t)(iclamp(nearest_int(chosen * x[i]), -nmax, nmax - 1) + nmax);
@@ -219,67 +233,96 @@ static float make_q3_quants(int n, int nmax, const float *x, uint8_t *Lout) {
     return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
-/* _blockops.make_qkx: affine scale/min search. Returns scale, *the_min = -min, L in [0, nmax]. */
-static float make_qkx(int n, const float *x, const float *w, int nmax, float rmin, float rdelta, int nstep,
-                      int use_mad, float *the_min, uint8_t *L) {
-    float mn = seq_min(x, n);
-    float mx = max_val(x, n);
-    if (mn > 0.0f) mn = 0.0f;
-    if (mx <= mn) { /* flat block */
-        memset(L, 0, (size_t)n);
-        *the_min = -mn;
-        return 0.0f;
+/* _blockops.make_qkx (affine scale/min search) on NL blocks side by side, like the torch code
+ * does over all blocks: block k is x + k*n, w + k*n, L + k*n (n <= 32). Lanes past nblk repeat
+ * block 0 and are dropped. Writes scale[k], the_min[k] (= -min) and L in [0, nmax]. */
+#define NL 8
+static void make_qkx(int nblk, int n, const float *x, const float *w, int nmax, float rmin, float rdelta, int nstep,
+                     int use_mad, float *scale_out, float *min_out, uint8_t *L) {
+    float xt[32 * NL], wt[32 * NL], lt[32 * NL];
+    float mn[NL], mx[NL], sum_w[NL], sum_x[NL], scale[NL], best[NL], win_isc[NL], win_off[NL], isc[NL];
+    float sl[NL], sl2[NL], sxl[NL], D[NL], ts[NL], tm[NL], cur[NL];
+    int flat[NL];
+    for (int k = 0; k < NL; k++) {
+        const float *xb = x + (k < nblk ? k : 0) * n, *wb = w + (k < nblk ? k : 0) * n;
+        float m = seq_min(xb, n), M = max_val(xb, n);
+        if (m > 0.0f) m = 0.0f;
+        flat[k] = M <= m;
+        mx[k] = flat[k] ? m + 1.0f : M;
+        mn[k] = m;
+        float sw = wb[0], sx = wb[0] * xb[0];
+        for (int i = 0; i < n; i++) {
+            xt[i * NL + k] = xb[i];
+            wt[i * NL + k] = wb[i];
+            if (i > 0) {
+                sw = sw + wb[i];
+                sx = sx + wb[i] * xb[i];
+            }
+        }
+        sum_w[k] = sw;
+        sum_x[k] = sx;
+        isc[k] = (float)nmax / (mx[k] - mn[k]);
+        scale[k] = 1.0f / isc[k];
+        win_isc[k] = isc[k];
+        win_off[k] = mn[k];
+        best[k] = 0.0f;
     }
-    float sum_w = w[0], sum_x = w[0] * x[0];
-    for (int i = 1; i < n; i++) {
-        sum_w = sum_w + w[i];
-        sum_x = sum_x + w[i] * x[i];
-    }
-    float iscale = (float)nmax / (mx - mn);
-    float scale = 1.0f / iscale;
-    uint8_t Lc[QK_K];
-    float best = 0.0f;
-    for (int i = 0; i < n; i++) {
-        L[i] = (uint8_t)iclamp(nearest_int(iscale * (x[i] - mn)), 0, nmax);
-        float diff = (scale * (float)L[i] + mn) - x[i];
-        diff = use_mad ? fabsf(diff) : diff * diff;
-        best = best + w[i] * diff;
-    }
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < NL; k++) {
+            float xi = xt[i * NL + k];
+            float l = (float)iclamp(nearest_int(isc[k] * (xi - mn[k])), 0, nmax);
+            float diff = (scale[k] * l + mn[k]) - xi;
+            diff = use_mad ? fabsf(diff) : diff * diff;
+            best[k] = best[k] + wt[i * NL + k] * diff;
+        }
     for (int s = 0; s <= nstep; s++) {
         float c = (rmin + rdelta * (float)s) + (float)nmax;
-        float isc = c / (mx - mn);
-        float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
-        for (int i = 0; i < n; i++) {
-            int l = iclamp(nearest_int(isc * (x[i] - mn)), 0, nmax);
-            Lc[i] = (uint8_t)l;
-            float wl = w[i] * (float)l;
-            sum_l = sum_l + wl;
-            sum_l2 = sum_l2 + wl * (float)l;
-            sum_xl = sum_xl + wl * x[i];
+        for (int k = 0; k < NL; k++) {
+            isc[k] = c / (mx[k] - mn[k]);
+            sl[k] = sl2[k] = sxl[k] = cur[k] = 0.0f;
         }
-        float D = sum_w * sum_l2 - sum_l * sum_l;
-        float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-        float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-        if (this_min > 0.0f) {
-            this_min = 0.0f;
-            this_scale = sum_xl / sum_l2;
+        for (int i = 0; i < n; i++)
+            for (int k = 0; k < NL; k++) {
+                float xi = xt[i * NL + k];
+                float l = (float)iclamp(nearest_int(isc[k] * (xi - mn[k])), 0, nmax);
+                float wl = wt[i * NL + k] * l;
+                lt[i * NL + k] = l;
+                sl[k] = sl[k] + wl;
+                sl2[k] = sl2[k] + wl * l;
+                sxl[k] = sxl[k] + wl * xi;
+            }
+        for (int k = 0; k < NL; k++) {
+            D[k] = sum_w[k] * sl2[k] - sl[k] * sl[k];
+            ts[k] = (sum_w[k] * sxl[k] - sum_x[k] * sl[k]) / D[k];
+            tm[k] = (sl2[k] * sum_x[k] - sl[k] * sxl[k]) / D[k];
+            if (tm[k] > 0.0f) {
+                tm[k] = 0.0f;
+                ts[k] = sxl[k] / sl2[k];
+            }
         }
-        if (!(D > 0.0f)) continue;
-        float cur = 0.0f;
-        for (int i = 0; i < n; i++) {
-            float diff = (this_scale * (float)Lc[i] + this_min) - x[i];
-            diff = use_mad ? fabsf(diff) : diff * diff;
-            cur = cur + w[i] * diff;
-        }
-        if (cur < best) {
-            best = cur;
-            memcpy(L, Lc, (size_t)n);
-            scale = this_scale;
-            mn = this_min;
+        for (int i = 0; i < n; i++)
+            for (int k = 0; k < NL; k++) {
+                float diff = (ts[k] * lt[i * NL + k] + tm[k]) - xt[i * NL + k];
+                diff = use_mad ? fabsf(diff) : diff * diff;
+                cur[k] = cur[k] + wt[i * NL + k] * diff;
+            }
+        for (int k = 0; k < NL; k++) {
+            if (D[k] > 0.0f && cur[k] < best[k] && !flat[k]) {
+                best[k] = cur[k];
+                win_isc[k] = isc[k];
+                win_off[k] = mn[k];
+                scale[k] = ts[k];
+                mn[k] = tm[k];
+            }
         }
     }
-    *the_min = -mn;
-    return scale;
+    for (int k = 0; k < nblk; k++) {
+        const float *xb = x + k * n;
+        for (int i = 0; i < n; i++)
+            L[k * n + i] = flat[k] ? 0 : (uint8_t)iclamp(nearest_int(win_isc[k] * (xb[i] - win_off[k])), 0, nmax);
+        scale_out[k] = flat[k] ? 0.0f : scale[k];
+        min_out[k] = -mn[k];
+    }
 }
 
 /* _blockops.make_qp_quants: non-negative scales to [0, nmax]; L wraps like uint8. */
@@ -297,19 +340,23 @@ static float make_qp_quants(int n, int nmax, const float *x, const float *qw, ui
         float d = x[i] - scale * (float)(nearest_int(iscale * x[i]) & 0xFF);
         best = best + (qw[i] * d) * d;
     }
-    for (int s = -4; s <= 4; s++) {
-        if (s == 0) continue;
-        float isc = (0.1f * (float)s + (float)nmax) / mx;
-        float ssc = 1.0f / isc;
-        float mse = 0.0f;
-        for (int i = 0; i < n; i++) {
-            float l = (float)imin(nearest_int(isc * x[i]), nmax);
-            float di = x[i] - ssc * l;
-            mse = mse + (qw[i] * di) * di;
+    float isc[8], ssc[8], mse[8];
+    for (int k = 0; k < 8; k++) {
+        int s = k < 4 ? k - 4 : k - 3;
+        isc[k] = (0.1f * (float)s + (float)nmax) / mx;
+        ssc[k] = 1.0f / isc[k];
+        mse[k] = 0.0f;
+    }
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < 8; k++) {
+            float l = (float)imin(nearest_int(isc[k] * x[i]), nmax);
+            float di = x[i] - ssc[k] * l;
+            mse[k] = mse[k] + (qw[i] * di) * di;
         }
-        if (mse < best) {
-            best = mse;
-            iscale = isc;
+    for (int k = 0; k < 8; k++) {
+        if (mse[k] < best) {
+            best = mse[k];
+            iscale = isc[k];
         }
     }
     int L[QK_K];
@@ -375,14 +422,8 @@ static float symmetric_levels(const float *x, const float *w, int half, uint8_t 
     return d;
 }
 
-/* Q4_1 / Q5_1: d, m and levels in [0, nmax]. */
-static void affine_levels(const float *x, const float *w, int nmax, int clamp, float *d_out, float *m_out, uint8_t *L) {
-    if (w) {
-        float the_min;
-        *d_out = make_qkx(QK, x, w, nmax, -0.9f, 0.05f, 36, 0, &the_min, L);
-        *m_out = -the_min;
-        return;
-    }
+/* Q4_1 / Q5_1 without importance: d, m and levels in [0, nmax]. */
+static void affine_levels(const float *x, int nmax, int clamp, float *d_out, float *m_out, uint8_t *L) {
     float m = seq_min(x, QK), mx = seq_max(x, QK);
     float d = (mx - m) / (float)nmax;
     float id = d != 0.0f ? 1.0f / d : 0.0f;
@@ -412,25 +453,26 @@ static void row_q5_0(const float *x, const float *w, int64_t nb, uint8_t *y) {
     }
 }
 
-static void row_q4_1(const float *x, const float *w, int64_t nb, uint8_t *y) {
-    uint8_t L[QK];
-    float d, m;
-    for (int64_t b = 0; b < nb; b++, y += 20) {
-        affine_levels(x + b * QK, w ? w + b * QK : NULL, 15, 1, &d, &m, L);
-        put_f16(y, d);
-        put_f16(y + 2, m);
-        pack_nibbles(L, y + 4);
-    }
-}
-
-static void row_q5_1(const float *x, const float *w, int64_t nb, uint8_t *y) {
-    uint8_t L[QK];
-    float d, m;
-    for (int64_t b = 0; b < nb; b++, y += 24) {
-        affine_levels(x + b * QK, w ? w + b * QK : NULL, 31, 0, &d, &m, L);
-        put_f16(y, d);
-        put_f16(y + 2, m);
-        pack_q5(L, y + 4, y + 8);
+/* Q4_1 (nmax 15, 20-byte blocks) and Q5_1 (nmax 31, 24-byte blocks). */
+static void row_affine(const float *x, const float *w, int64_t nb, int nmax, uint8_t *y) {
+    uint8_t L[QK * NL];
+    float d[NL], m[NL];
+    int ts = nmax == 15 ? 20 : 24;
+    for (int64_t b0 = 0; b0 < nb; b0 += NL) {
+        int nblk = nb - b0 < NL ? (int)(nb - b0) : NL;
+        if (w) {
+            make_qkx(nblk, QK, x + b0 * QK, w + b0 * QK, nmax, -0.9f, 0.05f, 36, 0, d, m, L);
+            for (int k = 0; k < nblk; k++) m[k] = -m[k];
+        } else {
+            for (int k = 0; k < nblk; k++) affine_levels(x + (b0 + k) * QK, nmax, nmax == 15, &d[k], &m[k], L + k * QK);
+        }
+        for (int k = 0; k < nblk; k++) {
+            uint8_t *yb = y + (b0 + k) * ts;
+            put_f16(yb, d[k]);
+            put_f16(yb + 2, m[k]);
+            if (nmax == 15) pack_nibbles(L + k * QK, yb + 4);
+            else pack_q5(L + k * QK, yb + 4, yb + 8);
+        }
     }
 }
 
@@ -438,11 +480,14 @@ static void row_q8_0(const float *x, int64_t nb, uint8_t *y) {
     for (int64_t b = 0; b < nb; b++, y += 34) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        for (int j = 0; j < QK; j++) {
+            float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
         float d = amax / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         put_f16(y, d);
-        for (int j = 0; j < QK; j++) y[2 + j] = (uint8_t)c_int8_cast(roundf(xb[j] * id));
+        for (int j = 0; j < QK; j++) y[2 + j] = (uint8_t)round_int8(xb[j] * id);
     }
 }
 
@@ -475,7 +520,7 @@ static void block_q2_k(const float *x, const float *qw, uint8_t *y) {
     if (!qw) {
         float ax[QK_K];
         for (int i = 0; i < QK_K; i++) ax[i] = fabsf(x[i]);
-        for (int j = 0; j < 16; j++) sc[j] = make_qkx(16, x + 16 * j, ax + 16 * j, 3, -0.5f, 0.1f, 15, 1, &mn[j], Lb + 16 * j);
+        for (int j = 0; j < 16; j += NL) make_qkx(NL, 16, x + 16 * j, ax + 16 * j, 3, -0.5f, 0.1f, 15, 1, sc + j, mn + j, Lb + 16 * j);
         float max_scale = pos_max(sc, 16), max_min = pos_max(mn, 16);
         int has_s = max_scale > 0.0f, has_m = max_min > 0.0f;
         float iscale = has_s ? 15.0f / max_scale : 0.0f;
@@ -495,8 +540,8 @@ static void block_q2_k(const float *x, const float *qw, uint8_t *y) {
             float s = 0.0f;
             for (int i = 0; i < 16; i++) s = s + w[16 * j + i];
             sw[j] = s;
-            sc[j] = make_qkx(16, x + 16 * j, w + 16 * j, 3, -0.9f, 0.05f, 36, 0, &mn[j], Lb + 16 * j);
         }
+        for (int j = 0; j < 16; j += NL) make_qkx(NL, 16, x + 16 * j, w + 16 * j, 3, -0.9f, 0.05f, 36, 0, sc + j, mn + j, Lb + 16 * j);
         d = make_qp_quants(16, 15, sc, sw, Ls);
         dmin = make_qp_quants(16, 15, mn, sw, Lm);
         for (int j = 0; j < 16; j++) byte[j] = (uint8_t)((Ls[j] | ((Lm[j] << 4) & 0xFF)) & 0xFF);
@@ -581,13 +626,13 @@ static void q45_scales(const float *x, const float *qw, int nmax, float rmin, fl
     float sc[8], mn[8], d, dmin;
     int ls[8], lm[8];
     if (!qw) {
-        float w[32];
+        float w[QK_K];
         for (int j = 0; j < 8; j++) {
             const float *xs = x + 32 * j;
             float av = sqrt_f(sum_sq(xs, 32) / 32.0f);
-            for (int i = 0; i < 32; i++) w[i] = av + fabsf(xs[i]);
-            sc[j] = make_qkx(32, xs, w, nmax, rmin, rdelta, nstep, 0, &mn[j], Lb + 32 * j);
+            for (int i = 0; i < 32; i++) w[32 * j + i] = av + fabsf(xs[i]);
         }
+        make_qkx(8, 32, x, w, nmax, rmin, rdelta, nstep, 0, sc, mn, Lb);
         float max_scale = pos_max(sc, 8), max_min = pos_max(mn, 8);
         float inv_s = max_scale > 0.0f ? 63.0f / max_scale : 0.0f;
         float inv_m = max_min > 0.0f ? 63.0f / max_min : 0.0f;
@@ -605,8 +650,8 @@ static void q45_scales(const float *x, const float *qw, int nmax, float rmin, fl
             float s = 0.0f;
             for (int i = 0; i < 32; i++) s = s + w[32 * j + i];
             sw[j] = s;
-            sc[j] = make_qkx(32, x + 32 * j, w + 32 * j, nmax, -0.9f, 0.05f, 36, 0, &mn[j], Lb + 32 * j);
         }
+        make_qkx(8, 32, x, w, nmax, -0.9f, 0.05f, 36, 0, sc, mn, Lb);
         d = make_qp_quants(8, 63, sc, sw, Ls);
         dmin = make_qp_quants(8, 63, mn, sw, Lm);
         for (int j = 0; j < 8; j++) {
@@ -695,14 +740,11 @@ static const float MIDS[15] = {-231, -187, -148, -114, -84, -57, -32, -9, 14, 38
 
 /* iquants.best_index: number of doubled midpoints not above v + v (NaN -> 0). */
 static inline int best_index(float v) {
-    float v2 = v + v;
-    int lo = 0, hi = 15; /* first index with MIDS[i] > v2 */
-    while (lo < hi) {
-        int mid = (lo + hi) >> 1;
-        if (MIDS[mid] <= v2) lo = mid + 1;
-        else hi = mid;
-    }
-    return v2 != v2 ? 0 : lo;
+    float v2 = v + v; /* branch-free binary search: NaN compares false everywhere -> 0 */
+    int i = (MIDS[7] <= v2) << 3;
+    i += (MIDS[i + 3] <= v2) << 2;
+    i += (MIDS[i + 1] <= v2) << 1;
+    return i + (MIDS[i] <= v2);
 }
 
 /* iquants._block_scales for one block of 32. */
@@ -713,15 +755,16 @@ static float iq4_block_scale(const float *x, const float *w) {
     float isc[16];
     isc[0] = 1.0f / d;
     for (int t = -7; t <= 7; t++) isc[t + 8] = (float)(t - 127) / mx;
-    float best = 0.0f;
-    for (int k = 0; k < 16; k++) {
-        float a = 0.0f, b = 0.0f;
-        for (int j = 0; j < 32; j++) {
+    float best = 0.0f, sa[16] = {0}, sb[16] = {0};
+    for (int j = 0; j < 32; j++) /* candidates side by side: same sums, more ILP */
+        for (int k = 0; k < 16; k++) {
             float q = KVALUES[best_index(isc[k] * x[j])];
             float wq = w[j] * q;
-            a = a + wq * x[j];
-            b = b + wq * q;
+            sa[k] = sa[k] + wq * x[j];
+            sb[k] = sb[k] + wq * q;
         }
+    for (int k = 0; k < 16; k++) {
+        float a = sa[k], b = sb[k];
         if (k == 0) {
             d = b > 0.0f ? a / b : 0.0f;
             best = d * a;
@@ -827,9 +870,9 @@ int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, cons
         }
         switch (type) {
         case T_Q4_0: row_q4_0(xr, w, nb, y + r * nb * 18); break;
-        case T_Q4_1: row_q4_1(xr, w, nb, y + r * nb * 20); break;
+        case T_Q4_1: row_affine(xr, w, nb, 15, y + r * nb * 20); break;
         case T_Q5_0: row_q5_0(xr, w, nb, y + r * nb * 22); break;
-        case T_Q5_1: row_q5_1(xr, w, nb, y + r * nb * 24); break;
+        case T_Q5_1: row_affine(xr, w, nb, 31, y + r * nb * 24); break;
         default: row_q8_0(xr, nb, y + r * nb * 34); break;
         }
     }
