@@ -31,6 +31,7 @@ import torch
 
 from ..errors import LowbitError
 from ..fileio import atomic_dir, check_output_path
+from ..memory import trim
 from ..methods.base import QuantizedWeight
 from . import awq, compressed_tensors, gptq
 from ._common import ShardWriter, copy_side_files, linear_modules, load_config, model_dtype, module_of, write_json
@@ -113,6 +114,7 @@ def save(
             if name in weights:
                 for k, t in encoder.add(name, weights[name]).items():
                     shards.add(k, t)
+                trim()  # the encoding's temporaries are freed: return their pages, or the heap keeps growing
             else:
                 shards.add(name, overrides[name] if name in overrides else ckpt.get(name))
         config["quantization_config"] = encoder.config()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.memory import trim
 from lowbit.methods.base import QuantizedWeight
 from lowbit.methods.store import ScratchDir, read_result_file, write_result_file
 
@@ -444,11 +445,12 @@ def stream_quantize(
 
 
 def _release(layer: nn.Module, ckpt: Any) -> None:
-    """Free a finished layer, and unmap the checkpoint files so their pages leave this process."""
+    """Free a finished layer, unmap the checkpoint files and return freed heap pages to the system."""
     free_layer(layer)
     close = getattr(ckpt, "close", None)
     if close is not None:
         close()
+    trim()
 
 
 # --- statistics hooks ----------------------------------------------------------------------------
