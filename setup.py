@@ -12,7 +12,7 @@ setup(
             "lowbit.gguf._native",
             sources=["src/lowbit/gguf/native/lowbit_quants.c"],
             # no FMA contraction, no fast-math, no -march=native: the bytes must equal the torch code's
-            extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math"],
+            extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi"],
             libraries=["m"],
             optional=True,
         )

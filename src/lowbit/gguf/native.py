@@ -37,6 +37,8 @@ def _load() -> ctypes.CDLL | None:
                 f32p, u8p, i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8), ctypes.c_int64
                 lib.lowbit_quantize.argtypes = [ctypes.c_int, f32p, i64, i64, f32p, u8p, f32p]
                 lib.lowbit_quantize.restype = ctypes.c_int
+                lib.lowbit_absmax.argtypes = [f32p, i64]
+                lib.lowbit_absmax.restype = ctypes.c_float
                 lib.lowbit_supports.argtypes = [ctypes.c_int]
                 lib.lowbit_supports.restype = ctypes.c_int
                 _lib = lib
@@ -52,6 +54,16 @@ def enabled() -> bool:
 def supports(qtype: int) -> bool:
     """Whether ``qtype`` (a GGML type id) has a native quantizer available now."""
     return enabled() and bool(_lib.lowbit_supports(int(qtype)))
+
+
+def absmax(x: torch.Tensor) -> float | None:
+    """``max |x|`` of a contiguous float32 CPU tensor (NaN if it holds a NaN); None if not native.
+
+    One C pass on this thread: a torch reduction on OpenMP threads costs far more on a busy machine.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or not enabled():
+        return None
+    return float(_lib.lowbit_absmax(_ptr(x, ctypes.c_float), x.numel()))
 
 
 def _ptr(t: torch.Tensor | None, ctype):

@@ -397,9 +397,11 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
     if cols % cls.block_size != 0:
         raise LowbitError(None, f"row length {cols} is not a multiple of the {qt.name} block size {cls.block_size}")
     x = t.detach().float().contiguous()
-    lo, hi = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)  # one pass, no |x| temporary
-    amax = max(-lo, hi)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    amax = native.absmax(x) if x.numel() else 0.0
+    if amax is None:
+        lo, hi = (float(v) for v in torch.aminmax(x))  # one pass, no |x| temporary
+        amax = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.nan
+    if not math.isfinite(amax):
         raise LowbitError(None, f"cannot quantize to {qt.name}: the tensor contains NaN or Inf values")
     qw = None
     if imatrix is not None and qt not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):

@@ -143,52 +143,89 @@ static inline float sum_sq(const float *x, int n) {
     return s;
 }
 
+/* ------------------------------------------------------------------ 8-lane vectors
+ * GCC/Clang vector extensions: each lane does exactly the scalar float32 operations (IEEE,
+ * no contraction), so lanes are independent blocks or candidates computed side by side. */
+
+#define NL 8
+typedef float vf __attribute__((vector_size(4 * NL)));
+typedef int32_t vi __attribute__((vector_size(4 * NL)));
+#define VINLINE static inline __attribute__((always_inline))
+
+VINLINE vf vsplat(float v) { return (vf){0} + v; }
+VINLINE vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+VINLINE vf vabs(vf v) { return (vf)((vi)v & 0x7FFFFFFF); }
+
+/* nearest_int lane-wise, clamped to [lo, hi], as float */
+VINLINE vf vcodes(vf v, int lo, int hi) {
+    vi i = ((vi)(v + 12582912.0f) & 0x007FFFFF) - 0x00400000;
+    vi m = i < lo;
+    i = (i & ~m) | (lo & m);
+    m = i > hi;
+    i = (i & ~m) | (hi & m);
+    return __builtin_convertvector(i, vf);
+}
+
 /* ------------------------------------------------------------------ searches */
 
-/* _blockops.make_qx_quants: symmetric scale search; L in [0, 2*nmax). w NULL -> x*x. */
-static float make_qx_quants(int n, int nmax, const float *x, const float *w_in, uint8_t *L) {
-    float amax, mx = first_abs_max(x, n, &amax);
-    if (amax < GROUP_MAX_EPS) {
-        memset(L, 0, (size_t)n);
-        return 0.0f;
+/* _blockops.make_qx_quants (symmetric scale search) on NL blocks side by side: block k is
+ * x + k*n, w + k*n (w NULL -> x*x), L + k*n (n <= 32); lanes past nblk repeat block 0.
+ * Writes scale[k] and L in [0, 2*nmax). */
+static void make_qx_lanes(int nblk, int n, int nmax, const float *x, const float *w, float *scale_out, uint8_t *L) {
+    float xs[32][NL], ws[32][NL], a_mx[NL];
+    int zero[NL];
+    for (int k = 0; k < NL; k++) {
+        int b = k < nblk ? k : 0;
+        const float *xb = x + b * n;
+        float amax, mx = first_abs_max(xb, n, &amax);
+        zero[k] = amax < GROUP_MAX_EPS;
+        a_mx[k] = zero[k] ? 1.0f : mx;
+        for (int i = 0; i < n; i++) {
+            xs[i][k] = xb[i];
+            ws[i][k] = w ? w[b * n + i] : xb[i] * xb[i];
+        }
     }
-    float w[QK_K], wx[QK_K];
+    vf xt[32], wt[32], wx[32], mx;
+    memcpy(xt, xs, sizeof(vf) * n);
+    memcpy(wt, ws, sizeof(vf) * n);
+    memcpy(&mx, a_mx, sizeof mx);
+    for (int i = 0; i < n; i++) wx[i] = wt[i] * xt[i];
+    vf chosen = vsplat((float)(-nmax)) / mx, sumlx = vsplat(0.0f), suml2 = sumlx;
     for (int i = 0; i < n; i++) {
-        w[i] = w_in ? w_in[i] : x[i] * x[i];
-        wx[i] = w[i] * x[i];
-    }
-    float iscale = (float)(-nmax) / mx;
-    float sumlx = 0.0f, suml2 = 0.0f;
-    for (int i = 0; i < n; i++) {
-        float l = (float)iclamp(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+        vf l = vcodes(chosen * xt[i], -nmax, nmax - 1);
         sumlx = sumlx + wx[i] * l;
-        suml2 = suml2 + (w[i] * l) * l;
+        suml2 = suml2 + (wt[i] * l) * l;
     }
-    float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
-    float chosen = iscale;
-    /* the 18 candidate scales are independent: accumulate them side by side (same sums, more ILP) */
-    float isc[18], slx[18], sl2[18];
-    for (int k = 0; k < 18; k++) {
-        int s = k < 9 ? k - 9 : k - 8;
-        isc[k] = -((float)nmax + 0.1f * (float)s) / mx;
-        slx[k] = 0.0f;
-        sl2[k] = 0.0f;
-    }
-    for (int i = 0; i < n; i++)
-        for (int k = 0; k < 18; k++) {
-            float l = (float)iclamp(nearest_int(isc[k] * x[i]), -nmax, nmax - 1);
-            slx[k] = slx[k] + wx[i] * l;
-            sl2[k] = sl2[k] + (w[i] * l) * l;
+    vf scale = vsel(suml2 != 0.0f, sumlx / suml2, vsplat(0.0f));
+    vf best = scale * sumlx;
+    for (int s = -9; s <= 9; s++) {
+        if (s == 0) continue;
+        vf isc = vsplat(-((float)nmax + 0.1f * (float)s)) / mx, slx = vsplat(0.0f), sl2 = slx;
+        for (int i = 0; i < n; i++) {
+            vf l = vcodes(isc * xt[i], -nmax, nmax - 1);
+            slx = slx + wx[i] * l;
+            sl2 = sl2 + (wt[i] * l) * l;
         }
-    for (int k = 0; k < 18; k++) {
-        if (sl2[k] > 0.0f && slx[k] * slx[k] > best * sl2[k]) {
-            chosen = isc[k];
-            scale = slx[k] / sl2[k];
-            best = scale * slx[k];
-        }
+        vi take = (sl2 > 0.0f) & (slx * slx > best * sl2);
+        vf ns = slx / sl2;
+        chosen = vsel(take, isc, chosen);
+        scale = vsel(take, ns, scale);
+        best = vsel(take, ns * slx, best);
     }
-    for (int i = 0; i < n; i++) L[i] = (uint8_t)(iclamp(nearest_int(chosen * x[i]), -nmax, nmax - 1) + nmax);
+    float a_ch[NL], a_sc[NL];
+    memcpy(a_ch, &chosen, sizeof a_ch);
+    memcpy(a_sc, &scale, sizeof a_sc);
+    for (int k = 0; k < nblk; k++) {
+        for (int i = 0; i < n; i++)
+            L[k * n + i] = zero[k] ? 0 : (uint8_t)(iclamp(nearest_int(a_ch[k] * x[k * n + i]), -nmax, nmax - 1) + nmax);
+        scale_out[k] = zero[k] ? 0.0f : a_sc[k];
+    }
+}
+
+/* make_qx_quants on one block; returns its scale. */
+static float make_qx_quants(int n, int nmax, const float *x, const float *w, uint8_t *L) {
+    float scale;
+    make_qx_lanes(1, n, nmax, x, w, &scale, L);
     return scale;
 }
 
@@ -236,92 +273,86 @@ static float make_q3_quants(int n, int nmax, const float *x, uint8_t *Lout) {
 /* _blockops.make_qkx (affine scale/min search) on NL blocks side by side, like the torch code
  * does over all blocks: block k is x + k*n, w + k*n, L + k*n (n <= 32). Lanes past nblk repeat
  * block 0 and are dropped. Writes scale[k], the_min[k] (= -min) and L in [0, nmax]. */
-#define NL 8
 static void make_qkx(int nblk, int n, const float *x, const float *w, int nmax, float rmin, float rdelta, int nstep,
                      int use_mad, float *scale_out, float *min_out, uint8_t *L) {
-    float xt[32 * NL], wt[32 * NL], lt[32 * NL];
-    float mn[NL], mx[NL], sum_w[NL], sum_x[NL], scale[NL], best[NL], win_isc[NL], win_off[NL], isc[NL];
-    float sl[NL], sl2[NL], sxl[NL], D[NL], ts[NL], tm[NL], cur[NL];
-    int flat[NL];
+    float xs[32][NL], ws[32][NL], a_mn[NL], a_mx[NL], a_sw[NL], a_sx[NL];
+    int32_t a_flat[NL];
     for (int k = 0; k < NL; k++) {
         const float *xb = x + (k < nblk ? k : 0) * n, *wb = w + (k < nblk ? k : 0) * n;
         float m = seq_min(xb, n), M = max_val(xb, n);
         if (m > 0.0f) m = 0.0f;
-        flat[k] = M <= m;
-        mx[k] = flat[k] ? m + 1.0f : M;
-        mn[k] = m;
+        a_flat[k] = M <= m ? -1 : 0;
+        a_mx[k] = M <= m ? m + 1.0f : M;
+        a_mn[k] = m;
         float sw = wb[0], sx = wb[0] * xb[0];
+        for (int i = 1; i < n; i++) {
+            sw = sw + wb[i];
+            sx = sx + wb[i] * xb[i];
+        }
+        a_sw[k] = sw;
+        a_sx[k] = sx;
         for (int i = 0; i < n; i++) {
-            xt[i * NL + k] = xb[i];
-            wt[i * NL + k] = wb[i];
-            if (i > 0) {
-                sw = sw + wb[i];
-                sx = sx + wb[i] * xb[i];
-            }
+            xs[i][k] = xb[i];
+            ws[i][k] = wb[i];
         }
-        sum_w[k] = sw;
-        sum_x[k] = sx;
-        isc[k] = (float)nmax / (mx[k] - mn[k]);
-        scale[k] = 1.0f / isc[k];
-        win_isc[k] = isc[k];
-        win_off[k] = mn[k];
-        best[k] = 0.0f;
     }
-    for (int i = 0; i < n; i++)
-        for (int k = 0; k < NL; k++) {
-            float xi = xt[i * NL + k];
-            float l = (float)iclamp(nearest_int(isc[k] * (xi - mn[k])), 0, nmax);
-            float diff = (scale[k] * l + mn[k]) - xi;
-            diff = use_mad ? fabsf(diff) : diff * diff;
-            best[k] = best[k] + wt[i * NL + k] * diff;
-        }
+    vf xt[32], wt[32], lt[32], mn, mx, sum_w, sum_x;
+    vi flat;
+    memcpy(xt, xs, sizeof(vf) * n);
+    memcpy(wt, ws, sizeof(vf) * n);
+    memcpy(&mn, a_mn, sizeof mn);
+    memcpy(&mx, a_mx, sizeof mx);
+    memcpy(&sum_w, a_sw, sizeof sum_w);
+    memcpy(&sum_x, a_sx, sizeof sum_x);
+    memcpy(&flat, a_flat, sizeof flat);
+    vf isc = vsplat((float)nmax) / (mx - mn);
+    vf scale = vsplat(1.0f) / isc, best = vsplat(0.0f), win_isc = isc, win_off = mn;
+    for (int i = 0; i < n; i++) {
+        vf l = vcodes(isc * (xt[i] - mn), 0, nmax);
+        vf diff = (scale * l + mn) - xt[i];
+        diff = use_mad ? vabs(diff) : diff * diff;
+        best = best + wt[i] * diff;
+    }
     for (int s = 0; s <= nstep; s++) {
-        float c = (rmin + rdelta * (float)s) + (float)nmax;
-        for (int k = 0; k < NL; k++) {
-            isc[k] = c / (mx[k] - mn[k]);
-            sl[k] = sl2[k] = sxl[k] = cur[k] = 0.0f;
+        isc = vsplat((rmin + rdelta * (float)s) + (float)nmax) / (mx - mn);
+        vf sl = vsplat(0.0f), sl2 = sl, sxl = sl, cur = sl;
+        for (int i = 0; i < n; i++) {
+            vf l = vcodes(isc * (xt[i] - mn), 0, nmax);
+            vf wl = wt[i] * l;
+            lt[i] = l;
+            sl = sl + wl;
+            sl2 = sl2 + wl * l;
+            sxl = sxl + wl * xt[i];
         }
-        for (int i = 0; i < n; i++)
-            for (int k = 0; k < NL; k++) {
-                float xi = xt[i * NL + k];
-                float l = (float)iclamp(nearest_int(isc[k] * (xi - mn[k])), 0, nmax);
-                float wl = wt[i * NL + k] * l;
-                lt[i * NL + k] = l;
-                sl[k] = sl[k] + wl;
-                sl2[k] = sl2[k] + wl * l;
-                sxl[k] = sxl[k] + wl * xi;
-            }
-        for (int k = 0; k < NL; k++) {
-            D[k] = sum_w[k] * sl2[k] - sl[k] * sl[k];
-            ts[k] = (sum_w[k] * sxl[k] - sum_x[k] * sl[k]) / D[k];
-            tm[k] = (sl2[k] * sum_x[k] - sl[k] * sxl[k]) / D[k];
-            if (tm[k] > 0.0f) {
-                tm[k] = 0.0f;
-                ts[k] = sxl[k] / sl2[k];
-            }
+        vf D = sum_w * sl2 - sl * sl;
+        vf ts = (sum_w * sxl - sum_x * sl) / D;
+        vf tm = (sl2 * sum_x - sl * sxl) / D;
+        vi clip = tm > 0.0f;
+        tm = vsel(clip, vsplat(0.0f), tm);
+        ts = vsel(clip, sxl / sl2, ts);
+        for (int i = 0; i < n; i++) {
+            vf diff = (ts * lt[i] + tm) - xt[i];
+            diff = use_mad ? vabs(diff) : diff * diff;
+            cur = cur + wt[i] * diff;
         }
-        for (int i = 0; i < n; i++)
-            for (int k = 0; k < NL; k++) {
-                float diff = (ts[k] * lt[i * NL + k] + tm[k]) - xt[i * NL + k];
-                diff = use_mad ? fabsf(diff) : diff * diff;
-                cur[k] = cur[k] + wt[i * NL + k] * diff;
-            }
-        for (int k = 0; k < NL; k++) {
-            if (D[k] > 0.0f && cur[k] < best[k] && !flat[k]) {
-                best[k] = cur[k];
-                win_isc[k] = isc[k];
-                win_off[k] = mn[k];
-                scale[k] = ts[k];
-                mn[k] = tm[k];
-            }
-        }
+        vi take = (D > 0.0f) & (cur < best) & ~flat;
+        best = vsel(take, cur, best);
+        win_isc = vsel(take, isc, win_isc);
+        win_off = vsel(take, mn, win_off);
+        scale = vsel(take, ts, scale);
+        mn = vsel(take, tm, mn);
     }
+    float a_isc[NL], a_off[NL], a_scale[NL];
+    memcpy(a_isc, &win_isc, sizeof a_isc);
+    memcpy(a_off, &win_off, sizeof a_off);
+    memcpy(a_scale, &scale, sizeof a_scale);
+    memcpy(a_mn, &mn, sizeof a_mn);
     for (int k = 0; k < nblk; k++) {
         const float *xb = x + k * n;
         for (int i = 0; i < n; i++)
-            L[k * n + i] = flat[k] ? 0 : (uint8_t)iclamp(nearest_int(win_isc[k] * (xb[i] - win_off[k])), 0, nmax);
-        scale_out[k] = flat[k] ? 0.0f : scale[k];
-        min_out[k] = -mn[k];
+            L[k * n + i] = a_flat[k] ? 0 : (uint8_t)iclamp(nearest_int(a_isc[k] * (xb[i] - a_off[k])), 0, nmax);
+        scale_out[k] = a_flat[k] ? 0.0f : a_scale[k];
+        min_out[k] = -a_mn[k];
     }
 }
 
@@ -411,9 +442,8 @@ static void pack_q5(const uint8_t *L, uint8_t *qh, uint8_t *qs) {
     for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4));
 }
 
-/* quants._symmetric_levels: scale d and levels in [0, 2*half). */
-static float symmetric_levels(const float *x, const float *w, int half, uint8_t *L) {
-    if (w) return make_qx_quants(QK, half, x, w, L);
+/* quants._symmetric_levels without importance: scale d and levels in [0, 2*half). */
+static float symmetric_levels(const float *x, int half, uint8_t *L) {
     float mx = first_abs_max(x, QK, NULL);
     float d = mx / -(float)half;
     float id = d != 0.0f ? 1.0f / d : 0.0f;
@@ -435,21 +465,22 @@ static void affine_levels(const float *x, int nmax, int clamp, float *d_out, flo
     *m_out = m;
 }
 
-static void row_q4_0(const float *x, const float *w, int64_t nb, uint8_t *y) {
-    uint8_t L[QK];
-    for (int64_t b = 0; b < nb; b++, y += 18) {
-        float d = symmetric_levels(x + b * QK, w ? w + b * QK : NULL, 8, L);
-        put_f16(y, d);
-        pack_nibbles(L, y + 2);
-    }
-}
-
-static void row_q5_0(const float *x, const float *w, int64_t nb, uint8_t *y) {
-    uint8_t L[QK];
-    for (int64_t b = 0; b < nb; b++, y += 22) {
-        float d = symmetric_levels(x + b * QK, w ? w + b * QK : NULL, 16, L);
-        put_f16(y, d);
-        pack_q5(L, y + 2, y + 6);
+/* Q4_0 (half 8, 18-byte blocks) and Q5_0 (half 16, 22-byte blocks). */
+static void row_symmetric(const float *x, const float *w, int64_t nb, int half, uint8_t *y) {
+    uint8_t L[QK * NL];
+    float d[NL];
+    int ts = half == 8 ? 18 : 22;
+    for (int64_t b0 = 0; b0 < nb; b0 += NL) {
+        int nblk = nb - b0 < NL ? (int)(nb - b0) : NL;
+        if (w) make_qx_lanes(nblk, QK, half, x + b0 * QK, w + b0 * QK, d, L);
+        else
+            for (int k = 0; k < nblk; k++) d[k] = symmetric_levels(x + (b0 + k) * QK, half, L + k * QK);
+        for (int k = 0; k < nblk; k++) {
+            uint8_t *yb = y + (b0 + k) * ts;
+            put_f16(yb, d[k]);
+            if (half == 8) pack_nibbles(L + k * QK, yb + 2);
+            else pack_q5(L + k * QK, yb + 2, yb + 6);
+        }
     }
 }
 
@@ -590,8 +621,8 @@ static void block_q3_k(const float *x, const float *qw, uint8_t *y) {
             float s = 0.0f;
             for (int i = 0; i < 16; i++) s = s + w[16 * j + i];
             sw[j] = s;
-            sc[j] = make_qx_quants(16, 4, x + 16 * j, w + 16 * j, Lb + 16 * j);
         }
+        for (int j = 0; j < 16; j += NL) make_qx_lanes(NL, 16, 4, x + 16 * j, w + 16 * j, sc + j, Lb + 16 * j);
         d = make_qx_quants(16, 32, sc, sw, Ls);
         for (int j = 0; j < 16; j++) l[j] = Ls[j];
         pack_scales_q3(l, packed);
@@ -705,7 +736,7 @@ static void block_q5_k(const float *x, const float *qw, uint8_t *y) {
 static void block_q6_k(const float *x, const float *qw, uint8_t *y) {
     uint8_t Lb[QK_K];
     float sc[16];
-    for (int j = 0; j < 16; j++) sc[j] = make_qx_quants(16, 32, x + 16 * j, qw ? qw + 16 * j : NULL, Lb + 16 * j);
+    for (int j = 0; j < 16; j += NL) make_qx_lanes(NL, 16, 32, x + 16 * j, qw ? qw + 16 * j : NULL, sc + j, Lb + 16 * j);
     float amax, max_scale = first_abs_max(sc, 16, &amax);
     if (amax < GROUP_MAX_EPS) {
         memset(y, 0, 210);
@@ -827,6 +858,20 @@ enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10, 
 
 typedef void (*block_fn)(const float *, const float *, uint8_t *);
 
+/* max |x| over n values; NaN if any value is NaN (|x| bit patterns order like their values, NaN above inf). */
+float lowbit_absmax(const float *x, int64_t n) {
+    uint32_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t a;
+        memcpy(&a, x + i, 4);
+        a &= 0x7FFFFFFFu;
+        m = a > m ? a : m;
+    }
+    float r;
+    memcpy(&r, &m, 4);
+    return r;
+}
+
 /* Whether a type is implemented here (1) or not (0). */
 int lowbit_supports(int type) {
     switch (type) {
@@ -869,9 +914,9 @@ int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, cons
             w = work;
         }
         switch (type) {
-        case T_Q4_0: row_q4_0(xr, w, nb, y + r * nb * 18); break;
+        case T_Q4_0: row_symmetric(xr, w, nb, 8, y + r * nb * 18); break;
         case T_Q4_1: row_affine(xr, w, nb, 15, y + r * nb * 20); break;
-        case T_Q5_0: row_q5_0(xr, w, nb, y + r * nb * 22); break;
+        case T_Q5_0: row_symmetric(xr, w, nb, 16, y + r * nb * 22); break;
         case T_Q5_1: row_affine(xr, w, nb, 31, y + r * nb * 24); break;
         default: row_q8_0(xr, nb, y + r * nb * 34); break;
         }
