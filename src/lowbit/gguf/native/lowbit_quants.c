@@ -152,6 +152,14 @@ typedef float vf __attribute__((vector_size(4 * NL)));
 typedef int32_t vi __attribute__((vector_size(4 * NL)));
 #define VINLINE static inline __attribute__((always_inline))
 
+/* The searches also get an AVX2 build, picked at load time where the CPU has it: the same
+ * IEEE float32 operations on wider registers (no FMA: -ffp-contract=off), so the same bytes. */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(LOWBIT_NO_CLONES)
+#define SEARCH __attribute__((target_clones("avx2", "default")))
+#else
+#define SEARCH
+#endif
+
 VINLINE vf vsplat(float v) { return (vf){0} + v; }
 VINLINE vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 VINLINE vf vabs(vf v) { return (vf)((vi)v & 0x7FFFFFFF); }
@@ -171,7 +179,7 @@ VINLINE vf vcodes(vf v, int lo, int hi) {
 /* _blockops.make_qx_quants (symmetric scale search) on NL blocks side by side: block k is
  * x + k*n, w + k*n (w NULL -> x*x), L + k*n (n <= 32); lanes past nblk repeat block 0.
  * Writes scale[k] and L in [0, 2*nmax). */
-static void make_qx_lanes(int nblk, int n, int nmax, const float *x, const float *w, float *scale_out, uint8_t *L) {
+SEARCH static void make_qx_lanes(int nblk, int n, int nmax, const float *x, const float *w, float *scale_out, uint8_t *L) {
     float xs[32][NL], ws[32][NL], a_mx[NL];
     int zero[NL];
     for (int k = 0; k < NL; k++) {
@@ -273,7 +281,7 @@ static float make_q3_quants(int n, int nmax, const float *x, uint8_t *Lout) {
 /* _blockops.make_qkx (affine scale/min search) on NL blocks side by side, like the torch code
  * does over all blocks: block k is x + k*n, w + k*n, L + k*n (n <= 32). Lanes past nblk repeat
  * block 0 and are dropped. Writes scale[k], the_min[k] (= -min) and L in [0, nmax]. */
-static void make_qkx(int nblk, int n, const float *x, const float *w, int nmax, float rmin, float rdelta, int nstep,
+SEARCH static void make_qkx(int nblk, int n, const float *x, const float *w, int nmax, float rmin, float rdelta, int nstep,
                      int use_mad, float *scale_out, float *min_out, uint8_t *L) {
     float xs[32][NL], ws[32][NL], a_mn[NL], a_mx[NL], a_sw[NL], a_sx[NL];
     int32_t a_flat[NL];
