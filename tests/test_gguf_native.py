@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +85,20 @@ def test_not_native_cases():
     x = torch.randn(2, 256)
     assert native.quantize_rows(int(T.TQ2_0), x, None, 66) is None  # type without a C quantizer
     assert native.quantize_rows(int(T.Q4_0), x.double(), None, 144) is None  # only float32
+
+
+@needs_native
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_portable_build_equals_installed(data, tmp_path, monkeypatch):
+    """The build without the AVX2 clones (what CPUs without AVX2 run) gives the same bytes."""
+    src = Path(native.__file__).parent / "native" / "lowbit_quants.c"
+    so = tmp_path / "portable.so"
+    subprocess.run(["cc", "-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-DLOWBIT_NO_CLONES", "-shared",
+                    "-fPIC", "-o", str(so), str(src), "-lm"], check=True)
+    x = torch.from_numpy(data[::3].copy())
+    im = torch.from_numpy(importance(data.shape[1], 9))
+    want = {(t, w is not None): Q.quantize(x, t, w) for t in NATIVE for w in (None, im)}  # installed build
+    monkeypatch.setattr(native, "_lib", native.open_library(so))
+    for (t, with_im), ref in want.items():
+        got = Q.quantize(x, t, im if with_im else None)
+        np.testing.assert_array_equal(got.numpy(), ref.numpy(), err_msg=f"{t.name} imatrix={with_im}")

@@ -22,6 +22,19 @@ _loaded = False
 _ROW_CHUNK_ELEMENTS = 1 << 16  # values per task: small enough to balance threads, large enough to amortize
 
 
+def open_library(path: str | Path) -> ctypes.CDLL:
+    """Load a build of ``native/lowbit_quants.c`` and declare its C signatures."""
+    lib = ctypes.CDLL(str(path))
+    f32p, u8p, i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8), ctypes.c_int64
+    lib.lowbit_quantize.argtypes = [ctypes.c_int, f32p, i64, i64, f32p, u8p, f32p]
+    lib.lowbit_quantize.restype = ctypes.c_int
+    lib.lowbit_absmax.argtypes = [f32p, i64]
+    lib.lowbit_absmax.restype = ctypes.c_float
+    lib.lowbit_supports.argtypes = [ctypes.c_int]
+    lib.lowbit_supports.restype = ctypes.c_int
+    return lib
+
+
 def _load() -> ctypes.CDLL | None:
     global _lib, _loaded
     if not _loaded:
@@ -31,18 +44,10 @@ def _load() -> ctypes.CDLL | None:
             path = here / f"_native{suffix}"
             if path.exists():
                 try:
-                    lib = ctypes.CDLL(str(path))
+                    _lib = open_library(path)
+                    break
                 except OSError:
                     continue
-                f32p, u8p, i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8), ctypes.c_int64
-                lib.lowbit_quantize.argtypes = [ctypes.c_int, f32p, i64, i64, f32p, u8p, f32p]
-                lib.lowbit_quantize.restype = ctypes.c_int
-                lib.lowbit_absmax.argtypes = [f32p, i64]
-                lib.lowbit_absmax.restype = ctypes.c_float
-                lib.lowbit_supports.argtypes = [ctypes.c_int]
-                lib.lowbit_supports.restype = ctypes.c_int
-                _lib = lib
-                break
     return _lib
 
 

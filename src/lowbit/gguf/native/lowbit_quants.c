@@ -164,15 +164,16 @@ VINLINE vf vsplat(float v) { return (vf){0} + v; }
 VINLINE vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 VINLINE vf vabs(vf v) { return (vf)((vi)v & 0x7FFFFFFF); }
 
-/* nearest_int lane-wise, clamped to [lo, hi], as float */
-VINLINE vf vcodes(vf v, int lo, int hi) {
+/* nearest_int lane-wise, clamped to [lo, hi] */
+VINLINE vi vnearest(vf v, int lo, int hi) {
     vi i = ((vi)(v + 12582912.0f) & 0x007FFFFF) - 0x00400000;
     vi m = i < lo;
     i = (i & ~m) | (lo & m);
     m = i > hi;
-    i = (i & ~m) | (hi & m);
-    return __builtin_convertvector(i, vf);
+    return (i & ~m) | (hi & m);
 }
+
+VINLINE vf vcodes(vf v, int lo, int hi) { return __builtin_convertvector(vnearest(v, lo, hi), vf); }
 
 /* ------------------------------------------------------------------ searches */
 
@@ -237,45 +238,66 @@ static float make_qx_quants(int n, int nmax, const float *x, const float *w, uin
     return scale;
 }
 
-/* _blockops.make_q3_quants (weights x*x, coordinate descent); L in [0, 2*nmax). */
-static float make_q3_quants(int n, int nmax, const float *x, uint8_t *Lout) {
-    float amax, mx = first_abs_max(x, n, &amax);
-    if (amax < GROUP_MAX_EPS) {
-        memset(Lout, 0, (size_t)n);
-        return 0.0f;
+/* _blockops.make_q3_quants (weights x*x, coordinate descent) on 2*NL blocks of n <= 32 side by
+ * side: block k is x + k*n (all present). The descent is a serial chain per block, so two vector
+ * groups run interleaved. Writes scale[k] and L in [0, 2*nmax). */
+SEARCH static void make_q3_lanes(int n, int nmax, const float *x, float *scale_out, uint8_t *Lout) {
+    float xs[2][32][NL], a_mx[2][NL];
+    int zero[2 * NL];
+    for (int k = 0; k < 2 * NL; k++) {
+        const float *xb = x + k * n;
+        float amax, mx = first_abs_max(xb, n, &amax);
+        zero[k] = amax < GROUP_MAX_EPS;
+        a_mx[k / NL][k % NL] = zero[k] ? 1.0f : mx;
+        for (int i = 0; i < n; i++) xs[k / NL][i][k % NL] = xb[i];
     }
-    float iscale = (float)(-nmax) / mx;
-    int L[QK_K];
-    float w[QK_K], wx[QK_K];
-    float sumlx = 0.0f, suml2 = 0.0f;
-    for (int i = 0; i < n; i++) {
-        L[i] = iclamp(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-        w[i] = x[i] * x[i];
-        wx[i] = w[i] * x[i];
-        float lf = (float)L[i];
-        sumlx = sumlx + wx[i] * lf;
-        suml2 = suml2 + (w[i] * lf) * lf;
+    vf xt[2][32], w[2][32], wx[2][32], sumlx[2], suml2[2];
+    vi L[2][32];
+    memcpy(xt, xs, sizeof xt);
+    for (int h = 0; h < 2; h++) {
+        vf mx;
+        memcpy(&mx, a_mx[h], sizeof mx);
+        vf iscale = vsplat((float)(-nmax)) / mx;
+        sumlx[h] = suml2[h] = vsplat(0.0f);
+        for (int i = 0; i < n; i++) {
+            L[h][i] = vnearest(iscale * xt[h][i], -nmax, nmax - 1);
+            w[h][i] = xt[h][i] * xt[h][i];
+            wx[h][i] = w[h][i] * xt[h][i];
+            vf lf = __builtin_convertvector(L[h][i], vf);
+            sumlx[h] = sumlx[h] + wx[h][i] * lf;
+            suml2[h] = suml2[h] + (w[h][i] * lf) * lf;
+        }
     }
     for (int it = 0; it < 5; it++) {
         for (int i = 0; i < n; i++) {
-            float li = (float)L[i];
-            float slx = sumlx - wx[i] * li;
-            float sl2 = suml2 - (w[i] * li) * li;
-            if (!(slx > 0.0f)) continue;
-            int nl = iclamp(nearest_int((x[i] * sl2) / slx), -nmax, nmax - 1);
-            if (nl == L[i]) continue;
-            float nf = (float)nl;
-            float slx2 = slx + wx[i] * nf;
-            float sl22 = sl2 + (w[i] * nf) * nf;
-            if (sl22 > 0.0f && (slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22) {
-                L[i] = nl;
-                sumlx = slx2;
-                suml2 = sl22;
+            for (int h = 0; h < 2; h++) {
+                vf li = __builtin_convertvector(L[h][i], vf);
+                vf slx = sumlx[h] - wx[h][i] * li;
+                vf sl2 = suml2[h] - (w[h][i] * li) * li;
+                vi nl = vnearest((xt[h][i] * sl2) / slx, -nmax, nmax - 1);
+                vf nf = __builtin_convertvector(nl, vf);
+                vf slx2 = slx + wx[h][i] * nf;
+                vf sl22 = sl2 + (w[h][i] * nf) * nf;
+                vi take = (slx > 0.0f) & (nl != L[h][i]) & (sl22 > 0.0f) &
+                          ((slx2 * slx2) * suml2[h] > (sumlx[h] * sumlx[h]) * sl22);
+                L[h][i] = (nl & take) | (L[h][i] & ~take);
+                sumlx[h] = vsel(take, slx2, sumlx[h]);
+                suml2[h] = vsel(take, sl22, suml2[h]);
             }
         }
     }
-    for (int i = 0; i < n; i++) Lout[i] = (uint8_t)(L[i] + nmax);
-    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+    for (int h = 0; h < 2; h++) {
+        vf scale = vsel(suml2[h] > 0.0f, sumlx[h] / suml2[h], vsplat(0.0f));
+        int32_t a_L[32][NL];
+        float a_sc[NL];
+        memcpy(a_L, L[h], sizeof(vi) * n);
+        memcpy(a_sc, &scale, sizeof a_sc);
+        for (int kk = 0; kk < NL; kk++) {
+            int k = h * NL + kk;
+            for (int i = 0; i < n; i++) Lout[k * n + i] = zero[k] ? 0 : (uint8_t)(a_L[i][kk] + nmax);
+            scale_out[k] = zero[k] ? 0.0f : a_sc[kk];
+        }
+    }
 }
 
 /* _blockops.make_qkx (affine scale/min search) on NL blocks side by side, like the torch code
@@ -474,7 +496,7 @@ static void affine_levels(const float *x, int nmax, int clamp, float *d_out, flo
 }
 
 /* Q4_0 (half 8, 18-byte blocks) and Q5_0 (half 16, 22-byte blocks). */
-static void row_symmetric(const float *x, const float *w, int64_t nb, int half, uint8_t *y) {
+SEARCH static void row_symmetric(const float *x, const float *w, int64_t nb, int half, uint8_t *y) {
     uint8_t L[QK * NL];
     float d[NL];
     int ts = half == 8 ? 18 : 22;
@@ -493,7 +515,7 @@ static void row_symmetric(const float *x, const float *w, int64_t nb, int half, 
 }
 
 /* Q4_1 (nmax 15, 20-byte blocks) and Q5_1 (nmax 31, 24-byte blocks). */
-static void row_affine(const float *x, const float *w, int64_t nb, int nmax, uint8_t *y) {
+SEARCH static void row_affine(const float *x, const float *w, int64_t nb, int nmax, uint8_t *y) {
     uint8_t L[QK * NL];
     float d[NL], m[NL];
     int ts = nmax == 15 ? 20 : 24;
@@ -515,7 +537,7 @@ static void row_affine(const float *x, const float *w, int64_t nb, int nmax, uin
     }
 }
 
-static void row_q8_0(const float *x, int64_t nb, uint8_t *y) {
+SEARCH static void row_q8_0(const float *x, int64_t nb, uint8_t *y) {
     for (int64_t b = 0; b < nb; b++, y += 34) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
@@ -548,12 +570,17 @@ static void pack_2bit(const uint8_t *L, uint8_t *q) {
 }
 
 /* kquants._requant over one sub-block: L = clamp(nearest_int((x + dm) / d)) where d != 0. */
-static void requant(const float *x, int n, float d, float dm, int lo, int hi, int *L) {
+VINLINE void requant(const float *x, int n, float d, float dm, int lo, int hi, int *L) {
     if (d == 0.0f) return;
-    for (int i = 0; i < n; i++) L[i] = iclamp(nearest_int((x[i] + dm) / d), lo, hi);
+    for (int i = 0; i < n; i += NL) { /* n is a multiple of NL */
+        vf v;
+        memcpy(&v, x + i, sizeof v);
+        vi q = vnearest((v + dm) / d, lo, hi);
+        memcpy(L + i, &q, sizeof q);
+    }
 }
 
-static void block_q2_k(const float *x, const float *qw, uint8_t *y) {
+SEARCH static void block_q2_k(const float *x, const float *qw, uint8_t *y) {
     uint8_t Lb[QK_K], byte[16];
     float sc[16], mn[16], d, dmin;
     if (!qw) {
@@ -608,12 +635,12 @@ static void pack_scales_q3(const int *l, uint8_t *p) {
     }
 }
 
-static void block_q3_k(const float *x, const float *qw, uint8_t *y) {
+SEARCH static void block_q3_k(const float *x, const float *qw, uint8_t *y) {
     uint8_t Lb[QK_K], packed[12];
     float sc[16], d;
     int l[16];
     if (!qw) {
-        for (int j = 0; j < 16; j++) sc[j] = make_q3_quants(16, 4, x + 16 * j, Lb + 16 * j);
+        make_q3_lanes(16, 4, x, sc, Lb);
         float max_scale = first_abs_max(sc, 16, NULL);
         int nz = max_scale != 0.0f;
         float iscale = -32.0f / (nz ? max_scale : 1.0f);
@@ -660,7 +687,7 @@ static void block_q3_k(const float *x, const float *qw, uint8_t *y) {
 }
 
 /* Q4_K / Q5_K shared part (kquants._q45_scales): writes d, dmin, packed scales; returns codes in L. */
-static void q45_scales(const float *x, const float *qw, int nmax, float rmin, float rdelta, int nstep, uint8_t *y, int *L) {
+SEARCH static void q45_scales(const float *x, const float *qw, int nmax, float rmin, float rdelta, int nstep, uint8_t *y, int *L) {
     uint8_t Lb[QK_K];
     float sc[8], mn[8], d, dmin;
     int ls[8], lm[8];
@@ -741,7 +768,7 @@ static void block_q5_k(const float *x, const float *qw, uint8_t *y) {
     pack_4bit_pairs(L, y + 48);
 }
 
-static void block_q6_k(const float *x, const float *qw, uint8_t *y) {
+SEARCH static void block_q6_k(const float *x, const float *qw, uint8_t *y) {
     uint8_t Lb[QK_K];
     float sc[16];
     for (int j = 0; j < 16; j += NL) make_qx_lanes(NL, 16, 32, x + 16 * j, qw ? qw + 16 * j : NULL, sc + j, Lb + 16 * j);
