@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 _lib: ctypes.CDLL | None = None
 _loaded = False
-_ROW_CHUNK_ELEMENTS = 1 << 16  # values per task: small enough to balance threads, large enough to amortize
+_ROW_CHUNK_ELEMENTS = 1 << 17  # values per task: small enough to balance threads and stay in cache
 
 
 def open_library(path: str | Path) -> ctypes.CDLL:
@@ -61,22 +62,22 @@ def supports(qtype: int) -> bool:
     return enabled() and bool(_lib.lowbit_supports(int(qtype)))
 
 
-def absmax(x: torch.Tensor) -> float | None:
-    """``max |x|`` of a contiguous float32 CPU tensor (NaN if it holds a NaN); None if not native.
-
-    One C pass on this thread: a torch reduction on OpenMP threads costs far more on a busy machine.
-    """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or not enabled():
-        return None
-    return float(_lib.lowbit_absmax(_ptr(x, ctypes.c_float), x.numel()))
-
-
 def _ptr(t: torch.Tensor | None, ctype):
     return None if t is None else ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
 
 
 def quantize_rows(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | None, row_bytes: int) -> torch.Tensor | None:
     """float32 CPU ``[R, C]`` (importance ``[C]`` or None) -> uint8 ``[R, row_bytes]``; None if not native."""
+    res = quantize_rows_absmax(qtype, x, imatrix, row_bytes)
+    return None if res is None else res[0]
+
+
+def quantize_rows_absmax(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | None,
+                         row_bytes: int) -> tuple[torch.Tensor, float] | None:
+    """:func:`quantize_rows` plus ``max |x|`` (NaN if x holds a NaN), read while each chunk is in cache.
+
+    NaN or Inf input gives garbage bytes (never a crash): callers check the max before using them.
+    """
     if x.device.type != "cpu" or x.dtype != torch.float32 or not supports(qtype):
         return None
     x = x.contiguous()
@@ -84,17 +85,25 @@ def quantize_rows(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | None, row
     rows, cols = x.shape
     out = torch.empty((rows, row_bytes), dtype=torch.uint8)
     step = max(1, _ROW_CHUNK_ELEMENTS // max(cols, 1))
+    fp, bp = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8)
+    x0, out0, qwp = x.data_ptr(), out.data_ptr(), _ptr(qw, ctypes.c_float)
 
-    def run(r0: int) -> int:
+    def run(r0: int) -> tuple[int, float]:
         n = min(step, rows - r0)
-        work = torch.empty(cols, dtype=torch.float32)
-        return _lib.lowbit_quantize(int(qtype), _ptr(x[r0], ctypes.c_float), n, cols, _ptr(qw, ctypes.c_float),
-                                    _ptr(out[r0], ctypes.c_uint8), _ptr(work, ctypes.c_float))
+        xp = ctypes.cast(x0 + r0 * cols * 4, fp)
+        amax = _lib.lowbit_absmax(xp, n * cols)
+        work = torch.empty(cols, dtype=torch.float32) if qw is not None else None  # legacy types' row weights
+        rc = _lib.lowbit_quantize(int(qtype), xp, n, cols, qwp, ctypes.cast(out0 + r0 * row_bytes, bp),
+                                  _ptr(work, ctypes.c_float))
+        return rc, amax
 
     starts = list(range(0, rows, step))
     threads = min(torch.get_num_threads(), len(starts))
-    codes = [run(r0) for r0 in starts] if threads <= 1 else list(_pool(threads).map(run, starts))
-    return out if all(c == 0 for c in codes) else None
+    res = [run(r0) for r0 in starts] if threads <= 1 else list(_pool(threads).map(run, starts))
+    if any(rc != 0 for rc, _ in res):
+        return None
+    maxes = [a for _, a in res]
+    return out, (math.nan if any(math.isnan(a) for a in maxes) else max(maxes, default=0.0))
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}

@@ -397,12 +397,6 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
     if cols % cls.block_size != 0:
         raise LowbitError(None, f"row length {cols} is not a multiple of the {qt.name} block size {cls.block_size}")
     x = t.detach().float().contiguous()
-    amax = native.absmax(x) if x.numel() else 0.0
-    if amax is None:
-        lo, hi = (float(v) for v in torch.aminmax(x))  # one pass, no |x| temporary
-        amax = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.nan
-    if not math.isfinite(amax):
-        raise LowbitError(None, f"cannot quantize to {qt.name}: the tensor contains NaN or Inf values")
     qw = None
     if imatrix is not None and qt not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
         qw = imatrix.detach().float().reshape(-1).to(x.device)
@@ -410,7 +404,21 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
             raise LowbitError(None, f"importance matrix has {qw.numel()} values, expected one per column ({cols})")
         if not bool(torch.isfinite(qw).all()):
             raise LowbitError(None, "importance matrix contains NaN or Inf values")
-    out = torch.empty((rows, cols // cls.block_size * cls.type_size), dtype=torch.uint8, device=x.device)
+    row_bytes = cols // cls.block_size * cls.type_size
+    # CPU: the native C quantizers when built (same bytes); they also return max |x|
+    fast = native.quantize_rows_absmax(int(qt), x, qw, row_bytes) if x.device.type == "cpu" else None
+    if fast is not None:
+        amax = fast[1]
+    elif x.numel():
+        lo, hi = (float(v) for v in torch.aminmax(x))  # one pass, no |x| temporary
+        amax = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.nan
+    else:
+        amax = 0.0
+    if not math.isfinite(amax):
+        raise LowbitError(None, f"cannot quantize to {qt.name}: the tensor contains NaN or Inf values")
+    if fast is not None:
+        return _check_scales(fast[0], qt, (rows, cols), amax)
+    out = torch.empty((rows, row_bytes), dtype=torch.uint8, device=x.device)
     step = _chunk_rows(rows, cols, x.device, cls)
     if (
         x.is_cuda
@@ -420,10 +428,6 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
         and _run_graphed(cls, x, qw, out, step)
     ):
         return _check_scales(out, qt, (rows, cols), amax)
-    if x.device.type == "cpu":
-        fast = native.quantize_rows(int(qt), x, qw, out.shape[1])
-        if fast is not None:
-            return _check_scales(fast, qt, (rows, cols), amax)
     for r0 in range(0, rows, step):
         out[r0 : r0 + step] = cls.quantize_rows(x[r0 : r0 + step], qw)
     return _check_scales(out, qt, (rows, cols), amax)

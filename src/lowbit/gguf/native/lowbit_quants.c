@@ -672,14 +672,14 @@ SEARCH static void block_q3_k(const float *x, const float *qw, uint8_t *y) {
         requant(x + 16 * j, 16, d16 * (float)((lo | (hi << 4)) - 32), 0.0f, -4, 3, L + 16 * j);
     }
     uint8_t Lq[QK_K];
-    memset(y, 0, 32);
-    for (int i = 0; i < QK_K; i++) {
-        int v = L[i] + 4;
-        if (v > 3) {
-            y[i & 31] |= (uint8_t)(1 << (i >> 5));
-            v -= 4;
+    for (int l = 0; l < 32; l++) { /* hmask bit k of byte l: code of element 32k+l > 3 (branch-free) */
+        int m = 0;
+        for (int k = 0; k < 8; k++) {
+            int v = L[32 * k + l] + 4, h = v > 3;
+            m |= h << k;
+            Lq[32 * k + l] = (uint8_t)(v - 4 * h);
         }
-        Lq[i] = (uint8_t)v;
+        y[l] = (uint8_t)m;
     }
     pack_2bit(Lq, y + 32);
     memcpy(y + 96, packed, 12);
