@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         hdr = f"{'type':8} {'written':16} {'path':6} {'lowbit s':>9} {'llama.cpp s':>11} {'ratio':>6}  bytes equal"
         print(hdr)
         print("-" * len(hdr))
+        for name in args.types.split(","):  # warm-up, untimed: loads the native library, starts its threads
+            Q.quantize(torch.ones(8, 256), Q.parse_qtype(name.strip()))
         for name in args.types.split(","):
             r = bench_type(Q.parse_qtype(name.strip()), weights, args.threads, tmp, imatrix)
             results.append(r)

@@ -27,10 +27,8 @@ def open_library(path: str | Path) -> ctypes.CDLL:
     """Load a build of ``native/lowbit_quants.c`` and declare its C signatures."""
     lib = ctypes.CDLL(str(path))
     f32p, u8p, i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8), ctypes.c_int64
-    lib.lowbit_quantize.argtypes = [ctypes.c_int, f32p, i64, i64, f32p, u8p, f32p]
+    lib.lowbit_quantize.argtypes = [ctypes.c_int, f32p, i64, i64, f32p, u8p, f32p, f32p]
     lib.lowbit_quantize.restype = ctypes.c_int
-    lib.lowbit_absmax.argtypes = [f32p, i64]
-    lib.lowbit_absmax.restype = ctypes.c_float
     lib.lowbit_supports.argtypes = [ctypes.c_int]
     lib.lowbit_supports.restype = ctypes.c_int
     return lib
@@ -84,21 +82,23 @@ def quantize_rows_absmax(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | No
     qw = None if imatrix is None else imatrix.to(device="cpu", dtype=torch.float32).contiguous()
     rows, cols = x.shape
     out = torch.empty((rows, row_bytes), dtype=torch.uint8)
+    threads = torch.get_num_threads()
     step = max(1, _ROW_CHUNK_ELEMENTS // max(cols, 1))
+    if threads > 1:  # a few chunks per thread, so that the threads finish together
+        step = max(1, min(step, -(-rows // (4 * threads))))
     fp, bp = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8)
     x0, out0, qwp = x.data_ptr(), out.data_ptr(), _ptr(qw, ctypes.c_float)
 
     def run(r0: int) -> tuple[int, float]:
         n = min(step, rows - r0)
-        xp = ctypes.cast(x0 + r0 * cols * 4, fp)
-        amax = _lib.lowbit_absmax(xp, n * cols)
         work = torch.empty(cols, dtype=torch.float32) if qw is not None else None  # legacy types' row weights
-        rc = _lib.lowbit_quantize(int(qtype), xp, n, cols, qwp, ctypes.cast(out0 + r0 * row_bytes, bp),
-                                  _ptr(work, ctypes.c_float))
-        return rc, amax
+        amax = ctypes.c_float(0.0)
+        rc = _lib.lowbit_quantize(int(qtype), ctypes.cast(x0 + r0 * cols * 4, fp), n, cols, qwp,
+                                  ctypes.cast(out0 + r0 * row_bytes, bp), _ptr(work, ctypes.c_float), ctypes.byref(amax))
+        return rc, amax.value
 
     starts = list(range(0, rows, step))
-    threads = min(torch.get_num_threads(), len(starts))
+    threads = min(threads, len(starts))
     res = [run(r0) for r0 in starts] if threads <= 1 else list(_pool(threads).map(run, starts))
     if any(rc != 0 for rc, _ in res):
         return None

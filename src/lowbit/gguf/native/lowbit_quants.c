@@ -893,8 +893,8 @@ enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10, 
 
 typedef void (*block_fn)(const float *, const float *, uint8_t *);
 
-/* max |x| over n values; NaN if any value is NaN (|x| bit patterns order like their values, NaN above inf). */
-float lowbit_absmax(const float *x, int64_t n) {
+/* max |x| as float bits (|x| bit patterns order like their values, NaN above inf) */
+static uint32_t absmax_bits(const float *x, int64_t n) {
     uint32_t m = 0;
     for (int64_t i = 0; i < n; i++) {
         uint32_t a;
@@ -902,9 +902,7 @@ float lowbit_absmax(const float *x, int64_t n) {
         a &= 0x7FFFFFFFu;
         m = a > m ? a : m;
     }
-    float r;
-    memcpy(&r, &m, 4);
-    return r;
+    return m;
 }
 
 /* Whether a type is implemented here (1) or not (0). */
@@ -920,8 +918,11 @@ int lowbit_supports(int type) {
 }
 
 /* Quantize rows [nrows, ncols] of float32 x (importance qw [ncols] or NULL) into y.
- * work: ncols floats of scratch (legacy types with qw). Returns 0, or -1 for an unknown type. */
-int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, const float *qw, uint8_t *y, float *work) {
+ * work: ncols floats of scratch (legacy types with qw). *absmax: max |x| (NaN if x holds a NaN;
+ * such input gives meaningless bytes). Returns 0, or -1 for an unknown type. */
+int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, const float *qw, uint8_t *y, float *work,
+                    float *absmax) {
+    uint32_t amax_bits = 0;
     block_fn fn = NULL;
     int bs = QK_K, ts = 0;
     switch (type) {
@@ -938,6 +939,8 @@ int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, cons
     int64_t nb = ncols / (fn ? bs : QK);
     for (int64_t r = 0; r < nrows; r++) {
         const float *xr = x + r * ncols;
+        uint32_t m = absmax_bits(xr, ncols); /* while the row is in cache */
+        amax_bits = m > amax_bits ? m : amax_bits;
         if (fn) {
             uint8_t *yr = y + r * nb * ts;
             for (int64_t b = 0; b < nb; b++) fn(xr + b * bs, qw ? qw + b * bs : NULL, yr + b * ts);
@@ -956,5 +959,6 @@ int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, cons
         default: row_q8_0(xr, nb, y + r * nb * 34); break;
         }
     }
+    memcpy(absmax, &amax_bits, 4);
     return 0;
 }
