@@ -62,10 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE", help="GGUF per-tensor type")
     q.add_argument("--output-tensor-type", help="GGUF type of output.weight")
     q.add_argument("--token-embedding-type", help="GGUF type of token_embd.weight")
-    q.add_argument("--calib", help="calibration text or JSONL chat file (GPTQ/AWQ)")
+    q.add_argument("--calib", help="calibration text or JSONL chat file, or a named set: pydoc (default), "
+                   "selfgen (sampled from the model itself; best for GPTQ when no in-domain text is at hand)")
     q.add_argument("--samples", type=int, default=None, help="calibration samples (GPTQ 128, AWQ 128)")
     q.add_argument("--seq-len", type=int, default=None, help="tokens per sample (GPTQ 2048, AWQ 512)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of Hessian diagonal")
+    q.add_argument("--act-order", nargs="?", const="dynamic", default=None, choices=["static", "dynamic", "off"],
+                   help="GPTQ: visit columns by decreasing Hessian diagonal. static (default): groups fixed up "
+                        "front, no g_idx; dynamic (the bare flag): groups in visiting order with a g_idx; off")
     q.add_argument("--device", default="cpu", help="cpu or cuda")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true", help="machine-readable output")
