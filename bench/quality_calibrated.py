@@ -78,7 +78,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=SMOL)
     ap.add_argument("--methods", default="rtn,gptq,gptq_ao,awq",
-                    help="comma list of rtn, gptq, awq; suffix _ao = GPTQ act-order, _mse = MSE-searched group ranges, _static = GPTQ static groups")
+                    help="comma list of rtn, gptq, awq, gptq_default (lowbit's GPTQ defaults); suffixes (explicit, "
+                         "otherwise off): _ao = act-order, _mse = MSE-searched group ranges, _static = static groups")
     ap.add_argument("--schemes", default="4:64,3:64,4:-1,3:-1", help="bits:group_size list")
     ap.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
     ap.add_argument("--n-samples", type=int, default=None, help="default: the method's (128)")
@@ -119,6 +120,7 @@ def main() -> None:
         bits, gs = (int(v) for v in spec.split(":"))
         scheme = QuantScheme(bits, gs, args.sym)
         method, ao, mse = m.split("_")[0], "_ao" in m, "_mse" in m  # e.g. gptq_ao_mse_static
+        default = m == "gptq_default"  # lowbit's GPTQ defaults (static act-order, MSE ranges)
         calib = CalibrationConfig(path=None if calib_name == "-" else calib_name, n_samples=args.n_samples,
                                   seq_len=args.seq_len, seed=0, batch_size=4)
         resolved = calib.resolved(method)
@@ -128,13 +130,13 @@ def main() -> None:
             self_generated(src, resolved.n_samples, resolved.seq_len, 0, args.device)
         t0 = time.perf_counter()
         opts = {"search_batches": args.awq_search_batches} if method == "awq" else {}
-        if mse:
-            opts["mse_clip"] = True
-        if "_static" in m:
-            opts["static_groups"] = True
+        if method in ("gptq", "rtn") and not default:  # explicit: the flags in the name, nothing else
+            opts["mse_clip"] = mse
+        if method == "gptq" and not default:
+            opts["static_groups"] = "_static" in m
         if method == "gptq" and args.damp is not None:
             opts["damp"] = args.damp
-        qm = quantize_model(src, method, scheme, calib, act_order=ao, device=args.device, **opts)
+        qm = quantize_model(src, method, scheme, calib, act_order=None if default else ao, device=args.device, **opts)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
