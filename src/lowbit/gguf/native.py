@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,8 +25,8 @@ _ROW_CHUNK_ELEMENTS = 1 << 17  # values per task: small enough to balance thread
 def open_library(path: str | Path) -> ctypes.CDLL:
     """Load a build of ``native/lowbit_quants.c`` and declare its C signatures."""
     lib = ctypes.CDLL(str(path))
-    f32p, u8p, i64 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8), ctypes.c_int64
-    lib.lowbit_quantize.argtypes = [ctypes.c_int, f32p, i64, i64, f32p, u8p, f32p, f32p]
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64  # pointers passed as plain ints (no ctypes objects per call)
+    lib.lowbit_quantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, ptr]
     lib.lowbit_quantize.restype = ctypes.c_int
     lib.lowbit_supports.argtypes = [ctypes.c_int]
     lib.lowbit_supports.restype = ctypes.c_int
@@ -60,10 +59,6 @@ def supports(qtype: int) -> bool:
     return enabled() and bool(_lib.lowbit_supports(int(qtype)))
 
 
-def _ptr(t: torch.Tensor | None, ctype):
-    return None if t is None else ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
-
-
 def quantize_rows(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | None, row_bytes: int) -> torch.Tensor | None:
     """float32 CPU ``[R, C]`` (importance ``[C]`` or None) -> uint8 ``[R, row_bytes]``; None if not native."""
     res = quantize_rows_absmax(qtype, x, imatrix, row_bytes)
@@ -83,27 +78,26 @@ def quantize_rows_absmax(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | No
     rows, cols = x.shape
     out = torch.empty((rows, row_bytes), dtype=torch.uint8)
     threads = torch.get_num_threads()
-    step = max(1, _ROW_CHUNK_ELEMENTS // max(cols, 1))
-    if threads > 1:  # a few chunks per thread, so that the threads finish together
-        step = max(1, min(step, -(-rows // (4 * threads))))
-    fp, bp = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8)
-    x0, out0, qwp = x.data_ptr(), out.data_ptr(), _ptr(qw, ctypes.c_float)
-
-    def run(r0: int) -> tuple[int, float]:
-        n = min(step, rows - r0)
-        work = torch.empty(cols, dtype=torch.float32) if qw is not None else None  # legacy types' row weights
-        amax = ctypes.c_float(0.0)
-        rc = _lib.lowbit_quantize(int(qtype), ctypes.cast(x0 + r0 * cols * 4, fp), n, cols, qwp,
-                                  ctypes.cast(out0 + r0 * row_bytes, bp), _ptr(work, ctypes.c_float), ctypes.byref(amax))
-        return rc, amax.value
-
+    step = max(1, rows)  # one thread: one call
+    if threads > 1:  # chunks that stay in cache, a few per thread so that the threads finish together
+        step = max(1, min(_ROW_CHUNK_ELEMENTS // max(cols, 1), -(-rows // (4 * threads))))
     starts = list(range(0, rows, step))
+    maxes = torch.zeros(len(starts), dtype=torch.float32)
+    x0, out0, qwp, m0 = x.data_ptr(), out.data_ptr(), None if qw is None else qw.data_ptr(), maxes.data_ptr()
+
+    def run(i: int) -> int:
+        r0 = starts[i]
+        work = torch.empty(cols, dtype=torch.float32) if qw is not None else None  # legacy types' row weights
+        return _lib.lowbit_quantize(int(qtype), x0 + r0 * cols * 4, min(step, rows - r0), cols, qwp,
+                                    out0 + r0 * row_bytes, None if work is None else work.data_ptr(), m0 + 4 * i)
+
     threads = min(threads, len(starts))
-    res = [run(r0) for r0 in starts] if threads <= 1 else list(_pool(threads).map(run, starts))
-    if any(rc != 0 for rc, _ in res):
+    idx = range(len(starts))
+    codes = [run(i) for i in idx] if threads <= 1 else list(_pool(threads).map(run, idx))
+    if any(codes):
         return None
-    maxes = [a for _, a in res]
-    return out, (math.nan if any(math.isnan(a) for a in maxes) else max(maxes, default=0.0))
+    amax = float(maxes.max()) if len(starts) else 0.0  # NaN propagates
+    return out, amax
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
