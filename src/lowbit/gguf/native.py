@@ -20,11 +20,18 @@ import torch
 _lib: ctypes.CDLL | None = None
 _loaded = False
 _ROW_CHUNK_ELEMENTS = 1 << 17  # values per task: small enough to balance threads and stay in cache
+ABI_VERSION = 1  # lowbit_abi_version() of the C source this module drives; a stale build is ignored
 
 
 def open_library(path: str | Path) -> ctypes.CDLL:
-    """Load a build of ``native/lowbit_quants.c`` and declare its C signatures."""
+    """Load a build of ``native/lowbit_quants.c`` and declare its C signatures (OSError if stale)."""
     lib = ctypes.CDLL(str(path))
+    try:
+        version = lib.lowbit_abi_version()
+    except AttributeError:
+        version = 0
+    if version != ABI_VERSION:
+        raise OSError(f"{path}: native library version {version}, expected {ABI_VERSION}: rebuild with pip install -e .")
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64  # pointers passed as plain ints (no ctypes objects per call)
     lib.lowbit_quantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, ptr]
     lib.lowbit_quantize.restype = ctypes.c_int

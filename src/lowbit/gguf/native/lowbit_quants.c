@@ -905,6 +905,9 @@ static uint32_t absmax_bits(const float *x, int64_t n) {
     return m;
 }
 
+/* Bumped whenever an exported signature or the bytes of a type change (native.py checks it). */
+int lowbit_abi_version(void) { return 1; }
+
 /* Whether a type is implemented here (1) or not (0). */
 int lowbit_supports(int type) {
     switch (type) {
