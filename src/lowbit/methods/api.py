@@ -100,6 +100,15 @@ def _stored(sr: StreamResult) -> tuple[StoredWeights, StoredTensors, dict[str, A
     return StoredWeights(weights, sr.scratch), StoredTensors(floats, sr.scratch), info
 
 
+def _ids_digest(data: CalibrationData) -> str:
+    import hashlib
+
+    h = hashlib.sha256(data.input_ids.to(torch.int64).contiguous().numpy().tobytes())
+    if data.attention_mask is not None:
+        h.update(data.attention_mask.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _source_identity(hf_dir: Path) -> dict[str, Any]:
     files = sorted(p for p in hf_dir.glob("*") if p.suffix in (".safetensors", ".bin", ".json"))
     return {"dir": str(hf_dir.resolve()), "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
@@ -109,7 +118,7 @@ def quantize_model(
     source: Any,
     method: str = "gptq",
     scheme: QuantScheme = QuantScheme(4, 128, True),
-    calib: CalibrationConfig | None = None,
+    calib: CalibrationConfig | CalibrationData | None = None,
     act_order: bool | str | None = None,
     device: str | torch.device = "cpu",
     workdir: str | Path | None = None,
@@ -121,7 +130,8 @@ def quantize_model(
     """Quantize every linear layer inside the decoder layers of ``source``, streaming layer by layer.
 
     ``source`` is anything :func:`lowbit.models.resolve` accepts (an HF folder, a GGUF file...).
-    ``rules`` maps regular expressions over HF weight names to a scheme or ``None`` (keep float).
+    ``calib`` is a :class:`CalibrationConfig` (text to sample) or ready :class:`CalibrationData`
+    (token ids, e.g. the exact samples another tool used). ``rules`` maps regular expressions over HF weight names to a scheme or ``None`` (keep float).
     Embeddings, ``lm_head`` and norms stay float (AWQ may return folded norms in
     ``float_overrides``). Finished layers' results are written to ``workdir`` (so an interrupted
     run resumes) or to a temporary folder, and the returned model's ``weights`` and
@@ -141,15 +151,17 @@ def quantize_model(
     from lowbit.models.loader import load_tokenizer
     from lowbit.models.streaming import stream_quantize
 
-    calib = calib or CalibrationConfig()
+    given = calib if isinstance(calib, CalibrationData) else None
+    calib = CalibrationConfig() if given is not None or calib is None else calib
     handler = make_handler(method, scheme, act_order, rules, **options)
     src = resolve(source)
     ckpt = Checkpoint(src.hf_dir)
     config = AutoConfig.from_pretrained(str(src.hf_dir))
-    data: CalibrationData | None = None
-    if handler.needs_inputs:
+    data: CalibrationData | None = given
+    if handler.needs_inputs and data is None:
         data = load_calibration(load_tokenizer(src.hf_dir), calib, method, source=src, device=device)
-    request = {"source": _source_identity(src.hf_dir), "calib": calib.resolved(method).describe(), "dtype": str(dtype)}
+    calib_id = calib.resolved(method).describe() if given is None else {"ids_sha256": _ids_digest(given)}
+    request = {"source": _source_identity(src.hf_dir), "calib": calib_id, "dtype": str(dtype)}
     sr = stream_quantize(
         config, ckpt, data, handler, device=device, dtype=dtype, batch_size=calib.batch_size,
         workdir=workdir, request=request, stop_after=stop_after,
