@@ -183,3 +183,29 @@ def test_rules_select_schemes_and_float_layers() -> None:
     assert not any("down_proj" in k for k in qm.weights)
     assert qm.weights["model.layers.0.self_attn.q_proj.weight"].scheme.bits == 8
     assert qm.weights["model.layers.0.self_attn.v_proj.weight"].scheme == SCHEME
+
+
+def test_ready_calibration_ids_give_the_same_result_as_the_text_they_came_from() -> None:
+    """``quantize_model`` takes CalibrationData (exact token ids) as well as a CalibrationConfig."""
+    from transformers import AutoTokenizer
+
+    from lowbit.models.calibration import CalibrationData
+
+    data = load_calibration(AutoTokenizer.from_pretrained(str(STORIES)), CALIB, "gptq")
+    from_text = quantize_model(STORIES, "gptq", SCHEME, CALIB)
+    from_ids = quantize_model(STORIES, "gptq", SCHEME, CalibrationData(data.input_ids.clone(), None, "ids"))
+    assert set(from_text.weights) == set(from_ids.weights)
+    for name in from_text.weights:
+        assert torch.equal(from_text.weights[name].codes, from_ids.weights[name].codes), name
+
+
+def test_act_order_modes() -> None:
+    from lowbit.methods.api import act_order_flags
+
+    assert act_order_flags("static") == (True, True) and act_order_flags("dynamic") == (True, False)
+    assert act_order_flags(True) == (True, False) and act_order_flags("off") == (False, False)
+    assert make_handler("gptq", SCHEME).static_groups and make_handler("gptq", SCHEME).act_order
+    with pytest.raises(LowbitError, match="act-order mode"):
+        act_order_flags("sideways")
+    with pytest.raises(LowbitError, match="GPTQ only"):
+        make_handler("awq", SCHEME, act_order="static")
