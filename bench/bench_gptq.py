@@ -6,7 +6,8 @@ about one decoder layer plus the calibration activations in memory.
 
 ``--gpu``: GPTQ W4g128 one decoder layer with Llama-3-8B shapes (hidden 4096, intermediate
 14336, 32 heads, 8 KV heads) on 128 x 2048 random calibration activations made on the GPU,
-through the same layer handler the engine uses; reports the time (extrapolated to 32 layers)
+through the same layer handler the engine uses (lowbit's GPTQ defaults: static act-order, MSE
+group ranges; ``--act-order`` adds the plain algorithm for comparison); reports the time (extrapolated to 32 layers)
 and peak GPU memory. Writes JSON to ``$OUT`` (or ``bench/results``).
 """
 
@@ -103,7 +104,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from lowbit.core import QuantScheme
-    from lowbit.methods.layerwise import GPTQHandler
+    from lowbit.methods.api import make_handler
     from lowbit.models.adapters import LLAMA
     from lowbit.models.streaming import LayerContext, LayerInputs, run_layer
 
@@ -134,7 +135,8 @@ def bench_gpu(args: argparse.Namespace) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    for name, act_order in (("w4g128", False), ("w4g128_act_order", True))[: 2 if args.act_order else 1]:
+    variants = (("w4g128_lowbit_defaults", {}), ("w4g128_plain", {"act_order": "off", "mse_clip": False}))
+    for name, opts in variants[: 2 if args.act_order else 1]:
         state = {k: v.clone() for k, v in layer.state_dict().items()}
         sync()
         if cuda:
@@ -142,7 +144,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
         base_mem = torch.cuda.memory_allocated() if cuda else 0
         t0 = time.perf_counter()
         with torch.no_grad():
-            res = GPTQHandler(QuantScheme(4, 128, True), act_order=act_order).process(
+            res = make_handler("gptq", QuantScheme(4, 128, True), **opts).process(
                 LayerContext(0, layer, LLAMA, cfg, inputs, dev))
             sync()
             t_q = time.perf_counter() - t0
@@ -176,7 +178,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--act-order", action="store_true", help="GPU: also time plain GPTQ (no act-order, min/max ranges)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=14336)
