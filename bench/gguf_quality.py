@@ -9,7 +9,13 @@ For a model (SmolLM2-135M or Gemma-3-270M GGUF, or any source lowbit loads):
 3. llama.cpp evaluates every file on WikiText-2 test (first ``--chunks`` chunks of ``--ctx``
    tokens, llama-perplexity's convention: BOS first, second half of each chunk scored) and we
    report file size, bits per weight, perplexity, mean KL divergence to the base model and
-   whether lowbit's tensor data are byte-identical to llama.cpp's.
+   whether lowbit's tensor data are byte-identical to llama.cpp's (the names of differing
+   tensors are kept in the JSON as ``mismatched_tensors``).
+
+Mixes that llama.cpp refuses without an importance matrix (IQ1/IQ2, Q2_K_S) give a row marked
+"n/a (llama.cpp requires an imatrix)"; lowbit is asked too and should refuse likewise.
+With ``--out``, the JSON is rewritten after every row and an existing file is resumed: rows
+already there (same mix and imatrix setting) are kept and not run again.
 
 Run:  python bench/gguf_quality.py --model smollm2 --mixes Q8_0,Q4_K_M --chunks 4
 (the SmolLM2 GGUF is itself Q4_1, so "unquantized" means its dequantized weights in F16.)
@@ -74,7 +80,7 @@ def main(argv=None):
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--calib-chunks", type=int, default=8)
     ap.add_argument("--work", default="/tmp/lowbit-gguf-bench")
-    ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--out", default=None, help="write results as JSON here (after every row; an existing file is resumed)")
     a = ap.parse_args(argv)
 
     from lowbit.gguf.convert import compute_imatrix, quantize_to_gguf
@@ -88,6 +94,10 @@ def main(argv=None):
     if not base.exists():
         quantize_to_gguf(src, base, "F16")
     mixes = [m.strip().upper() for m in a.mixes.split(",") if m.strip()]
+    if a.mixes.strip().lower() == "all":
+        from lowbit.gguf.mixes import FLOAT_MIXES, MIXES
+
+        mixes = [m for m in MIXES if m not in FLOAT_MIXES and not m.startswith("TQ")]
     ours_set = set(mixes) if a.ours == "all" else set() if a.ours == "none" else {m.upper() for m in a.ours.split(",")}
 
     imat_path = work / "imatrix.gguf"
@@ -109,6 +119,18 @@ def main(argv=None):
     base_res, base_lp = evaluate(base, chunks)
     print(f"base F16: ppl {base_res['ppl']:.4f} ({time.time() - t:.0f}s)", flush=True)
     rows = [{"mix": "F16 (base)", "imatrix": False, **file_stats(base), "llama": base_res, "ours": base_res, "bytes_equal": True}]
+    done = {}
+    if a.out and Path(a.out).exists():
+        for r in json.loads(Path(a.out).read_text()):
+            if r["mix"] != "F16 (base)":
+                done[(r["mix"], r["imatrix"])] = r
+        print(f"resuming {a.out}: {len(done)} rows kept", flush=True)
+
+    def save():
+        if a.out:
+            tmp = Path(str(a.out) + ".tmp")
+            tmp.write_text(json.dumps(rows, indent=2))
+            tmp.replace(a.out)
 
     variants = []
     for m in mixes:
@@ -117,10 +139,32 @@ def main(argv=None):
         if a.imatrix in ("yes", "both"):
             variants.append((m, True))
     for mix, use_im in variants:
+        if (mix, use_im) in done:
+            rows.append(done[(mix, use_im)])
+            continue
         tag = f"{mix}{'-imat' if use_im else ''}"
         theirs = work / f"llama-{tag}.gguf"
         t0 = time.time()
-        llamacpp_quantize(base, theirs, mix, imatrix=imat_vals if use_im else None)
+        try:
+            llamacpp_quantize(base, theirs, mix, imatrix=imat_vals if use_im else None)
+        except RuntimeError as e:
+            if use_im:
+                raise
+            # llama.cpp refuses IQ1/IQ2 (and Q2_K_S) tensors without an importance matrix
+            row = {"mix": mix, "imatrix": False, "na": "llama.cpp requires an imatrix", "llama_error": str(e)}
+            theirs.unlink(missing_ok=True)
+            if True:  # cheap: lowbit refuses while planning, before encoding anything
+                try:
+                    quantize_to_gguf(base, work / f"lowbit-{tag}.gguf", mix, overwrite=True)
+                    row["lowbit_refused"] = False
+                except Exception as e2:  # noqa: BLE001
+                    row["lowbit_refused"] = True
+                    row["lowbit_error"] = f"{type(e2).__name__}: {e2}"
+            row["total_s"] = time.time() - t0
+            rows.append(row)
+            save()
+            print(f"{tag:14s} n/a ({row['na']}); lowbit refused too: {row.get('lowbit_refused')}", flush=True)
+            continue
         t1 = time.time()
         row = {"mix": mix, "imatrix": use_im, **file_stats(theirs), "llama_quantize_s": t1 - t0}
         row["llama"], _ = evaluate(theirs, chunks, base_lp)
@@ -131,12 +175,17 @@ def main(argv=None):
             row["lowbit_quantize_s"] = time.time() - t2
             A, B = gguf_tensor_bytes(ours), gguf_tensor_bytes(theirs)
             row["bytes_equal"] = A.keys() == B.keys() and all(A[k] == B[k] for k in A)
+            if not row["bytes_equal"]:
+                row["mismatched_tensors"] = sorted(k for k in A.keys() | B.keys() if A.get(k) != B.get(k))
+            row["ours_bpw"] = file_stats(ours)["bpw"]
             row["ours_size_mib"] = ours.stat().st_size / 2**20
             if a.eval_ours == "all" or mix in {m.upper() for m in a.eval_ours.split(",")} or not row["bytes_equal"]:
                 row["ours"], _ = evaluate(ours, chunks, base_lp)
             else:
                 row["ours"] = dict(row["llama"], note="identical tensor bytes")
+        row["total_s"] = time.time() - t0
         rows.append(row)
+        save()
         o = row.get("ours", {})
         print(f"{tag:14s} {row['size_mib']:7.1f} MiB {row['bpw']:5.2f} bpw  llama ppl {row['llama']['ppl']:.4f} "
               f"kld {row['llama'].get('kld', 0):.5f} | ours ppl {o.get('ppl', float('nan')):.4f} "
@@ -148,13 +197,15 @@ def main(argv=None):
     print("| mix | imatrix | size MiB | bpw | PPL llama.cpp file | PPL lowbit file | KLD llama.cpp | KLD lowbit | tensor bytes equal |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "na" in r:
+            print(f"| {r['mix']} | {'yes' if r['imatrix'] else 'no'} | n/a ({r['na']}) | | | | | | |")
+            continue
         o = r.get("ours") or {}
         print(f"| {r['mix']} | {'yes' if r['imatrix'] else 'no'} | {r['size_mib']:.1f} | {r['bpw']:.3f} | "
               f"{r['llama']['ppl']:.4f} ± {r['llama']['ppl_se']:.3f} | "
               f"{o.get('ppl', float('nan')):.4f} | {r['llama'].get('kld', 0):.5f} | {o.get('kld', float('nan')):.5f} | "
               f"{r.get('bytes_equal', 'n/a')} |")
-    if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=2))
+    save()
 
 
 if __name__ == "__main__":
