@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calibs", default="pydoc", help="comma list of calibration files or named sets (pydoc, selfgen)")
+    ap.add_argument("--token-file", default=None,
+                    help="safetensors with wiki_ids (the tokenized WikiText-2 test) and bos ([-1] = none), used "
+                         "instead of this machine's tokenizer; selfgen samples then start with that BOS")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--damp", type=float, default=None, help="GPTQ dampening (default 0.01)")
     ap.add_argument("--awq-search-batches", type=int, default=None, help="batches (of 4 samples) used by AWQ's scale search")
@@ -104,12 +107,21 @@ def main() -> None:
 
     src = resolve(args.model)
     ref = load(src, device=args.device)
-    tokens = tokenize(ref.tokenizer, Path(WIKI).read_text(encoding="utf-8"))
+    if args.token_file:  # token ids made elsewhere (another transformers version may tokenize differently)
+        from safetensors.torch import load_file
+
+        tf = load_file(args.token_file)
+        tokens, forced_bos = tf["wiki_ids"], int(tf["bos"][0])
+        forced_bos = None if forced_bos < 0 else forced_bos
+    else:
+        tokens = tokenize(ref.tokenizer, Path(WIKI).read_text(encoding="utf-8"))
     cand = load(src, device=args.device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     bos = ref.tokenizer.bos_token_id if model_adds_bos(ref.tokenizer) else None
+    if args.token_file:
+        bos = forced_bos
     cache = RefCache(ref.model, make_chunks(tokens, 512, bos, args.chunks).to(args.device))
     base = cache.compare(ref.model)
     rows.append({"method": "float", "scheme": "-", "ppl": base["ppl_ref"], "kl": 0.0, "top1": 1.0, "quant_s": 0.0})
@@ -125,9 +137,13 @@ def main() -> None:
                                   seq_len=args.seq_len, seed=0, batch_size=4)
         resolved = calib.resolved(method)
         if method != "rtn" and calib_name == "selfgen":  # sample (or read the cached samples) outside the timing
+            from lowbit.models.calibration import CalibrationData
             from lowbit.models.selfgen import self_generated
 
-            self_generated(src, resolved.n_samples, resolved.seq_len, 0, args.device)
+            ids = self_generated(src, resolved.n_samples, resolved.seq_len, 0, args.device,
+                                 bos_id=bos if args.token_file else "auto")
+            if args.token_file:
+                calib = CalibrationData(ids, None, "selfgen")
         t0 = time.perf_counter()
         opts = {"search_batches": args.awq_search_batches} if method == "awq" else {}
         if method in ("gptq", "rtn") and not default:  # explicit: the flags in the name, nothing else

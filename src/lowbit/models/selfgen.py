@@ -92,11 +92,13 @@ def _cache_path(identity: dict[str, Any]) -> Path:
 
 
 def self_generated(source: Any, n_samples: int, seq_len: int, seed: int = 0, device: str | torch.device | None = None,
-                   batch_size: int | None = None) -> torch.Tensor:
+                   batch_size: int | None = None, bos_id: int | None | str = "auto") -> torch.Tensor:
     """Self-generated calibration ids for a model source (``lowbit.models.resolve`` input), cached.
 
     ``batch_size`` (sequences sampled at once) defaults to 64 on CUDA and 16 on the CPU; it is
     part of the cache key because it changes which random numbers each sequence draws.
+    ``bos_id``: the token each sample starts with; ``"auto"`` takes the tokenizer's BOS when the
+    tokenizer adds one to a text, as the model sees it in use.
     """
     from lowbit.eval.text import model_adds_bos
     from lowbit.progress import bar
@@ -108,12 +110,12 @@ def self_generated(source: Any, n_samples: int, seq_len: int, seed: int = 0, dev
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = batch_size or (64 if device.type == "cuda" else 16)
     identity = {"model": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files], "dir": str(src.hf_dir.resolve()),
-                "n": n_samples, "len": seq_len, "seed": seed, "batch": batch_size, "device": device.type}
+                "n": n_samples, "len": seq_len, "seed": seed, "batch": batch_size, "device": device.type, "bos": bos_id}
     path = _cache_path(identity)
     if path.is_file():
         return load_file(str(path))["input_ids"]
     tok = load_tokenizer(src.hf_dir)
-    bos = tok.bos_token_id if model_adds_bos(tok) else None
+    bos = (tok.bos_token_id if model_adds_bos(tok) else None) if bos_id == "auto" else bos_id
     lm = load(src, device=device)
     progress = bar(n_samples, desc=f"sampling {n_samples} x {seq_len} calibration tokens from the model", unit="seq")
     done = [0]
