@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared"))
@@ -47,3 +48,12 @@ def gemma3_gguf() -> Path:
         return demo_gguf("gemma3-270m")
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"Gemma-3 GGUF not available: {exc}")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (tiny matmuls: threads only contend on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,11 +13,8 @@ from lowbit.models.streaming import LayerContext, LayerInputs, capture_all_layer
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _tiny(kind: str) -> torch.nn.Module:

@@ -21,11 +21,8 @@ N_EXPERTS = 8
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=["qwen2_moe", "mixtral"])

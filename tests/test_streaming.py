@@ -22,11 +22,8 @@ SCHEME = QuantScheme(4, 4, False)  # 4 divides both 64 and 172
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared machine
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _load():

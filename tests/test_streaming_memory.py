@@ -23,11 +23,8 @@ ATTN_ONLY = {r"\.mlp\.": None}  # 172-wide MLP rows fit neither the GPTQ nor the
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _live_weights() -> int:

@@ -87,49 +87,44 @@ class ScratchDir:
         self._cleanup()
 
 
-class StoredWeights(Mapping[str, QuantizedWeight]):
+class _Stored(Mapping[str, Any]):
+    """Read-only mapping of names to entries in result files; subclasses read one entry per access.
+
+    ``keep_alive`` (e.g. a :class:`ScratchDir`) lives as long as the mapping.
+    """
+
+    def __init__(self, entries: Mapping[str, tuple], keep_alive: object = None) -> None:
+        self._entries = dict(entries)
+        self._keep_alive = keep_alive
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+class StoredWeights(_Stored):
     """Read-only ``{HF weight name: QuantizedWeight}`` whose values are read from result files on access.
 
     ``entries`` maps each name to ``(file, name inside the file, scheme)``; ``keep_alive`` (e.g. the
     :class:`ScratchDir` holding the files) lives as long as this mapping.
     """
 
-    def __init__(self, entries: Mapping[str, tuple[Path, str, QuantScheme]], keep_alive: object = None) -> None:
-        self._entries = dict(entries)
-        self._keep_alive = keep_alive
-
     def __getitem__(self, name: str) -> QuantizedWeight:
         path, stored, scheme = self._entries[name]
         with safe_open(str(path), framework="pt") as f:
             return _read_weight(f, stored, scheme)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-
-class StoredTensors(Mapping[str, torch.Tensor]):
+class StoredTensors(_Stored):
     """Read-only ``{HF name: float tensor}`` read from result files on access (see :class:`StoredWeights`)."""
-
-    def __init__(self, entries: Mapping[str, tuple[Path, str]], keep_alive: object = None) -> None:
-        self._entries = dict(entries)
-        self._keep_alive = keep_alive
 
     def __getitem__(self, name: str) -> torch.Tensor:
         path, stored = self._entries[name]
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(f"f::{stored}")
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
