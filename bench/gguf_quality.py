@@ -60,6 +60,38 @@ def evaluate(path, chunks, base_lp=None):
     return out, lps
 
 
+def sampled_bytes_check(base, theirs, mix: str, imat: dict | None, n_rows: int) -> dict:
+    """Compare lowbit with llama.cpp's file without writing a whole lowbit file.
+
+    Every tensor's type must equal lowbit's plan for the mix, and lowbit's encoding of the first
+    ``n_rows`` rows of each tensor (rows are encoded independently) must equal those rows'
+    bytes in llama.cpp's file.  Used for the IQ1-IQ3 mixes, whose torch encoders are slow on a
+    small CPU."""
+    from lowbit.gguf.convert import plan_types
+    from lowbit.gguf.reader import GGUFFile
+    from lowbit.gguf.writer import quantize_array, row_bytes
+
+    plan = plan_types(base, mix, has_imatrix=imat is not None)
+    fb, ft = GGUFFile(base), GGUFFile(theirs)
+    bad_types, bad_rows = [], []
+    for t in ft.tensors:
+        if plan.get(t.name) != t.type:
+            bad_types.append(f"{t.name}: llama.cpp {t.type.name}, lowbit {getattr(plan.get(t.name), 'name', None)}")
+            continue
+        cols = t.ne[0]
+        rows = min(n_rows, int(np.prod(t.ne[1:])))
+        x = fb.array(t.name).reshape(-1, cols)[:rows]
+        im = None
+        if imat is not None and t.name in imat and imat[t.name].size == cols and t.type.name not in ("F32", "F16", "BF16"):
+            im = imat[t.name]
+        ours = np.ascontiguousarray(quantize_array(x, t.type, im)).view(np.uint8).reshape(-1)
+        width = row_bytes(t.type, cols) if t.type.name not in ("F32", "F16", "BF16") else ours.size // rows
+        if bytes(ours) != bytes(ft.data(t.name)[:rows * width]):
+            bad_rows.append(t.name)
+    return {"bytes_equal": not bad_types and not bad_rows, "bytes_check": f"types of all {len(ft.tensors)} tensors "
+            f"+ first {n_rows} rows of each", "mismatched_types": bad_types, "mismatched_tensors": bad_rows}
+
+
 def file_stats(path):
     from lowbit.gguf.reader import inspect_gguf
 
@@ -81,6 +113,12 @@ def main(argv=None):
     ap.add_argument("--calib-chunks", type=int, default=8)
     ap.add_argument("--work", default="/tmp/lowbit-gguf-bench")
     ap.add_argument("--out", default=None, help="write results as JSON here (after every row; an existing file is resumed)")
+    ap.add_argument("--sample-rows", type=int, default=0,
+                    help="for the IQ1-IQ3 mixes (and Q2_K_S): check lowbit on the first N rows of every tensor "
+                         "instead of writing its whole file (see sampled_bytes_check)")
+    ap.add_argument("--ours-digests", default=None,
+                    help="JSON from bench/gguf_digests.py: lowbit's files were made elsewhere (e.g. on a GPU); "
+                         "compare their per-tensor SHA-256 instead of writing them here")
     a = ap.parse_args(argv)
 
     from lowbit.gguf.convert import compute_imatrix, quantize_to_gguf
@@ -110,6 +148,16 @@ def main(argv=None):
         compute_imatrix(src, calib, imat_path, ctx=a.ctx, chunks=a.calib_chunks)
         print(f"imatrix: {a.calib_chunks} chunks of {a.ctx} on pydoc topics in {time.time() - t:.0f}s", flush=True)
     imat_vals = load_imatrix_values(imat_path) if a.imatrix != "no" else None
+    remote = {}
+    if a.ours_digests:
+        sys.path.insert(0, str(HERE))
+        from gguf_digests import tensor_digests
+
+        dg = json.loads(Path(a.ours_digests).read_text())
+        if dg["base_digests"] != tensor_digests(base):
+            raise SystemExit(f"{a.ours_digests} was made from another F16 base than {base}")
+        remote = {(r["mix"], r["imatrix"]): r for r in dg["rows"]}
+        remote_dev = dg.get("device_name", dg.get("device"))
 
     text = Path(WIKI).read_text(encoding="utf-8")
     with LlamaRunner(base, n_ctx=a.ctx) as r:
@@ -153,7 +201,10 @@ def main(argv=None):
             # llama.cpp refuses IQ1/IQ2 (and Q2_K_S) tensors without an importance matrix
             row = {"mix": mix, "imatrix": False, "na": "llama.cpp requires an imatrix", "llama_error": str(e)}
             theirs.unlink(missing_ok=True)
-            if True:  # cheap: lowbit refuses while planning, before encoding anything
+            if (mix, False) in remote:
+                row["lowbit_refused"] = "refused" in remote[(mix, False)]
+                row["lowbit_error"] = remote[(mix, False)].get("refused")
+            else:  # cheap: lowbit refuses while planning, before encoding anything
                 try:
                     quantize_to_gguf(base, work / f"lowbit-{tag}.gguf", mix, overwrite=True)
                     row["lowbit_refused"] = False
@@ -168,7 +219,25 @@ def main(argv=None):
         t1 = time.time()
         row = {"mix": mix, "imatrix": use_im, **file_stats(theirs), "llama_quantize_s": t1 - t0}
         row["llama"], _ = evaluate(theirs, chunks, base_lp)
-        if mix in ours_set:
+        if (mix, use_im) in remote:
+            r2 = remote[(mix, use_im)]
+            B = tensor_digests(theirs)
+            A = r2.get("digests", {})
+            row["bytes_equal"] = A == B
+            if not row["bytes_equal"]:
+                row["mismatched_tensors"] = sorted(k for k in A.keys() | B.keys() if A.get(k) != B.get(k))
+            row["lowbit_quantize_s"] = r2.get("seconds")
+            row["lowbit_device"] = remote_dev
+            row["ours_bpw"], row["ours_size_mib"] = r2.get("bpw"), r2.get("size_mib")
+            row["ours"] = (dict(row["llama"], note=f"identical tensor bytes (SHA-256; lowbit file written on {remote_dev})")
+                           if row["bytes_equal"] else {"note": "lowbit file made elsewhere; not evaluated"})
+        elif mix in ours_set and a.sample_rows and (mix.startswith(("IQ1", "IQ2", "IQ3")) or mix == "Q2_K_S"):
+            t2 = time.time()
+            row.update(sampled_bytes_check(base, theirs, mix, imat_vals if use_im else None, a.sample_rows))
+            row["lowbit_check_s"] = time.time() - t2
+            row["ours"] = (dict(row["llama"], note="identical type map and sampled rows")
+                           if row["bytes_equal"] else {"note": "differs from llama.cpp; not evaluated"})
+        elif mix in ours_set:
             ours = work / f"lowbit-{tag}.gguf"
             t2 = time.time()
             quantize_to_gguf(base, ours, mix, imatrix_path=imat_path if use_im else None, overwrite=True)

@@ -264,3 +264,13 @@ def test_hf_architectures_run_in_llamacpp(stories, arch, tmp_path):
     with LlamaRunner(p, n_ctx=64) as r:
         got = r.logits(ids)
     assert np.abs(got - ref).max() < 3e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs CUDA"))])
+def test_device_gives_same_bytes(stories_files, tmp_path, device):
+    """Block encoding on an explicit device writes the same file as the default CPU path."""
+    src = stories_files["F32"]
+    ref = quantize_to_gguf(src, tmp_path / "ref.gguf", "Q4_K_M")
+    out = quantize_to_gguf(src, tmp_path / "dev.gguf", "Q4_K_M", device=device)
+    assert out.read_bytes() == ref.read_bytes()

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", nargs="?", const="dynamic", default=None, choices=["static", "dynamic", "off"],
                    help="GPTQ: visit columns by decreasing Hessian diagonal. static (default): groups fixed up "
                         "front, no g_idx; dynamic (the bare flag): groups in visiting order with a g_idx; off")
-    q.add_argument("--device", default="cpu", help="cpu or cuda")
+    q.add_argument("--device", default="cpu", help="cpu or cuda: where calibration and GGUF block encoding run")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -135,7 +135,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         out = quantize_to_gguf(args.model, args.output, args.to, imatrix_path=args.imatrix, pure=args.pure,
                                output_tensor_type=args.output_tensor_type,
                                token_embedding_type=args.token_embedding_type,
-                               tensor_types=list(args.tensor_type), overwrite=args.overwrite)
+                               tensor_types=list(args.tensor_type), overwrite=args.overwrite,
+                               device=args.device)
         return {"output": str(out), "format": "gguf", "type": args.to}
     method_args: dict[str, Any] = {}
     if args.method != "rtn":

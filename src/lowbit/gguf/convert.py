@@ -447,7 +447,8 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
                      output_tensor_type: str | None = None, token_embedding_type: str | None = None,
                      tensor_types: list[str] | tuple[str, ...] = (), overwrite: bool = False,
                      values: Callable[[str, _Source], np.ndarray | None] | None = None,
-                     encoded: Callable[[PlannedTensor, _Source], np.ndarray | None] | None = None) -> Path:
+                     encoded: Callable[[PlannedTensor, _Source], np.ndarray | None] | None = None,
+                     device: str | None = None) -> Path:
     """Write ``source`` as a GGUF file of ``mix`` at ``out_path``; returns the path.
 
     ``source``: anything ``lowbit.models.resolve`` accepts (HF folder, GGUF file, ...).
@@ -459,6 +460,7 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
     output.weight/token_embd.weight.  ``tensor_types``: ``PATTERN=TYPE`` overrides, PATTERN a
     regex searched in the GGUF tensor name (first match wins), as ``llama-quantize
     --tensor-type``.  The file is written atomically; an existing one needs ``overwrite``.
+    ``device``: where the block encoders run (``"cuda"``; default the CPU); same bytes.
 
     Hooks (used by :mod:`lowbit.gguf.from_quantized`): ``values(name, src)`` may return float32
     values (GGUF layout) replacing the source's for tensor ``name``; ``encoded(planned, src)``
@@ -525,7 +527,7 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
             v = imat.get(t.name)
             if v is not None and v.size == x.shape[-1] * (x.shape[0] if x.ndim == 3 else 1):
                 im = v
-        return quantize_array(x, t.qtype, im)
+        return quantize_array(x, t.qtype, im, device)
 
     def progress(items):
         return track(items, desc=f"GGUF {mixname}", total=len(planned), unit="tensor")

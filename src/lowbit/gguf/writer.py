@@ -44,8 +44,11 @@ def can_quantize(qtype: T) -> bool:
     return qtype in _GGUFPY_QUANT
 
 
-def quantize_array(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize_array(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None, device: str | None = None) -> np.ndarray:
     """Encode a float array (last axis = row) into ``qtype``; returns the raw data.
+
+    ``device`` (``"cuda"``, ...): where the block search runs (default: the CPU); the bytes
+    are the same on every device.
 
     Float types come back as float32/float16 arrays of the same shape (BF16 as uint16 rows
     viewed as uint8); block types as uint8 ``[..., bytes_per_row]``.  For 3-D expert tensors
@@ -63,15 +66,18 @@ def quantize_array(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None) -
     cols = x.shape[-1]
     lead = x.shape[:-1]
     if x.ndim == 3 and imatrix is not None and imatrix.size == x.shape[0] * cols:
-        parts = [quantize_array(x[e], qtype, imatrix[e * cols:(e + 1) * cols]) for e in range(x.shape[0])]
+        parts = [quantize_array(x[e], qtype, imatrix[e * cols:(e + 1) * cols], device) for e in range(x.shape[0])]
         return np.stack(parts)
     x2 = x.reshape(-1, cols)
     if _lq is not None and _lq.can_quantize(qtype):
         import torch
 
         im = None if imatrix is None else torch.from_numpy(np.ascontiguousarray(imatrix, dtype=np.float32))
-        out = _lq.quantize(torch.from_numpy(x2), qtype, im)
-        out = out.numpy() if hasattr(out, "numpy") else np.asarray(out)
+        tx = torch.from_numpy(x2)
+        if device is not None and device != "cpu":
+            tx = tx.to(device)
+        out = _lq.quantize(tx, qtype, im)
+        out = out.cpu().numpy() if hasattr(out, "numpy") else np.asarray(out)
     elif qtype in _GGUFPY_QUANT and imatrix is None:
         import gguf.quants as gq
 
