@@ -274,3 +274,20 @@ def test_device_gives_same_bytes(stories_files, tmp_path, device):
     ref = quantize_to_gguf(src, tmp_path / "ref.gguf", "Q4_K_M")
     out = quantize_to_gguf(src, tmp_path / "dev.gguf", "Q4_K_M", device=device)
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_nan_in_float16_source_names_tensor(stories_files, tmp_path):
+    """An F16 source goes to the block quantizers as float16; a NaN still gets a clear error."""
+    src = tmp_path / "nan.gguf"
+    src.write_bytes(stories_files["F16"].read_bytes())
+    f = GGUFFile(src)
+    name = "blk.1.attn_q.weight"  # rows of 64: block types in both mixes
+    start = f.header.data_offset + f.by_name[name].offset
+    del f
+    with open(src, "r+b") as fh:
+        fh.seek(start + 2 * 10)
+        fh.write(np.array([np.nan], dtype=np.float16).tobytes())
+    for mix in ("Q4_0", "Q4_K_M"):
+        with pytest.raises(LowbitError, match=f"{name}.*NaN or Inf"):
+            quantize_to_gguf(src, tmp_path / f"out-{mix}.gguf", mix)
+        assert not (tmp_path / f"out-{mix}.gguf").exists()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
+from lowbit.errors import LowbitError
 from lowbit.gguf import native
 from lowbit.gguf import quants as Q
 from test_gguf_quants import importance, synthetic
@@ -84,7 +85,27 @@ def test_fallback_without_library(monkeypatch):
 def test_not_native_cases():
     x = torch.randn(2, 256)
     assert native.quantize_rows(int(T.TQ2_0), x, None, 66) is None  # type without a C quantizer
-    assert native.quantize_rows(int(T.Q4_0), x.double(), None, 144) is None  # only float32
+    assert native.quantize_rows(int(T.Q4_0), x.double(), None, 144) is None  # only float32 and float16
+
+
+@needs_native
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+def test_float16_input_equals_widened(data, with_imatrix, monkeypatch):
+    """float16 rows widened inside the C loop (F16C or scalar) give the bytes of widening first."""
+    x16 = torch.from_numpy(np.clip(data, -6e4, 6e4)).half()
+    x16[1, :8] = torch.tensor([6.0e-8, -6.0e-8, 1e-5, -1e-5, 0.0, -0.0, 65504.0, -65504.0]).half()  # subnormals, extremes
+    im = torch.from_numpy(importance(data.shape[1], 5)) if with_imatrix else None
+    monkeypatch.setattr(native, "_ROW_CHUNK_ELEMENTS", 5 * 512)
+    for t in NATIVE:
+        want = Q.quantize(x16.float(), t, im)
+        got = native.quantize_rows(int(t), x16, im, want.shape[1])
+        assert got is not None
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=t.name)
+        np.testing.assert_array_equal(Q.quantize(x16, t, im).numpy(), want.numpy(), err_msg=t.name)
+    bad = x16.clone()
+    bad[3, 7] = float("inf")
+    with pytest.raises(LowbitError, match="NaN or Inf"):
+        Q.quantize(bad, T.Q4_K)
 
 
 @needs_native
@@ -99,11 +120,12 @@ def test_portable_build_equals_installed(data, tmp_path, monkeypatch):
                     "-fPIC", "-o", str(so), str(src), "-lm"], check=True)
     x = torch.from_numpy(data[::3].copy())
     im = torch.from_numpy(importance(data.shape[1], 9))
-    want = {(t, w is not None): Q.quantize(x, t, w) for t in NATIVE for w in (None, im)}  # installed build
+    x16 = x.clamp(-6e4, 6e4).half()  # the portable build widens float16 without F16C
+    want = {(t, w is not None, h): Q.quantize(x16 if h else x, t, w) for t in NATIVE for w in (None, im) for h in (0, 1)}
     monkeypatch.setattr(native, "_lib", native.open_library(so))
-    for (t, with_im), ref in want.items():
-        got = Q.quantize(x, t, im if with_im else None)
-        np.testing.assert_array_equal(got.numpy(), ref.numpy(), err_msg=f"{t.name} imatrix={with_im}")
+    for (t, with_im, h), ref in want.items():
+        got = Q.quantize(x16 if h else x, t, im if with_im else None)
+        np.testing.assert_array_equal(got.numpy(), ref.numpy(), err_msg=f"{t.name} imatrix={with_im} float16={h}")
 
 
 @needs_native

@@ -169,6 +169,35 @@ def test_writer_roundtrip_and_inspect(tmp_path):
     assert np.abs(f.array("blk.0.attn_q.weight") - w).max() < 0.01
 
 
+def test_writer_metadata_read_by_gguf_py(tmp_path):
+    """Every metadata value type, written by lowbit and read by gguf-py's independent reader."""
+    from gguf import GGUFReader
+
+    from lowbit.gguf.reader import read_metadata
+
+    kvs = [KV("a.u8", V.UINT8, 200), KV("a.i8", V.INT8, -5), KV("a.u16", V.UINT16, 60000), KV("a.i16", V.INT16, -300),
+           KV("a.u32", V.UINT32, 4_000_000_000), KV("a.i32", V.INT32, -7), KV("a.f32", V.FLOAT32, 0.5),
+           KV("a.bool", V.BOOL, True), KV("a.str", V.STRING, "héllo"), KV("a.u64", V.UINT64, 2**63),
+           KV("a.i64", V.INT64, -(2**40)), KV("a.f64", V.FLOAT64, 0.1),
+           KV("a.strs", V.ARRAY, ["", "x", "ü" * 3], V.STRING), KV("a.ints", V.ARRAY, np.arange(100, dtype=np.int32), V.INT32),
+           KV("a.floats", V.ARRAY, [0.25, -1.5], V.FLOAT32), KV("a.bools", V.ARRAY, [True, False], V.BOOL),
+           KV("a.empty", V.ARRAY, [], V.STRING)]
+    p = tmp_path / "kv.gguf"
+    write_gguf(p, "llama", kvs, [PlannedTensor("n", (3, 32), T.F32)], lambda t: np.ones((3, 32), np.float32))
+    md = read_metadata(GGUFReader(p))
+    assert md["general.architecture"][1] == "llama"
+    for kv in kvs:
+        vt, value, sub = md[kv.key]
+        assert vt == kv.vtype, kv.key
+        want = list(kv.value) if kv.vtype == V.ARRAY else kv.value
+        if kv.vtype == V.ARRAY:
+            assert (sub == kv.sub_type or not want) and len(value) == len(want), kv.key  # gguf-py: no type when empty
+            assert all((a == pytest.approx(b)) for a, b in zip(value, want)), kv.key
+        else:
+            assert value == pytest.approx(want), kv.key
+    assert GGUFReader(p).tensors[0].data_offset % 32 == 0 and GGUFFile(p).array("n").sum() == 96
+
+
 def test_real_models_inspect():
     from gguf_util import GEMMA, SMOL
 

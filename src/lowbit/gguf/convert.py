@@ -55,6 +55,7 @@ class _Source:
     hparams: mixes.ModelHParams
     get: Callable[[str], np.ndarray]  # float32 values
     raw: Callable[[str], np.ndarray] | None = None  # raw bytes (GGUF source only)
+    compact: Callable[[str], np.ndarray] | None = None  # F16 tensors as float16 (exact, half the memory)
     description: str = ""
     quantized_source: bool = False
     extra: dict = field(default_factory=dict)
@@ -75,8 +76,14 @@ def _gguf_source(path: Path) -> _Source:
     def raw(name: str) -> np.ndarray:
         return np.array(f.data(name))
 
+    def compact(name: str) -> np.ndarray:
+        if stypes[name] == T.F16:
+            return np.asarray(f.data(name)).view(np.float16).reshape(shapes[name])
+        return f.array(name)
+
     quantized = any(t not in (T.F32, T.F16, T.BF16) for t in stypes.values())
-    return _Source(arch, kvs, shapes, stypes, hp, f.array, raw, description=str(path), quantized_source=quantized)
+    return _Source(arch, kvs, shapes, stypes, hp, f.array, raw, compact=compact, description=str(path),
+                   quantized_source=quantized)
 
 
 def _rope_theta(cfg: dict, default: float) -> float:
@@ -519,15 +526,19 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
         if x is None and src.raw is not None and st == t.qtype:
             return src.raw(t.name)
         if x is None:
-            x = src.get(t.name)
-        if not np.isfinite(x).all():
+            x = src.compact(t.name) if src.compact is not None else src.get(t.name)
+        float_out = t.qtype in (T.F32, T.F16, T.BF16)
+        if (x.dtype != np.float16 or float_out) and not np.isfinite(x).all():  # else the block quantizer checks
             raise LowbitError(src.description, f"tensor {t.name} has NaN or Inf values")
         im = None
         if imat is not None and t.qtype not in (T.F32, T.F16, T.BF16):
             v = imat.get(t.name)
             if v is not None and v.size == x.shape[-1] * (x.shape[0] if x.ndim == 3 else 1):
                 im = v
-        return quantize_array(x, t.qtype, im, device)
+        try:
+            return quantize_array(x, t.qtype, im, device)
+        except LowbitError as e:
+            raise LowbitError(src.description, f"tensor {t.name}: {e.problem}") from e
 
     def progress(items):
         return track(items, desc=f"GGUF {mixname}", total=len(planned), unit="tensor")

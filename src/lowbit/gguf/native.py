@@ -20,7 +20,7 @@ import torch
 _lib: ctypes.CDLL | None = None
 _loaded = False
 _ROW_CHUNK_ELEMENTS = 1 << 17  # values per task: small enough to balance threads and stay in cache
-ABI_VERSION = 1  # lowbit_abi_version() of the C source this module drives; a stale build is ignored
+ABI_VERSION = 2  # lowbit_abi_version() of the C source this module drives; a stale build is ignored
 
 
 def open_library(path: str | Path) -> ctypes.CDLL:
@@ -35,6 +35,8 @@ def open_library(path: str | Path) -> ctypes.CDLL:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64  # pointers passed as plain ints (no ctypes objects per call)
     lib.lowbit_quantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, ptr]
     lib.lowbit_quantize.restype = ctypes.c_int
+    lib.lowbit_quantize_f16.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    lib.lowbit_quantize_f16.restype = ctypes.c_int
     lib.lowbit_supports.argtypes = [ctypes.c_int]
     lib.lowbit_supports.restype = ctypes.c_int
     return lib
@@ -67,7 +69,7 @@ def supports(qtype: int) -> bool:
 
 
 def quantize_rows(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | None, row_bytes: int) -> torch.Tensor | None:
-    """float32 CPU ``[R, C]`` (importance ``[C]`` or None) -> uint8 ``[R, row_bytes]``; None if not native."""
+    """float32 or float16 CPU ``[R, C]`` (importance ``[C]`` or None) -> uint8 ``[R, row_bytes]``; None if not native."""
     res = quantize_rows_absmax(qtype, x, imatrix, row_bytes)
     return None if res is None else res[0]
 
@@ -77,9 +79,11 @@ def quantize_rows_absmax(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | No
     """:func:`quantize_rows` plus ``max |x|`` (NaN if x holds a NaN), read while each chunk is in cache.
 
     NaN or Inf input gives garbage bytes (never a crash): callers check the max before using them.
+    float16 input is widened row by row inside the C loop (no float32 copy of the tensor).
     """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not supports(qtype):
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16) or not supports(qtype):
         return None
+    half = x.dtype == torch.float16
     x = x.contiguous()
     qw = None if imatrix is None else imatrix.to(device="cpu", dtype=torch.float32).contiguous()
     rows, cols = x.shape
@@ -95,8 +99,13 @@ def quantize_rows_absmax(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | No
     def run(i: int) -> int:
         r0 = starts[i]
         work = torch.empty(cols, dtype=torch.float32) if qw is not None else None  # legacy types' row weights
-        return _lib.lowbit_quantize(int(qtype), x0 + r0 * cols * 4, min(step, rows - r0), cols, qwp,
-                                    out0 + r0 * row_bytes, None if work is None else work.data_ptr(), m0 + 4 * i)
+        wp = None if work is None else work.data_ptr()
+        n = min(step, rows - r0)
+        if half:
+            xbuf = torch.empty(cols, dtype=torch.float32)
+            return _lib.lowbit_quantize_f16(int(qtype), x0 + r0 * cols * 2, n, cols, qwp, out0 + r0 * row_bytes, wp,
+                                            xbuf.data_ptr(), m0 + 4 * i)
+        return _lib.lowbit_quantize(int(qtype), x0 + r0 * cols * 4, n, cols, qwp, out0 + r0 * row_bytes, wp, m0 + 4 * i)
 
     threads = min(threads, len(starts))
     idx = range(len(starts))

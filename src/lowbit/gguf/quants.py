@@ -396,7 +396,10 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
     rows, cols = t.shape
     if cols % cls.block_size != 0:
         raise LowbitError(None, f"row length {cols} is not a multiple of the {qt.name} block size {cls.block_size}")
-    x = t.detach().float().contiguous()
+    x = t.detach()
+    if not (x.dtype == torch.float16 and x.device.type == "cpu" and native.supports(int(qt))):
+        x = x.float()  # the native CPU quantizers widen float16 rows themselves
+    x = x.contiguous()
     qw = None
     if imatrix is not None and qt not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
         qw = imatrix.detach().float().reshape(-1).to(x.device)
@@ -407,6 +410,8 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
     row_bytes = cols // cls.block_size * cls.type_size
     # CPU: the native C quantizers when built (same bytes); they also return max |x|
     fast = native.quantize_rows_absmax(int(qt), x, qw, row_bytes) if x.device.type == "cpu" else None
+    if fast is None:
+        x = x.float()
     if fast is not None:
         amax = fast[1]
     elif x.numel():

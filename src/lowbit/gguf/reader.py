@@ -153,15 +153,35 @@ def _value(cur: _Cursor, vtype: int, what: str, depth: int = 0, keep: bool = Tru
         small = keep and (count <= 64 or full)
         items = []
         if small and etype == GGUFValueType.STRING:
-            for i in range(count):
-                items.append(cur.string(f"{what}[{i}]"))
-            return items
+            return _string_items(cur, count, what)
         for i in range(count):
             v = _value(cur, etype, f"{what}[{i}]", depth + 1, keep=small, full=full)
             if small:
                 items.append(v)
         return items if small else _ArraySummary(GGUFValueType(etype).name, count)
     raise cur.fail(f"{what}: unknown value type {vtype}")
+
+
+_U64 = struct.Struct("<Q")
+
+
+def _string_items(cur: _Cursor, count: int, what: str) -> list[str]:
+    """``count`` strings (a tokenizer's vocabulary): ``_Cursor.string`` in one tight loop."""
+    buf, pos, size, unpack = cur.buf, cur.pos, cur.size, _U64.unpack_from
+    items = []
+    append = items.append
+    for i in range(count):
+        if pos + 8 > size:
+            break
+        (n,) = unpack(buf, pos)
+        if n > MAX_STRING_LEN or pos + 8 + n > size:
+            break
+        append(buf[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"))
+        pos += 8 + n
+    cur.pos = pos
+    for i in range(len(items), count):  # only reached for a bad item: the checked path raises the error
+        append(cur.string(f"{what}[{i}]"))
+    return items
 
 
 @dataclass

@@ -7,13 +7,15 @@ importable, else gguf-py's reference quantizer for the few types it implements.
 
 from __future__ import annotations
 
+import struct
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, GGUFValueType as V
 
 from ..errors import LowbitError
 
@@ -50,11 +52,16 @@ def quantize_array(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None, d
     ``device`` (``"cuda"``, ...): where the block search runs (default: the CPU); the bytes
     are the same on every device.
 
+    ``x``: float32, or float16 (exact values; not widened up front).
     Float types come back as float32/float16 arrays of the same shape (BF16 as uint16 rows
     viewed as uint8); block types as uint8 ``[..., bytes_per_row]``.  For 3-D expert tensors
     ``imatrix`` may hold one vector per expert (``[n_expert * cols]``).
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if qtype == T.F16 and x.dtype == np.float16:
+        return np.ascontiguousarray(x)
+    # float16 input stays float16 for the block types: the quantizers widen it row by row
+    x = np.ascontiguousarray(x, dtype=np.float16 if x.dtype == np.float16 and qtype not in (T.F32, T.BF16)
+                             else np.float32)
     if qtype == T.F32:
         return x
     if qtype == T.F16:
@@ -73,7 +80,12 @@ def quantize_array(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None, d
         import torch
 
         im = None if imatrix is None else torch.from_numpy(np.ascontiguousarray(imatrix, dtype=np.float32))
-        tx = torch.from_numpy(x2)
+        if x2.flags.writeable:
+            tx = torch.from_numpy(x2)
+        else:  # a read-only file mapping: only ever read, so torch's not-writable warning does not apply
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                tx = torch.from_numpy(x2)
         if device is not None and device != "cpu":
             tx = tx.to(device)
         out = _lq.quantize(tx, qtype, im)
@@ -139,29 +151,91 @@ def write_gguf(
     produce: Callable[[PlannedTensor], np.ndarray],
     progress: Callable[[Iterable[PlannedTensor]], Iterable[PlannedTensor]] | None = None,
 ) -> None:
-    """Write a GGUF file at ``path`` (caller makes it atomic).  ``produce(t)`` returns the
-    encoded data of ``t`` (uint8 rows or float arrays); tensors are streamed one at a time."""
-    w = GGUFWriter(str(path), arch)
+    """Write a GGUF file (version 3) at ``path`` (caller makes it atomic).  ``produce(t)`` returns
+    the encoded data of ``t`` (uint8 rows or float arrays); tensors are streamed one at a time.
+
+    Layout: header, ``general.architecture`` then ``kvs`` in order, tensor infos, data
+    section aligned to 32 bytes with every tensor padded to 32 (the default alignment)."""
+    head = [_arch_kv(arch)]
+    seen = {"general.architecture"}
     for kv in kvs:
         if kv.key == "general.architecture":
             continue
-        w.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
+        if kv.key in seen:
+            raise LowbitError(path, f"internal error: duplicated metadata key {kv.key!r}")
+        seen.add(kv.key)
+        head.append(_string(kv.key) + _U32.pack(int(kv.vtype)) + _value_bytes(kv.vtype, kv.value, kv.sub_type, kv.key))
+    offset = 0
     for t in tensors:
-        if t.qtype in (T.F32, T.F16):
-            dt = np.float32 if t.qtype == T.F32 else np.float16
-            w.add_tensor_info(t.name, t.shape, np.dtype(dt), t.nbytes)
-        else:
-            byte_shape = (*t.shape[:-1], row_bytes(t.qtype, t.shape[-1]))
-            w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    it = progress(tensors) if progress else tensors
-    for t in it:
-        data = np.ascontiguousarray(produce(t))
-        if data.nbytes != t.nbytes:
-            raise LowbitError(path, f"internal error: tensor {t.name} has {data.nbytes} bytes, expected {t.nbytes}")
-        if data.dtype == np.uint16:
-            data = data.view(np.uint8)
-        w.write_tensor_data(data)
-    w.close()
+        ne = tuple(reversed(t.shape))
+        head.append(_string(t.name) + _U32.pack(len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
+                    + _U32.pack(int(t.qtype)) + _U64.pack(offset))
+        offset += _padded(t.nbytes)
+    with open(path, "wb") as f:
+        f.write(b"GGUF" + _U32.pack(3) + _U64.pack(len(tensors)) + _U64.pack(len(seen)))
+        for part in head:
+            f.write(part)
+        f.write(bytes(_padded(f.tell()) - f.tell()))
+        it = progress(tensors) if progress else tensors
+        for t in it:
+            data = np.ascontiguousarray(produce(t))
+            if data.nbytes != t.nbytes:
+                raise LowbitError(path, f"internal error: tensor {t.name} has {data.nbytes} bytes, expected {t.nbytes}")
+            data.reshape(-1).view(np.uint8).tofile(f)
+            f.write(bytes(_padded(t.nbytes) - t.nbytes))
+
+
+_ALIGN = 32
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_FMT = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i", V.FLOAT32: "f",
+        V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return _U64.pack(len(b)) + b
+
+
+def _arch_kv(arch: str) -> bytes:  # the first KV of every file
+    return _string("general.architecture") + _U32.pack(int(V.STRING)) + _string(arch)
+
+
+def _infer_type(v: Any) -> V:
+    if isinstance(v, str):
+        return V.STRING
+    if isinstance(v, (bool, np.bool_)):
+        return V.BOOL
+    if isinstance(v, (int, np.integer)):
+        return V.INT32
+    if isinstance(v, (float, np.floating)):
+        return V.FLOAT32
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return V.ARRAY
+    raise TypeError(f"cannot store {type(v).__name__} in GGUF metadata")
+
+
+def _value_bytes(vtype: V, value: Any, sub_type: V | None, key: str) -> bytes:
+    vtype = V(vtype)
+    if vtype == V.STRING:
+        return _string(str(value))
+    if vtype in _FMT:
+        return struct.pack("<" + _FMT[vtype], value)
+    if vtype != V.ARRAY:
+        raise LowbitError(None, f"metadata {key}: unknown value type {vtype}")
+    items = value.tolist() if isinstance(value, np.ndarray) and value.dtype == object else value
+    if sub_type is None:
+        sub_type = _infer_type(items[0]) if len(items) else V.INT32
+    sub_type = V(sub_type)
+    head = _U32.pack(int(sub_type)) + _U64.pack(len(items))
+    if sub_type == V.STRING:
+        enc = [str(x).encode("utf-8") for x in items]
+        return head + b"".join(_U64.pack(len(b)) + b for b in enc)
+    if sub_type in _FMT:
+        return head + np.asarray(items, dtype=np.dtype("<" + _FMT[sub_type])).tobytes()
+    if sub_type == V.ARRAY:  # each item: its own element type, count and items
+        return head + b"".join(_value_bytes(V.ARRAY, x, None, key) for x in items)
+    raise LowbitError(None, f"metadata {key}: unknown array element type {sub_type}")

@@ -905,8 +905,48 @@ static uint32_t absmax_bits(const float *x, int64_t n) {
     return m;
 }
 
+/* Bytes of one quantized row of ncols values, 0 for a type not implemented here. */
+static int64_t type_row_bytes(int type, int64_t ncols) {
+    switch (type) {
+    case T_Q4_0: return ncols / QK * 18;
+    case T_Q4_1: return ncols / QK * 20;
+    case T_Q5_0: return ncols / QK * 22;
+    case T_Q5_1: return ncols / QK * 24;
+    case T_Q8_0: return ncols / QK * 34;
+    case T_IQ4_NL: return ncols / QK * 18;
+    case T_Q2_K: return ncols / QK_K * 84;
+    case T_Q3_K: return ncols / QK_K * 110;
+    case T_Q4_K: return ncols / QK_K * 144;
+    case T_Q5_K: return ncols / QK_K * 176;
+    case T_Q6_K: return ncols / QK_K * 210;
+    case T_IQ4_XS: return ncols / QK_K * 136;
+    default: return 0;
+    }
+}
+
+/* float16 -> float32 of one row (exact either way); F16C where the CPU has it. */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(LOWBIT_NO_CLONES)
+#include <immintrin.h>
+__attribute__((target("avx,f16c"))) static void f16_row_f16c(const uint16_t *h, float *f, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++) f[i] = fp16_to_fp32(h[i]);
+}
+#define HAVE_F16C_PATH 1
+#endif
+
+static void f16_row(const uint16_t *h, float *f, int64_t n) {
+#ifdef HAVE_F16C_PATH
+    if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx")) {
+        f16_row_f16c(h, f, n);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++) f[i] = fp16_to_fp32(h[i]);
+}
+
 /* Bumped whenever an exported signature or the bytes of a type change (native.py checks it). */
-int lowbit_abi_version(void) { return 1; }
+int lowbit_abi_version(void) { return 2; }
 
 /* Whether a type is implemented here (1) or not (0). */
 int lowbit_supports(int type) {
@@ -961,6 +1001,25 @@ int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, cons
         case T_Q5_1: row_affine(xr, w, nb, 31, y + r * nb * 24); break;
         default: row_q8_0(xr, nb, y + r * nb * 34); break;
         }
+    }
+    memcpy(absmax, &amax_bits, 4);
+    return 0;
+}
+
+/* lowbit_quantize() for float16 input: each row is widened into xbuf (ncols floats) while it
+ * is in cache, so no float32 copy of the tensor is ever made. Same bytes as widening first. */
+int lowbit_quantize_f16(int type, const uint16_t *x, int64_t nrows, int64_t ncols, const float *qw, uint8_t *y,
+                        float *work, float *xbuf, float *absmax) {
+    int64_t rb = type_row_bytes(type, ncols);
+    uint32_t amax_bits = 0;
+    if (rb == 0) return -1;
+    for (int64_t r = 0; r < nrows; r++) {
+        float m;
+        uint32_t mb;
+        f16_row(x + r * ncols, xbuf, ncols);
+        if (lowbit_quantize(type, xbuf, 1, ncols, qw, y + r * rb, work, &m)) return -1;
+        memcpy(&mb, &m, 4);
+        amax_bits = mb > amax_bits ? mb : amax_bits;
     }
     memcpy(absmax, &amax_bits, 4);
     return 0;
