@@ -30,7 +30,9 @@ def table(rows) -> str:
         ll, o = r["llama"], r.get("ours") or {}
         eq = r.get("bytes_equal", "n/a")
         if eq is False:
-            eq = f"**False** ({len(r.get('mismatched_tensors', []))} tensors)"
+            eq = f"**False** ({len(r.get('mismatched_tensors', [])) + len(r.get('mismatched_types', []))} tensors)"
+        elif eq is True and r.get("bytes_check"):  # sampled: all types + the first rows of every tensor
+            eq = "True ‡"
         kll = "0" if r["mix"].startswith("F16") else _f(ll.get("kld"), ".5f")
         klo = "0" if r["mix"].startswith("F16") else _f(o.get("kld"), ".5f")
         dag = " †" if o.get("note") else ""  # lowbit file not evaluated: its tensor bytes equal llama.cpp's
