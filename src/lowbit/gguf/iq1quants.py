@@ -21,8 +21,15 @@ from gguf import GGMLQuantizationType
 
 from ..errors import LowbitError
 from ._base import BlockType, blocks_of, bytes_rows, register
-from ._blockops import const, divs, f32, fp16_bytes, nearest_int, recip, seq_sum, sqrtf
+from ._blockops import best_neighbour, const, divs, f32, fp16_bytes, nearest_int, recip, seq_sum, sqrtf
 from .iq2quants import _codes, _dq_iq1_m, _dq_iq1_s, _tables
+
+
+def _level_values(grid: torch.Tensor, cand: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+    """Values ``[k, W, 8]`` of grid points ``cand`` ``[k, W]`` for groups with level values ``xx`` ``[k, 3]``."""
+    lv = ((grid[cand] - 1.0) * 0.5).long()
+    k, W = cand.shape
+    return torch.gather(xx.view(k, 1, 1, 3).expand(k, W, 8, 3), 3, lv.unsqueeze(-1)).squeeze(-1)
 
 QK_K = 256
 DELTA = 0.125
@@ -124,27 +131,10 @@ class IQ1_S(BlockType):
         u = _codes(Lg)
         gi = kmap[u]
         on = gi >= 0
-        row = rowmap[u]
-        best_d = torch.full(u.shape, float("inf"), dtype=torch.float32, device=dev)
-        best_i = gi.clone()
         xg = xb.reshape(M, 4, 8)
         wg = w.reshape(M, 4, 8)
-        s = scale.view(M, 1, 1)
-        xx3 = xx.view(M, 1, 1, 3).expand(M, 4, 8, 3)
-        for j in range(nb.shape[1]):
-            cand = nb[row, j].long()
-            valid = cand >= 0
-            lv = ((grid[cand.clamp(min=0)] - 1.0) * 0.5).long()  # [M, 4, 8]
-            q = torch.gather(xx3, 3, lv.unsqueeze(-1)).squeeze(-1)
-            diff = s * q - xg
-            t = (wg * diff) * diff
-            d2 = t[..., 0]
-            for i in range(1, 8):
-                d2 = d2 + t[..., i]
-            better = valid & ~on & (d2 < best_d)
-            best_d = torch.where(better, d2, best_d)
-            best_i = torch.where(better, cand, best_i)
-        index = best_i  # [M, 4]
+        index = best_neighbour(gi, rowmap[u], nb, xg, wg, scale.view(M, 1),
+                               lambda cand, c: _level_values(grid, cand, c), xx.view(M, 1, 3).expand(M, 4, 3))  # [M, 4]
         offgrid = (~on).any(dim=1)
         lv = ((grid[index.clamp(min=0)] - 1.0) * 0.5).long().reshape(M, 32)
         q = torch.gather(xx, 1, lv)
@@ -275,30 +265,13 @@ class IQ1_M(BlockType):
         u = _codes(Lg)
         gi = kmap[u]
         on = gi >= 0
-        row = rowmap[u]
-        best_d = torch.full(u.shape, float("inf"), dtype=torch.float32, device=dev)
-        best_i = gi.clone()
         xg = xb.reshape(M, 2, 8)
         wg = w.reshape(M, 2, 8)
-        s = scale.view(M, 1, 1)
-        xx8 = xx.unsqueeze(2).expand(M, 2, 8, 3)
-        for j in range(nb.shape[1]):
-            cand = nb[row, j].long()
-            valid = cand >= 0
-            lv = ((grid[cand.clamp(min=0)] - 1.0) * 0.5).long()
-            q = torch.gather(xx8, 3, lv.unsqueeze(-1)).squeeze(-1)
-            diff = s * q - xg
-            t = (wg * diff) * diff
-            d2 = t[..., 0]
-            for i in range(1, 8):
-                d2 = d2 + t[..., i]
-            better = valid & ~on & (d2 < best_d)
-            best_d = torch.where(better, d2, best_d)
-            best_i = torch.where(better, cand, best_i)
-        index = best_i  # [M, 2]
+        index = best_neighbour(gi, rowmap[u], nb, xg, wg, scale.view(M, 1),
+                               lambda cand, c: _level_values(grid, cand, c), xx)  # [M, 2]
         offgrid = (~on).any(dim=1)
         lv = ((grid[index.clamp(min=0)] - 1.0) * 0.5).long()  # [M, 2, 8]
-        q = torch.gather(xx8, 3, lv.unsqueeze(-1)).squeeze(-1).reshape(M, 16)
+        q = torch.gather(xx.unsqueeze(2).expand(M, 2, 8, 3), 3, lv.unsqueeze(-1)).squeeze(-1).reshape(M, 16)
         sqx = seq_sum(((w * q) * xb).t().contiguous())
         sq2 = seq_sum(((w * q) * q).t().contiguous())
         scale = torch.where(offgrid & (sqx > 0) & (sq2 > 0), sqx / sq2, scale)

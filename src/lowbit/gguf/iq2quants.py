@@ -24,7 +24,7 @@ from gguf import quants as gq
 
 from ..errors import LowbitError
 from ._base import BlockType, blocks_of, bytes_rows, register
-from ._blockops import const, divs, f32, fp16_bytes, make_qp_quants, nearest_int, recip, seq_sum, sqrtf
+from ._blockops import best_neighbour, const, divs, f32, fp16_bytes, make_qp_quants, nearest_int, recip, seq_sum, sqrtf
 
 QK_K = 256
 KMAXQ = 3
@@ -93,23 +93,8 @@ def _snap(l, xv, wa, scale, tabs):
     grid, kmap, rowmap, nb = tabs
     u = _codes(l)
     gi = kmap[u]
-    on = gi >= 0
-    row = rowmap[u]
-    best_i = gi.clone()
-    best_d = torch.full(u.shape, float("inf"), dtype=torch.float32, device=u.device)
-    s = scale.unsqueeze(-1)
-    for j in range(nb.shape[1]):
-        cand = nb[row, j].long()
-        valid = cand >= 0
-        diff = s * grid[cand.clamp(min=0)] - xv
-        t = (wa * diff) * diff
-        d2 = t[..., 0]
-        for i in range(1, 8):
-            d2 = d2 + t[..., i]
-        better = valid & ~on & (d2 < best_d)
-        best_d = torch.where(better, d2, best_d)
-        best_i = torch.where(better, cand, best_i)
-    return grid[best_i], on
+    best_i = best_neighbour(gi, rowmap[u], nb, xv, wa, scale, lambda cand, _: grid[cand])
+    return grid[best_i], gi >= 0
 
 
 def _signs(b: torch.Tensor, w: torch.Tensor, parity: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

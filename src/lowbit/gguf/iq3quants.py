@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
 from ._base import BlockType, blocks_of, bytes_rows, register
-from ._blockops import const, divs, f32, fp16_bytes, nearest_int, recip, seq_sum, sqrtf
+from ._blockops import best_neighbour, const, divs, f32, fp16_bytes, nearest_int, recip, seq_sum, sqrtf
 
 QK_K = 256
 KMAXQ = 8
@@ -93,21 +93,8 @@ def _snap(l: torch.Tensor, xv: torch.Tensor, wa: torch.Tensor, scale: torch.Tens
     grid, kmap, nb = tabs
     u = _codes(l)
     gi = kmap[u]
-    on = gi >= 0
-    best_i = gi.clone()
-    best_d = torch.full(u.shape, float("inf"), dtype=torch.float32, device=u.device)
-    s = scale.unsqueeze(-1)
-    for j in range(nb.shape[1]):
-        cand = nb[u, j]
-        valid = cand >= 0
-        pg = grid[cand.clamp(min=0)]  # [..., 8, 4]
-        diff = s * pg - xv
-        t = (wa * diff) * diff
-        d2 = ((t[..., 0] + t[..., 1]) + t[..., 2]) + t[..., 3]  # C starts from 0: same value here
-        better = valid & ~on & (d2 < best_d)
-        best_d = torch.where(better, d2, best_d)
-        best_i = torch.where(better, cand, best_i)
-    return grid[best_i], on
+    best_i = best_neighbour(gi, u, nb, xv, wa, scale, lambda cand, _: grid[cand])
+    return grid[best_i], gi >= 0
 
 
 def _weights(b: torch.Tensor, qw: torch.Tensor | None, rows: int) -> torch.Tensor:
