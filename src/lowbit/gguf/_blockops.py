@@ -383,12 +383,13 @@ def best_neighbour(index: torch.Tensor, rows: torch.Tensor, nb: torch.Tensor, x:
     """Grid index per group, off-grid groups snapped to their best neighbour (``iq*_find_best_neighbour``).
 
     ``index`` ``[...]``: grid index of each group, -1 off the grid; ``rows`` ``[...]``: the row of
-    ``nb`` (``[R, W]`` neighbour indices, -1 padded) listing the group's neighbours; ``x``, ``w``
-    ``[..., n]``: values and weights; ``scale`` broadcast to ``[...]``; ``points(cand, ctx_part)``:
-    the ``[k, W, n]`` values of candidates ``cand`` ``[k, W]`` for off-grid groups whose rows of
-    ``ctx`` (indexed like ``index``) are ``ctx_part``.  The error ``sum (w (s p - x))^2`` is summed
-    left to right as the C loop does; ties go to the first neighbour (its strict ``<``).  All
-    neighbours of a group are scored at once, and only off-grid groups are scored.
+    ``nb`` (``[R, W]`` neighbour indices, valid ones first, then -1) listing the group's
+    neighbours; ``x``, ``w`` ``[..., n]``: values and weights; ``scale`` broadcast to ``[...]``;
+    ``points(cand, ctx_part)``: the ``[k, V, n]`` values of candidates ``cand`` ``[k, V]`` for
+    off-grid groups whose rows of ``ctx`` (indexed like ``index``) are ``ctx_part``.  The error
+    ``sum (w (s p - x))^2`` is summed left to right as the C loop does; ties go to the first
+    neighbour (its strict ``<``).  Only off-grid groups are scored, all their neighbours at once,
+    in buckets of similar neighbour counts (the lists are short on average, long at most).
     """
     out = index.clone()
     off = (index < 0).nonzero(as_tuple=True)
@@ -400,20 +401,24 @@ def best_neighbour(index: torch.Tensor, rows: torch.Tensor, nb: torch.Tensor, x:
     xo, wo, ro = x.expand(full)[off], w.expand(full)[off], rows[off]
     so, io = scale.expand(index.shape)[off], index[off]
     co = None if ctx is None else ctx.expand(*index.shape, *ctx.shape[index.dim():])[off]
-    width = nb.shape[1]
-    step = max(1, (1 << 20) // (width * n))
-    res = torch.empty(count, dtype=index.dtype, device=index.device)
-    for a in range(0, count, step):
-        b = min(count, a + step)
-        cand = nb[ro[a:b]].long()
-        diff = so[a:b, None, None] * points(cand.clamp(min=0), None if co is None else co[a:b]) - xo[a:b, None, :]
-        t = (wo[a:b, None, :] * diff) * diff
-        d2 = t[..., 0]
-        for i in range(1, n):
-            d2 = d2 + t[..., i]
-        d2 = torch.where(cand >= 0, d2, float("inf"))
-        j = d2.argmin(dim=1, keepdim=True)  # first of equal minima
-        found = d2.gather(1, j).squeeze(1) < float("inf")
-        res[a:b] = torch.where(found, cand.gather(1, j).squeeze(1).to(index.dtype), io[a:b])
+    lengths = (nb >= 0).sum(dim=1)[ro].clamp(min=1)
+    bucket = torch.pow(2, torch.ceil(torch.log2(lengths.float()))).long().clamp(max=nb.shape[1])
+    res = io.clone()
+    for width in torch.unique(bucket).tolist():
+        members = (bucket == width).nonzero().squeeze(1)
+        step = max(1, (1 << 20) // (width * n))
+        for a in range(0, members.numel(), step):
+            g = members[a:a + step]
+            cand = nb[ro[g], :width].long()
+            vals = points(cand.clamp(min=0), None if co is None else co[g])
+            diff = so[g, None, None] * vals - xo[g, None, :]
+            t = (wo[g, None, :] * diff) * diff
+            d2 = t[..., 0]
+            for i in range(1, n):
+                d2 = d2 + t[..., i]
+            d2 = torch.where(cand >= 0, d2, float("inf"))
+            j = d2.argmin(dim=1, keepdim=True)  # first of equal minima
+            found = d2.gather(1, j).squeeze(1) < float("inf")
+            res[g] = torch.where(found, cand.gather(1, j).squeeze(1).to(index.dtype), io[g])
     out[off] = res
     return out
