@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="also evaluate the GPTQ model dequantized in torch (lowbit) on the same chunks")
     ap.add_argument("--token-embedding-type", default=None,
                     help="e.g. f16: keep token_embd (and a tied output) out of Q4_0 in every quantized file")
+    ap.add_argument("--qtype", default="Q4_0", choices=["Q4_0", "Q4_K"],
+                    help="Q4_K: GPTQ picks codes on llama.cpp's own Q4_K grid (int4 asym g32), compared with "
+                         "llama.cpp's pure Q4_K file with and without an importance matrix from the calibration text")
     ap.add_argument("--work", default="/tmp/lowbit-gptq-into-gguf")
     a = ap.parse_args(argv)
 
@@ -86,18 +89,35 @@ def main(argv: list[str] | None = None) -> None:
     src = MODELS.get(a.model, a.model)
     work = Path(a.work) / Path(str(src)).stem
     work.mkdir(parents=True, exist_ok=True)
-    scheme = QuantScheme(4, 32, True)
+    scheme = QuantScheme(4, 32, a.qtype == "Q4_0")
     calib = CalibrationConfig(path=a.calib_path, n_samples=a.calib_samples, seq_len=a.calib_len)
+    mix = "Q4_K_M" if a.qtype == "Q4_K" else a.qtype  # with pure=True: that one type wherever it fits
+    tag = a.qtype.lower()
 
     files: dict[str, Path] = {"F16": quantize_to_gguf(src, work / "f16.gguf", "F16", overwrite=True)}
-    files["Q4_0 (llama.cpp)"] = quantize_to_gguf(src, work / "q4_0-llamacpp.gguf", "Q4_0", pure=True, overwrite=True,
-                                                   token_embedding_type=a.token_embedding_type)
+    files[f"{a.qtype} (llama.cpp)"] = quantize_to_gguf(src, work / f"{tag}-llamacpp.gguf", mix, pure=True, overwrite=True,
+                                                       token_embedding_type=a.token_embedding_type)
     qms = {}
-    for method in ("rtn", "gptq"):
+    if a.qtype == "Q4_K":
+        from lowbit.gguf.convert import compute_imatrix
+
+        text_path = Path(a.calib_path) if a.calib_path else work / "calib-pydoc.txt"
+        if not a.calib_path:
+            import pydoc_data.topics as topics
+
+            text_path.write_text("\n".join(topics.topics.values()))
+        imat = compute_imatrix(src, text_path, work / "imatrix.gguf", ctx=a.calib_len, chunks=a.calib_samples,
+                               overwrite=True)
+        files["Q4_K (llama.cpp, imatrix)"] = quantize_to_gguf(src, work / "q4_k-llamacpp-imat.gguf", mix, pure=True,
+                                                              imatrix_path=imat, overwrite=True,
+                                                              token_embedding_type=a.token_embedding_type)
+    for method in ("rtn", "gptq") if a.qtype == "Q4_0" else ("gptq",):
         t = time.time()
-        qm = qms[method] = quantize_model(src, method, scheme, calib)
-        files[f"Q4_0 ({method.upper()})"] = quantized_to_gguf(src, qm, work / f"q4_0-{method}.gguf", "Q4_0", overwrite=True,
-                                                                token_embedding_type=a.token_embedding_type)
+        grid = {"grid": "Q4_K"} if a.qtype == "Q4_K" else {}
+        qm = qms[method] = quantize_model(src, method, scheme, calib, **grid)
+        files[f"{a.qtype} ({method.upper()})"] = quantized_to_gguf(src, qm, work / f"{tag}-{method}.gguf", a.qtype,
+                                                                   overwrite=True,
+                                                                   token_embedding_type=a.token_embedding_type)
         print(f"{method}: {len(qm.weights)} weights in {time.time() - t:.0f}s", flush=True)
 
     text = Path(WIKI).read_text(encoding="utf-8")

@@ -46,11 +46,13 @@ def quantize_rtn(source: Any, recipe: Recipe) -> QuantizedModel:
 
 def quantize_calibrated(source: Any, method: str, recipe: Recipe, calib: str | None = None,
                         samples: int | None = None, seq_len: int | None = None, act_order: bool | str | None = None,
-                        device: str = "cpu", seed: int = 0, workdir: str | Path | None = None) -> QuantizedModel:
+                        device: str = "cpu", seed: int = 0, workdir: str | Path | None = None,
+                        **options: Any) -> QuantizedModel:
     """GPTQ or AWQ through the layer-by-layer engine, with ``recipe``'s rules.
 
     ``act_order``: GPTQ's mode (``"static"`` by default, ``"dynamic"``, ``"off"``). GPTQ always
     searches its group ranges by MSE; ``recipe.mse_clip`` applies to RTN-quantized tensors.
+    ``options`` go to the method's layer handler (e.g. GPTQ's ``grid="Q4_K"`` for GGUF output).
     """
     from .methods import quantize_model
     from .models.calibration import CalibrationConfig
@@ -60,7 +62,7 @@ def quantize_calibrated(source: Any, method: str, recipe: Recipe, calib: str | N
     plan = recipe.plan({n: ckpt.shape(n) for n in ckpt.keys()}, where=src.spec)  # refuse bad groups before calibrating
     cfg = CalibrationConfig(path=calib, n_samples=samples, seq_len=seq_len, seed=seed)
     return quantize_model(src, method=method, scheme=recipe.scheme, calib=cfg, act_order=act_order,
-                          device=device, workdir=workdir, rules=plan.get)
+                          device=device, workdir=workdir, rules=plan.get, **options)
 
 
 def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe | None = None,

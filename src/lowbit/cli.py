@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint format (default compressed-tensors; gguf when --to is given)")
     _add_scheme_args(q)
     q.add_argument("--to", metavar="TYPE", help="GGUF type or mix: Q4_K_M, Q8_0, Q6_K, IQ4_XS, F16 ... "
-                   "(with --method gptq/awq: Q4_0, Q4_1 or Q8_0 blocks holding the calibrated codes)")
+                   "(with --method gptq/awq: Q4_0, Q4_1 or Q8_0 blocks holding the calibrated codes; with "
+                   "--method gptq also Q4_K: GPTQ picks the codes on llama.cpp's own Q4_K grid)")
     q.add_argument("--imatrix", help="llama.cpp importance matrix file (GGUF or .dat)")
     q.add_argument("--pure", action="store_true", help="GGUF: one type for every tensor, no mix rules")
     q.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE", help="GGUF per-tensor type")
@@ -120,11 +121,21 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
     fmt = args.format or ("gguf" if args.to else "compressed-tensors")
     if fmt == "gguf" and args.method != "rtn":
-        from .gguf.from_quantized import quantized_to_gguf
+        from .gguf.from_quantized import KQUANT_GRIDS, quantized_to_gguf
 
-        qm = api.quantize_calibrated(args.model, args.method, _recipe(args), calib=args.calib, samples=args.samples,
+        recipe, options = _recipe(args), {}
+        if (args.to or "").upper() in KQUANT_GRIDS:  # GPTQ picks codes on llama.cpp's own K-quant grid
+            if args.method != "gptq":
+                raise LowbitError(None, f"--to {args.to} with calibrated codes needs --method gptq "
+                                        "(AWQ codes go to Q4_0, Q4_1 or Q8_0)")
+            from dataclasses import replace
+
+            from .core.scheme import QuantScheme
+
+            recipe, options = replace(recipe, scheme=QuantScheme(4, 32, False)), {"grid": args.to.upper()}
+        qm = api.quantize_calibrated(args.model, args.method, recipe, calib=args.calib, samples=args.samples,
                                      seq_len=args.seq_len, act_order=args.act_order, device=args.device,
-                                     seed=args.seed)
+                                     seed=args.seed, **options)
         out = quantized_to_gguf(args.model, qm, args.output, qtype=args.to or "Q4_0", overwrite=args.overwrite)
         return {"output": str(out), "format": "gguf", "method": args.method, "type": args.to or "Q4_0"}
     if fmt == "gguf" or args.to:

@@ -11,6 +11,11 @@ are and only the block scale (and minimum) are rounded to fp16:
 Every 32-column block must lie inside one quantization group: group sizes that are multiples
 of 32, per-channel and per-tensor grids fit; act-order ``g_idx`` fits only where it keeps each
 block in one group (static groups), otherwise :class:`LowbitError`.
+
+* ``Q4_K`` ``x = d*sc*q - dmin*m`` per 32 values (6-bit ``sc``, ``m`` under fp16 ``d``,
+  ``dmin`` per 256): the grid must already be a Q4_K grid. :func:`kquant_grid` takes it from
+  llama.cpp's own Q4_K encoding of the float weight; GPTQ given that grid
+  (``gptq_quantize(grid=...)``, handler option ``grid="Q4_K"``) only re-chooses the codes.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ from gguf import GGMLQuantizationType as T
 
 from ..errors import LowbitError
 from ..methods.base import QuantizedModel, QuantizedWeight
-from ._blockops import fp16_bytes
+from ._blockops import fp16_bytes, fp16_round
 from .names import gguf_tensor_name, permute_rotary
 from .quants import _pack_nibbles, parse_qtype
 
 BLOCK = 32
 
 # qtype -> (bits, symmetric schemes allowed, asymmetric schemes allowed)
-_GRIDS: dict[T, tuple[int, bool, bool]] = {T.Q4_0: (4, True, False), T.Q4_1: (4, True, True), T.Q8_0: (8, True, False)}
+_GRIDS: dict[T, tuple[int, bool, bool]] = {T.Q4_0: (4, True, False), T.Q4_1: (4, True, True), T.Q8_0: (8, True, False),
+                                           T.Q4_K: (4, False, True)}
+KQUANT_GRIDS = ("Q4_K",)  # types whose grid GPTQ can be given (kquant_grid)
+QK_K = 256
 
 SUPPORTED = tuple(t.name for t in _GRIDS)
 
@@ -46,8 +54,12 @@ def _check_scheme(qw: QuantizedWeight, qt: T, where: str) -> None:
     if not (fits and gs_ok):
         need = f"{bits}-bit {'symmetric' if not asym_ok else 'symmetric or asymmetric'}, group size a multiple of {BLOCK}"
         raise LowbitError(where, f"scheme {s.describe()} does not fit GGUF {qt.name} (needs {need})")
-    if qw.codes.shape[1] % BLOCK:
-        raise LowbitError(where, f"row length {qw.codes.shape[1]} is not a multiple of the {qt.name} block size {BLOCK}")
+    blk = QK_K if qt == T.Q4_K else BLOCK
+    if qw.codes.shape[1] % blk:
+        raise LowbitError(where, f"row length {qw.codes.shape[1]} is not a multiple of the {qt.name} block size {blk}")
+    if qt == T.Q4_K and s.group_size != BLOCK:
+        raise LowbitError(where, f"scheme {s.describe()} does not fit GGUF Q4_K (needs groups of {BLOCK}: "
+                                 "quantize with grid='Q4_K')")
     if int(qw.codes.min()) < 0 or int(qw.codes.max()) > s.qmax:
         raise LowbitError(where, f"codes outside [0, {s.qmax}] for scheme {s.describe()}")
 
@@ -85,6 +97,8 @@ def blocks_from_quantized(qw: QuantizedWeight, qtype, name: str = "weight") -> t
     _check_scheme(qw, qt, where)
     scale, zero = _block_params(qw, qt, where)
     rows, in_f = qw.codes.shape
+    if qt == T.Q4_K:
+        return _q4_k_blocks(qw.codes, scale, zero, where)
     q = qw.codes.to(torch.int32).reshape(rows * (in_f // BLOCK), BLOCK)
     d = _fp16_checked(scale.reshape(-1), "scale", where)
     if qt == T.Q4_0:
@@ -99,6 +113,73 @@ def blocks_from_quantized(qw: QuantizedWeight, qtype, name: str = "weight") -> t
             raise LowbitError(where, "Q8_0 needs zero points of 128 (symmetric 8-bit grid)")
         blocks = torch.cat([d, (q - 128).to(torch.int8).view(torch.uint8)], dim=1)
     return blocks.reshape(rows, -1).contiguous()
+
+
+def _six_bit(v: torch.Tensor, where: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-super-block values ``[N, 8]`` of the form ``fp16(d) * k`` (k in 0..63) -> (d, k).
+
+    The largest value is ``d * kmax``; ``kmax`` is tried from 63 down (63 without an imatrix)."""
+    vmax = v.amax(dim=1)
+    d_out = torch.zeros_like(vmax)
+    k_out = torch.zeros_like(v)
+    done = vmax <= 0
+    for kmax in range(63, 0, -1):
+        d = fp16_round(vmax / kmax)
+        k = torch.round(v / torch.where(d > 0, d, 1.0).unsqueeze(1))
+        fits = (k >= 0).all(1) & (k <= 63).all(1) & ((d.unsqueeze(1) * k - v).abs() <= 1e-5 * v.abs() + 1e-30).all(1)
+        new = fits & ~done & (d > 0)
+        d_out = torch.where(new, d, d_out)
+        k_out = torch.where(new.unsqueeze(1), k, k_out)
+        done = done | new
+        if bool(done.all()):
+            break
+    if not bool(done.all()) or bool((v < 0).any()):
+        raise LowbitError(where, f"the {what} are not a Q4_K grid (6-bit multiples of an fp16 super-block value); "
+                                 "quantize with grid='Q4_K'")
+    return d_out, k_out.to(torch.int32)
+
+
+def _q4_k_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, where: str) -> torch.Tensor:
+    from .kquants import _pack_4bit_pairs, _pack_scales_k4
+
+    rows, in_f = codes.shape
+    n = rows * (in_f // QK_K)
+    sc = scale.float().reshape(n, 8)
+    mn = (zero.float() * scale.float()).reshape(n, 8)
+    d, ls = _six_bit(sc, where, "scales")
+    dmin, lm = _six_bit(mn, where, "minimums")
+    q = codes.to(torch.int32).reshape(n, QK_K)
+    out = torch.cat([_fp16_checked(d, "scale", where), _fp16_checked(dmin, "minimum", where),
+                     _pack_scales_k4(ls, lm), _pack_4bit_pairs(q)], dim=1)
+    return out.reshape(rows, -1).contiguous()
+
+
+def kquant_grid(weight: torch.Tensor, qtype: str = "Q4_K", imatrix: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's grid for ``weight`` (``[out, in]``, ``in`` a multiple of 256) as ``(scale, minimum)``.
+
+    Each ``[out, in / 32]``: the sub-block scale ``d * sc`` and minimum ``dmin * m`` exactly as
+    the dequantizer computes them, taken from lowbit's (llama.cpp-identical) encoding of the
+    float weight, with or without an importance matrix. Sub-blocks whose 6-bit scale rounded to
+    0 get scale ``d`` (``sc`` = 1): still a Q4_K grid, and one that can hold codes.
+    """
+    from .kquants import _f16_field, _unpack_scales_k4
+    from .quants import quantize
+
+    qt = parse_qtype(qtype)
+    if qt != T.Q4_K:
+        raise LowbitError(qtype, f"no calibrated grid for {qt.name} (supported: {', '.join(KQUANT_GRIDS)})")
+    rows, in_f = weight.shape
+    if in_f % QK_K:
+        raise LowbitError(qtype, f"row length {in_f} is not a multiple of {QK_K}")
+    blocks = quantize(weight.detach().float().cpu(), qt, imatrix).reshape(-1, 144)
+    d = _f16_field(blocks, 0).unsqueeze(1)
+    dmin = _f16_field(blocks, 2).unsqueeze(1)
+    s6, m6 = _unpack_scales_k4(blocks[:, 4:16])
+    s6 = torch.where((s6 == 0) & (d > 0), 1, s6)
+    scale = (d * s6.float()).reshape(rows, in_f // BLOCK)
+    minimum = (dmin * m6.float()).reshape(rows, in_f // BLOCK)
+    return scale, minimum
 
 
 def permute_quantized(qw: QuantizedWeight, n_head: int) -> QuantizedWeight:
@@ -171,6 +252,7 @@ def quantized_to_gguf(source, qm: QuantizedModel, out_path, qtype: str = "Q4_0",
         hp = src.hparams
         return np.ascontiguousarray(hf_to_gguf_layout(name, w, src.arch, hp.n_head, hp.n_head_kv), dtype=np.float32)
 
-    return quantize_to_gguf(source, out_path, qt.name, pure=True, overwrite=overwrite,
+    mix = "Q4_K_M" if qt == T.Q4_K else qt.name  # with pure=True: Q4_K everywhere it fits
+    return quantize_to_gguf(source, out_path, mix, pure=True, overwrite=overwrite,
                             token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
                             values=values, encoded=encoded)

@@ -15,7 +15,8 @@ class QuantizedWeight:
     """Integer codes and affine parameters of one 2-D weight ``[out, in]``.
 
     ``codes`` are unsigned ints in ``[0, 2**bits - 1]`` (int32 ``[out, in]``); ``scale`` and
-    ``zero`` are float ``[out, n_groups]`` (``zero`` holds integers); ``w ~ (q - zero) * scale``.
+    ``zero`` are float ``[out, n_groups]`` (``zero`` holds integers, except on a GGUF K-quant grid where
+    it is ``minimum / scale``); ``w ~ (q - zero) * scale``.
     ``g_idx`` (int32 ``[in]``), when set, names the group of each input column (act-order GPTQ);
     when ``None`` column ``j`` belongs to group ``j // group_size`` (or group 0 per channel).
     Per-tensor schemes store ``scale``/``zero`` as ``[1, 1]``.

@@ -90,6 +90,7 @@ def gptq_quantize(
     damp: float = 0.01,
     mse_clip: bool = False,
     return_stats: bool = False,
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantizedWeight | tuple[QuantizedWeight, GPTQStats]:
     """GPTQ-quantize ``weight`` (``[out, in]``) given the input Hessian ``H`` (``[in, in]``).
 
@@ -98,6 +99,11 @@ def gptq_quantize(
     ``static_groups`` fixes all group parameters from the original weight up front (groups stay
     contiguous in the original column order, so act-order needs no ``g_idx``). Per-channel and
     per-tensor parameters are always computed up front. Deterministic for a given input.
+
+    ``grid``: fixed group grids ``(scale, minimum)``, each ``[out, n_groups]``, meaning values
+    ``q * scale - minimum`` (e.g. llama.cpp's Q4_K sub-block grids, see
+    :func:`lowbit.gguf.from_quantized.kquant_grid`); GPTQ then only chooses the codes (static
+    groups). The returned ``zero`` is ``minimum / scale`` (not an integer; 0 where scale is 0).
     """
     if weight.dim() != 2 or H.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"weight {tuple(weight.shape)} and Hessian {tuple(H.shape)} do not match")
@@ -120,6 +126,14 @@ def gptq_quantize(
     if gs <= 0:
         clip = search_clip(W, scheme) if mse_clip else 1.0
         static_scale, static_zero = compute_qparams(W, scheme, clip)  # [out,1] or [1,1]
+    elif grid is not None:
+        static_groups = True
+        g_scale, g_min = (t.to(W.device, torch.float32) for t in grid)
+        if g_scale.shape != (out_f, scheme.n_groups(in_f)) or g_min.shape != g_scale.shape:
+            raise ValueError(f"grid {tuple(g_scale.shape)} does not match weight {tuple(weight.shape)} and {scheme}")
+        static_scale = g_scale
+        static_zero = torch.where(g_scale > 0, g_min / torch.where(g_scale > 0, g_scale, 1.0), 0.0)
+        grid_div, grid_min = torch.where(g_scale > 0, g_scale, 1.0), g_min
     elif static_groups:
         sc, zr = [], []
         for g0 in range(0, in_f, gs):
@@ -159,6 +173,10 @@ def gptq_quantize(
             j = b0 + i
             if gs <= 0:
                 s, z = static_scale[:, 0], static_zero[:, 0]
+            elif grid is not None:
+                g = col_group[j]
+                s, z = static_scale[:, g], static_zero[:, g]
+                q = torch.clamp(torch.round((W1[:, i] + grid_min[:, g]) / grid_div[:, g]), 0.0, qmax)  # as llama.cpp
             elif static_groups:
                 g = col_group[j]
                 s, z = static_scale[:, g], static_zero[:, g]
@@ -169,10 +187,14 @@ def gptq_quantize(
                     zeros.append(z)
                 s, z = scales[-1], zeros[-1]
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, 0.0, qmax)
+            if grid is None:
+                q = torch.clamp(torch.round(w / s) + z, 0.0, qmax)
+                deq = (q - z) * s
+            else:
+                deq = q * s - grid_min[:, g]
             codes[:, j] = q.to(torch.int32)
             d = U1[i, i]
-            err = (w - (q - z) * s) / d
+            err = (w - deq) / d
             loss += (err * err).sum()
             W1[:, i:].sub_(err[:, None] * U1[i, i:][None, :])
             E1[:, i] = err

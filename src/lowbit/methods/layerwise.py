@@ -111,6 +111,7 @@ class GPTQHandler:
     damp: float = 0.01
     block_size: int = 128
     mse_clip: bool = True  # group ranges by MSE search (measured: large gain at 3 bits, see bench/results)
+    grid: str | None = None  # "Q4_K": llama.cpp's block grid fixed up front, GPTQ picks the codes (GGUF output)
     min_expert_tokens: int = 16
     rules: Rules = None
     propagate: str = "quantized"
@@ -119,7 +120,7 @@ class GPTQHandler:
     def fingerprint(self) -> dict[str, Any]:
         return {
             "method": "gptq", "scheme": self.scheme, "act_order": self.act_order, "static_groups": self.static_groups,
-            "damp": self.damp, "block_size": self.block_size, "mse_clip": self.mse_clip,
+            "damp": self.damp, "block_size": self.block_size, "mse_clip": self.mse_clip, "grid": self.grid,
             "min_expert_tokens": self.min_expert_tokens, "rules": _rules_fingerprint(self.rules),
         }
 
@@ -160,10 +161,21 @@ class GPTQHandler:
         return accs
 
     def _gptq(self, w: torch.Tensor, H: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+        grid = None
+        if self.grid is not None:
+            from lowbit.gguf.from_quantized import kquant_grid
+
+            if scheme != QuantScheme(4, 32, False):
+                raise LowbitError(f"grid {self.grid}", f"needs int4 asymmetric groups of 32, not {scheme.describe()}")
+            grid = kquant_grid(w, self.grid)
         return gptq_quantize(  # type: ignore[return-value]
             w, H, scheme, act_order=self.act_order, static_groups=self.static_groups,
-            block_size=self.block_size, damp=self.damp, mse_clip=self.mse_clip,
+            block_size=self.block_size, damp=self.damp, mse_clip=self.mse_clip, grid=grid,
         )
+
+    def _no_grid(self, w: torch.Tensor) -> bool:
+        """Rows the K-quant grid cannot hold stay float (the GGUF writer quantizes them as llama.cpp does)."""
+        return self.grid is not None and w.shape[1] % 256 != 0
 
     def process(self, ctx: LayerContext) -> LayerResult:
         res = LayerResult()
@@ -175,6 +187,7 @@ class GPTQHandler:
             group = [
                 n for n in group
                 if not _skip(schemes[n], get_weight(ctx.adapter, ctx.layer, n), full_weight_name(ctx.adapter, ctx.index, n))
+                and not self._no_grid(get_weight(ctx.adapter, ctx.layer, n))
             ]
             if not group:
                 continue
