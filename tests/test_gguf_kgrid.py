@@ -153,3 +153,17 @@ def test_cli_rejects_awq_into_q4_k(tmp_path, capsys):
     rc = main(["quantize", STORIES, "--method", "awq", "--format", "gguf", "--to", "Q4_K", "-o", str(tmp_path / "x.gguf")])
     assert rc != 0 and "needs --method gptq" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_gptq_to_q4_k(wide_llama, tmp_path):
+    from lowbit.cli import main
+    from lowbit.gguf.reader import GGUFFile
+
+    out = tmp_path / "cli-q4k.gguf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["quantize", str(wide_llama), "--method", "gptq", "--format", "gguf", "--to", "Q4_K",
+                   "--samples", "4", "--seq-len", "64", "-o", str(out)])
+    assert rc == 0
+    types = {t.name: t.type for t in GGUFFile(out).tensors}
+    assert types["blk.0.ffn_down.weight"] == T.Q4_K and types["blk.1.attn_q.weight"] == T.Q4_K
