@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mixes", default="Q4_0,Q8_0,Q4_K_M,Q6_K,Q3_K_M,IQ4_XS")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--imatrix", default=None, help="an imatrix file for both sides (IQ1/IQ2 mixes need one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gguf_util.N_THREADS = args.threads
@@ -42,15 +43,20 @@ def main() -> None:
         base = Path(td) / "base-F16.gguf"
         quantize_to_gguf(args.model, base, "F16")
         resolve(base)  # lowbit's float cache of the F16 file, untimed
+        imat = None
+        if args.imatrix:
+            from lowbit.gguf.imatrix import load_imatrix_values
+
+            imat = load_imatrix_values(args.imatrix)  # llama-quantize reads the file too: not timed on either side
         print(f"{args.model}: F16 GGUF -> mix, threads={args.threads}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print(f"{'mix':8} {'lowbit s':>9} {'llama.cpp s':>12} {'ratio':>6}  tensor bytes")
         for mix in args.mixes.split(","):
             ours, theirs = Path(td) / f"lowbit-{mix}.gguf", Path(td) / f"llama-{mix}.gguf"
             t0 = time.perf_counter()
-            gguf_util.llamacpp_quantize(base, theirs, mix)
+            gguf_util.llamacpp_quantize(base, theirs, mix, imatrix=imat)
             t_llama = time.perf_counter() - t0
             t0 = time.perf_counter()
-            quantize_to_gguf(base, ours, mix)
+            quantize_to_gguf(base, ours, mix, imatrix_path=args.imatrix)
             t_ours = time.perf_counter() - t0
             a, b = gguf_util.gguf_tensor_bytes(ours), gguf_util.gguf_tensor_bytes(theirs)
             same = sum(1 for k in b if k in a and a[k] == b[k])
