@@ -118,6 +118,22 @@ def test_nan_weights_name_the_layer(tmp_path: Path) -> None:
         quantize_model(folder, "gptq", SCHEME, CALIB)
 
 
+def test_inf_activations_name_the_layer_and_linear(tmp_path: Path) -> None:
+    """A finite norm weight that overflows the MLP's inputs to Inf: GPTQ's Hessian refuses them, naming where."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "bad-act"
+    folder.mkdir()
+    for f in STORIES.iterdir():
+        if f.name != "model.safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(STORIES / "model.safetensors"))
+    sd["model.layers.1.post_attention_layernorm.weight"][3] = 3e38  # finite; the normed inputs overflow
+    save_file(sd, str(folder / "model.safetensors"))
+    with pytest.raises(LowbitError, match=r"layer 1 .*(gate|up)_proj.*non-finite.*layer inputs"):
+        quantize_model(folder, "gptq", SCHEME, CALIB)
+
+
 def _tiny_folder(tmp_path: Path, kind: str) -> Path:
     import shutil
 
