@@ -111,7 +111,7 @@ class GPTQHandler:
     damp: float = 0.01
     block_size: int = 128
     mse_clip: bool = True  # group ranges by MSE search (measured: large gain at 3 bits, see bench/results)
-    grid: str | None = None  # "Q4_K": llama.cpp's block grid fixed up front, GPTQ picks the codes (GGUF output)
+    grid: str | None = None  # "Q4_K": llama.cpp's block grid (its imatrix search, diag H) fixed up front; GPTQ picks codes
     min_expert_tokens: int = 16
     rules: Rules = None
     propagate: str = "quantized"
@@ -167,7 +167,7 @@ class GPTQHandler:
 
             if scheme != QuantScheme(4, 32, False):
                 raise LowbitError(f"grid {self.grid}", f"needs int4 asymmetric groups of 32, not {scheme.describe()}")
-            grid = kquant_grid(w, self.grid)
+            grid = kquant_grid(w, self.grid, imatrix=torch.diag(H))  # llama-imatrix's statistic, same data
         return gptq_quantize(  # type: ignore[return-value]
             w, H, scheme, act_order=self.act_order, static_groups=self.static_groups,
             block_size=self.block_size, damp=self.damp, mse_clip=self.mse_clip, grid=grid,
