@@ -25,7 +25,7 @@ SmolLM2-135M (Q4_1 source), 4 x 512, selfgen calibration 16 x 256, --token-embed
   lowbit's symmetric grid (scale = amax / 7.5) is coarser than Q4_0's d = max / -8, so on
   SmolLM2 llama.cpp's own Q4_0 wins; with pydoc calibration GPTQ was worse still (56.7).
 
-``--qtype Q4_K`` (GPTQ's codes on llama.cpp's own Q4_K grid; bench/results/gptq_into_gguf_q4k.txt),
+``--qtype Q4_K`` (GPTQ's codes on llama.cpp's own Q4_K grid; bench/results/gptq_into_gguf.txt),
 KLD vs F16, pydoc calibration 32 x 512, 4 x 512 evaluation:
   SmolLM2: llama.cpp 0.0911 | llama.cpp + imatrix 0.0679 | GPTQ 0.0917 (damp 0.1: 0.0914)
   Gemma-3: llama.cpp 0.0546 | llama.cpp + imatrix 0.0389 | GPTQ 0.0458
