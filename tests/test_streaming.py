@@ -103,33 +103,29 @@ def test_unknown_architecture_names_it() -> None:
         get_adapter(GPT2Config())
 
 
-def test_nan_weights_name_the_layer(tmp_path: Path) -> None:
+def _stories_with(folder: Path, name: str, index: tuple[int, ...], value: float) -> Path:
+    """A copy of stories260K in ``folder`` with one weight value changed."""
     from safetensors.torch import load_file, save_file
 
-    folder = tmp_path / "bad"
     folder.mkdir()
     for f in STORIES.iterdir():
         if f.name != "model.safetensors":
             (folder / f.name).write_bytes(f.read_bytes())
     sd = load_file(str(STORIES / "model.safetensors"))
-    sd["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
+    sd[name][index] = value
     save_file(sd, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_nan_weights_name_the_layer(tmp_path: Path) -> None:
+    folder = _stories_with(tmp_path / "bad", "model.layers.2.mlp.up_proj.weight", (0, 0), float("nan"))
     with pytest.raises(LowbitError, match="layer 2.*up_proj"):
         quantize_model(folder, "gptq", SCHEME, CALIB)
 
 
 def test_inf_activations_name_the_layer_and_linear(tmp_path: Path) -> None:
     """A finite norm weight that overflows the MLP's inputs to Inf: GPTQ's Hessian refuses them, naming where."""
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path / "bad-act"
-    folder.mkdir()
-    for f in STORIES.iterdir():
-        if f.name != "model.safetensors":
-            (folder / f.name).write_bytes(f.read_bytes())
-    sd = load_file(str(STORIES / "model.safetensors"))
-    sd["model.layers.1.post_attention_layernorm.weight"][3] = 3e38  # finite; the normed inputs overflow
-    save_file(sd, str(folder / "model.safetensors"))
+    folder = _stories_with(tmp_path / "bad-act", "model.layers.1.post_attention_layernorm.weight", (3,), 3e38)
     with pytest.raises(LowbitError, match=r"layer 1 .*(gate|up)_proj.*non-finite.*layer inputs"):
         quantize_model(folder, "gptq", SCHEME, CALIB)
 

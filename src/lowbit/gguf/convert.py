@@ -531,7 +531,7 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
         if (x.dtype != np.float16 or float_out) and not np.isfinite(x).all():  # else the block quantizer checks
             raise LowbitError(src.description, f"tensor {t.name} has NaN or Inf values")
         im = None
-        if imat is not None and t.qtype not in (T.F32, T.F16, T.BF16):
+        if imat is not None and not float_out:
             v = imat.get(t.name)
             if v is not None and v.size == x.shape[-1] * (x.shape[0] if x.ndim == 3 else 1):
                 im = v

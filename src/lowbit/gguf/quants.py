@@ -397,8 +397,8 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
     if cols % cls.block_size != 0:
         raise LowbitError(None, f"row length {cols} is not a multiple of the {qt.name} block size {cls.block_size}")
     x = t.detach()
-    if not (x.dtype == torch.float16 and x.device.type == "cpu" and native.supports(int(qt))):
-        x = x.float()  # the native CPU quantizers widen float16 rows themselves
+    if not (x.dtype == torch.float16 and x.device.type == "cpu"):
+        x = x.float()  # float16 on the CPU: the native quantizers widen it row by row
     x = x.contiguous()
     qw = None
     if imatrix is not None and qt not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
@@ -410,15 +410,14 @@ def quantize(t: torch.Tensor, qtype: QType, imatrix: torch.Tensor | None = None)
     row_bytes = cols // cls.block_size * cls.type_size
     # CPU: the native C quantizers when built (same bytes); they also return max |x|
     fast = native.quantize_rows_absmax(int(qt), x, qw, row_bytes) if x.device.type == "cpu" else None
-    if fast is None:
-        x = x.float()
     if fast is not None:
         amax = fast[1]
-    elif x.numel():
-        lo, hi = (float(v) for v in torch.aminmax(x))  # one pass, no |x| temporary
-        amax = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.nan
     else:
+        x = x.float()  # the torch path works in float32
         amax = 0.0
+        if x.numel():
+            lo, hi = (float(v) for v in torch.aminmax(x))  # one pass, no |x| temporary
+            amax = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.nan
     if not math.isfinite(amax):
         raise LowbitError(None, f"cannot quantize to {qt.name}: the tensor contains NaN or Inf values")
     if fast is not None:

@@ -156,11 +156,9 @@ def write_gguf(
 
     Layout: header, ``general.architecture`` then ``kvs`` in order, tensor infos, data
     section aligned to 32 bytes with every tensor padded to 32 (the default alignment)."""
-    head = [_arch_kv(arch)]
-    seen = {"general.architecture"}
-    for kv in kvs:
-        if kv.key == "general.architecture":
-            continue
+    head = []
+    seen: set[str] = set()
+    for kv in [KV("general.architecture", V.STRING, arch)] + [kv for kv in kvs if kv.key != "general.architecture"]:
         if kv.key in seen:
             raise LowbitError(path, f"internal error: duplicated metadata key {kv.key!r}")
         seen.add(kv.key)
@@ -198,10 +196,6 @@ def _padded(n: int) -> int:
 def _string(s: str) -> bytes:
     b = s.encode("utf-8")
     return _U64.pack(len(b)) + b
-
-
-def _arch_kv(arch: str) -> bytes:  # the first KV of every file
-    return _string("general.architecture") + _U32.pack(int(V.STRING)) + _string(arch)
 
 
 def _infer_type(v: Any) -> V:

@@ -131,9 +131,8 @@ def gptq_quantize(
         g_scale, g_min = (t.to(W.device, torch.float32) for t in grid)
         if g_scale.shape != (out_f, scheme.n_groups(in_f)) or g_min.shape != g_scale.shape:
             raise ValueError(f"grid {tuple(g_scale.shape)} does not match weight {tuple(weight.shape)} and {scheme}")
-        static_scale = g_scale
-        static_zero = torch.where(g_scale > 0, g_min / torch.where(g_scale > 0, g_scale, 1.0), 0.0)
-        grid_div, grid_min = torch.where(g_scale > 0, g_scale, 1.0), g_min
+        grid_div = torch.where(g_scale > 0, g_scale, 1.0)  # a zero scale holds every code at -minimum
+        static_scale, static_zero = g_scale, torch.where(g_scale > 0, g_min / grid_div, 0.0)
     elif static_groups:
         sc, zr = [], []
         for g0 in range(0, in_f, gs):
@@ -173,10 +172,6 @@ def gptq_quantize(
             j = b0 + i
             if gs <= 0:
                 s, z = static_scale[:, 0], static_zero[:, 0]
-            elif grid is not None:
-                g = col_group[j]
-                s, z = static_scale[:, g], static_zero[:, g]
-                q = torch.clamp(torch.round((W1[:, i] + grid_min[:, g]) / grid_div[:, g]), 0.0, qmax)  # as llama.cpp
             elif static_groups:
                 g = col_group[j]
                 s, z = static_scale[:, g], static_zero[:, g]
@@ -190,8 +185,9 @@ def gptq_quantize(
             if grid is None:
                 q = torch.clamp(torch.round(w / s) + z, 0.0, qmax)
                 deq = (q - z) * s
-            else:
-                deq = q * s - grid_min[:, g]
+            else:  # rounded as llama.cpp rounds onto its own grid
+                q = torch.clamp(torch.round((w + g_min[:, g]) / grid_div[:, g]), 0.0, qmax)
+                deq = q * s - g_min[:, g]
             codes[:, j] = q.to(torch.int32)
             d = U1[i, i]
             err = (w - deq) / d

@@ -173,9 +173,14 @@ class GPTQHandler:
             block_size=self.block_size, damp=self.damp, mse_clip=self.mse_clip, grid=grid,
         )
 
-    def _no_grid(self, w: torch.Tensor) -> bool:
-        """Rows the K-quant grid cannot hold stay float (the GGUF writer quantizes them as llama.cpp does)."""
-        return self.grid is not None and w.shape[1] % 256 != 0
+    def _keeps_float(self, scheme: QuantScheme | None, w: torch.Tensor, where: str) -> bool:
+        """:func:`_skip`, and with a K-quant grid rows it cannot hold (the GGUF writer encodes those as llama.cpp)."""
+        if self.grid is not None:
+            from lowbit.gguf.from_quantized import QK_K  # GGUF only on this path
+
+            if w.shape[1] % QK_K != 0:
+                return True
+        return _skip(scheme, w, where)
 
     def process(self, ctx: LayerContext) -> LayerResult:
         res = LayerResult()
@@ -186,8 +191,8 @@ class GPTQHandler:
             schemes = {n: resolve(full_weight_name(ctx.adapter, ctx.index, n)) for n in group}
             group = [
                 n for n in group
-                if not _skip(schemes[n], get_weight(ctx.adapter, ctx.layer, n), full_weight_name(ctx.adapter, ctx.index, n))
-                and not self._no_grid(get_weight(ctx.adapter, ctx.layer, n))
+                if not self._keeps_float(schemes[n], get_weight(ctx.adapter, ctx.layer, n),
+                                         full_weight_name(ctx.adapter, ctx.index, n))
             ]
             if not group:
                 continue

@@ -905,23 +905,25 @@ static uint32_t absmax_bits(const float *x, int64_t n) {
     return m;
 }
 
-/* Bytes of one quantized row of ncols values, 0 for a type not implemented here. */
-static int64_t type_row_bytes(int type, int64_t ncols) {
-    switch (type) {
-    case T_Q4_0: return ncols / QK * 18;
-    case T_Q4_1: return ncols / QK * 20;
-    case T_Q5_0: return ncols / QK * 22;
-    case T_Q5_1: return ncols / QK * 24;
-    case T_Q8_0: return ncols / QK * 34;
-    case T_IQ4_NL: return ncols / QK * 18;
-    case T_Q2_K: return ncols / QK_K * 84;
-    case T_Q3_K: return ncols / QK_K * 110;
-    case T_Q4_K: return ncols / QK_K * 144;
-    case T_Q5_K: return ncols / QK_K * 176;
-    case T_Q6_K: return ncols / QK_K * 210;
-    case T_IQ4_XS: return ncols / QK_K * 136;
-    default: return 0;
-    }
+/* Every type implemented here: block function (NULL: the legacy row functions below), values per
+ * block, bytes per block. */
+typedef struct {
+    int type;
+    block_fn fn;
+    int bs, ts;
+} type_layout;
+
+static const type_layout LAYOUTS[] = {
+    {T_Q4_0, NULL, QK, 18},           {T_Q4_1, NULL, QK, 20},          {T_Q5_0, NULL, QK, 22},
+    {T_Q5_1, NULL, QK, 24},           {T_Q8_0, NULL, QK, 34},          {T_Q2_K, block_q2_k, QK_K, 84},
+    {T_Q3_K, block_q3_k, QK_K, 110},  {T_Q4_K, block_q4_k, QK_K, 144}, {T_Q5_K, block_q5_k, QK_K, 176},
+    {T_Q6_K, block_q6_k, QK_K, 210},  {T_IQ4_NL, block_iq4_nl, QK, 18}, {T_IQ4_XS, block_iq4_xs, QK_K, 136},
+};
+
+static const type_layout *layout_of(int type) {
+    for (size_t i = 0; i < sizeof LAYOUTS / sizeof LAYOUTS[0]; i++)
+        if (LAYOUTS[i].type == type) return &LAYOUTS[i];
+    return NULL;
 }
 
 /* float16 -> float32 of one row (exact either way); F16C where the CPU has it. */
@@ -949,43 +951,25 @@ static void f16_row(const uint16_t *h, float *f, int64_t n) {
 int lowbit_abi_version(void) { return 2; }
 
 /* Whether a type is implemented here (1) or not (0). */
-int lowbit_supports(int type) {
-    switch (type) {
-    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0:
-    case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K: case T_Q6_K:
-    case T_IQ4_NL: case T_IQ4_XS:
-        return 1;
-    default:
-        return 0;
-    }
-}
+int lowbit_supports(int type) { return layout_of(type) != NULL; }
 
 /* Quantize rows [nrows, ncols] of float32 x (importance qw [ncols] or NULL) into y.
  * work: ncols floats of scratch (legacy types with qw). *absmax: max |x| (NaN if x holds a NaN;
  * such input gives meaningless bytes). Returns 0, or -1 for an unknown type. */
 int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, const float *qw, uint8_t *y, float *work,
                     float *absmax) {
+    const type_layout *L = layout_of(type);
+    if (!L) return -1;
     uint32_t amax_bits = 0;
-    block_fn fn = NULL;
-    int bs = QK_K, ts = 0;
-    switch (type) {
-    case T_Q2_K: fn = block_q2_k; ts = 84; break;
-    case T_Q3_K: fn = block_q3_k; ts = 110; break;
-    case T_Q4_K: fn = block_q4_k; ts = 144; break;
-    case T_Q5_K: fn = block_q5_k; ts = 176; break;
-    case T_Q6_K: fn = block_q6_k; ts = 210; break;
-    case T_IQ4_NL: fn = block_iq4_nl; bs = 32; ts = 18; break;
-    case T_IQ4_XS: fn = block_iq4_xs; ts = 136; break;
-    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0: break;
-    default: return -1;
-    }
-    int64_t nb = ncols / (fn ? bs : QK);
+    block_fn fn = L->fn;
+    int bs = L->bs, ts = L->ts;
+    int64_t nb = ncols / bs;
     for (int64_t r = 0; r < nrows; r++) {
         const float *xr = x + r * ncols;
+        uint8_t *yr = y + r * nb * ts;
         uint32_t m = absmax_bits(xr, ncols); /* while the row is in cache */
         amax_bits = m > amax_bits ? m : amax_bits;
         if (fn) {
-            uint8_t *yr = y + r * nb * ts;
             for (int64_t b = 0; b < nb; b++) fn(xr + b * bs, qw ? qw + b * bs : NULL, yr + b * ts);
             continue;
         }
@@ -995,11 +979,11 @@ int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, cons
             w = work;
         }
         switch (type) {
-        case T_Q4_0: row_symmetric(xr, w, nb, 8, y + r * nb * 18); break;
-        case T_Q4_1: row_affine(xr, w, nb, 15, y + r * nb * 20); break;
-        case T_Q5_0: row_symmetric(xr, w, nb, 16, y + r * nb * 22); break;
-        case T_Q5_1: row_affine(xr, w, nb, 31, y + r * nb * 24); break;
-        default: row_q8_0(xr, nb, y + r * nb * 34); break;
+        case T_Q4_0: row_symmetric(xr, w, nb, 8, yr); break;
+        case T_Q4_1: row_affine(xr, w, nb, 15, yr); break;
+        case T_Q5_0: row_symmetric(xr, w, nb, 16, yr); break;
+        case T_Q5_1: row_affine(xr, w, nb, 31, yr); break;
+        default: row_q8_0(xr, nb, yr); break;
         }
     }
     memcpy(absmax, &amax_bits, 4);
@@ -1010,9 +994,10 @@ int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, cons
  * is in cache, so no float32 copy of the tensor is ever made. Same bytes as widening first. */
 int lowbit_quantize_f16(int type, const uint16_t *x, int64_t nrows, int64_t ncols, const float *qw, uint8_t *y,
                         float *work, float *xbuf, float *absmax) {
-    int64_t rb = type_row_bytes(type, ncols);
+    const type_layout *L = layout_of(type);
+    if (!L) return -1;
+    int64_t rb = ncols / L->bs * L->ts;
     uint32_t amax_bits = 0;
-    if (rb == 0) return -1;
     for (int64_t r = 0; r < nrows; r++) {
         float m;
         uint32_t mb;
