@@ -104,9 +104,9 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from lowbit.core import QuantScheme
-    from lowbit.methods.api import make_handler
+    from lowbit.pipeline import make_handler
     from lowbit.models.adapters import LLAMA
-    from lowbit.models.streaming import LayerContext, LayerInputs, run_layer
+    from lowbit.models.layers import LayerContext, LayerInputs, run_layer
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"

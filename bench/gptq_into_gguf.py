@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     from lowbit.core.scheme import QuantScheme
     from lowbit.gguf.convert import quantize_to_gguf
     from lowbit.gguf.from_quantized import quantized_to_gguf
-    from lowbit.methods.api import quantize_model
+    from lowbit.pipeline import quantize_model
     from lowbit.models.calibration import CalibrationConfig
 
     warnings.simplefilter("ignore")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                                                        token_embedding_type=a.token_embedding_type)
     qms = {}
     if a.qtype == "Q4_K":
-        from lowbit.gguf.convert import compute_imatrix
+        from lowbit.gguf.imatrix import compute_imatrix
 
         text_path = Path(a.calib_path) if a.calib_path else work / "calib-pydoc.txt"
         if not a.calib_path:

@@ -7,9 +7,10 @@ import torch
 
 from lowbit.core import QuantScheme
 from lowbit.methods.awq import AWQHandler, candidate_scales, fold_scales, search_clip_for_output
-from lowbit.methods.layerwise import RTNHandler
+from lowbit.methods.rtn import RTNHandler
 from lowbit.models.adapters import get_adapter, get_submodule
-from lowbit.models.streaming import LayerContext, LayerInputs, capture_all_layer_args, run_layer
+from lowbit.models.capture import capture_all_layer_args
+from lowbit.models.layers import LayerContext, LayerInputs, run_layer
 
 
 @pytest.fixture(autouse=True)

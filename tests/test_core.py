@@ -40,7 +40,7 @@ def test_group_must_divide_row() -> None:
 
 def test_bad_bits_refused() -> None:
     with pytest.raises(ValueError):
-        QuantScheme(bits=1)
+        QuantScheme(bits=0)
     with pytest.raises(ValueError):
         QuantScheme(bits=9)
 

@@ -101,7 +101,7 @@ def wide_llama(tmp_path_factory) -> Path:
 
 def test_gptq_q4_k_file(wide_llama, tmp_path):
     from lowbit.gguf.reader import GGUFFile
-    from lowbit.methods.api import quantize_model
+    from lowbit.pipeline import quantize_model
     from lowbit.models.calibration import CalibrationConfig
 
     with warnings.catch_warnings():
@@ -120,7 +120,7 @@ def test_gptq_q4_k_file(wide_llama, tmp_path):
 @pytest.mark.llamacpp
 def test_gptq_q4_k_runs_in_llamacpp(wide_llama, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from lowbit.methods.api import quantize_model
+    from lowbit.pipeline import quantize_model
     from lowbit.models import load
     from lowbit.models.calibration import CalibrationConfig
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lowbit.core import QuantScheme
-from lowbit.methods.api import make_handler, quantize_in_memory, quantize_model
+from lowbit.pipeline import make_handler, quantize_in_memory, quantize_model
 from lowbit.models.calibration import CalibrationConfig, load_calibration
 
 STORIES = Path("/work/shared/models/stories260K")
@@ -107,7 +107,8 @@ def test_moe_folding_is_exact(moe_dir: Path) -> None:
 
     from lowbit.methods.awq import fold_scales
     from lowbit.models.adapters import get_adapter, get_submodule
-    from lowbit.models.streaming import capture_all_layer_args, run_layer
+    from lowbit.models.capture import capture_all_layer_args
+    from lowbit.models.layers import run_layer
 
     model = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
     adapter = get_adapter(model.config)

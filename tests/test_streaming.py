@@ -11,7 +11,7 @@ import torch
 
 from lowbit.core import QuantScheme
 from lowbit.errors import LowbitError
-from lowbit.methods.api import make_handler, quantize_in_memory, quantize_model
+from lowbit.pipeline import make_handler, quantize_in_memory, quantize_model
 from lowbit.models.calibration import CalibrationConfig, load_calibration
 
 STORIES = Path("/work/shared/models/stories260K")
@@ -209,7 +209,7 @@ def test_ready_calibration_ids_give_the_same_result_as_the_text_they_came_from()
 
 
 def test_act_order_modes() -> None:
-    from lowbit.methods.api import act_order_flags
+    from lowbit.methods.gptq import act_order_flags
 
     assert act_order_flags("static") == (True, True) and act_order_flags("dynamic") == (True, False)
     assert act_order_flags(True) == (True, False) and act_order_flags("off") == (False, False)

@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 from lowbit import formats
 from lowbit.core import QuantScheme
-from lowbit.methods.api import quantize_model
-from lowbit.methods.base import QuantizedModel, QuantizedWeight
-from lowbit.methods.store import StoredTensors, StoredWeights
+from lowbit.pipeline import quantize_model
+from lowbit.core.quantized import QuantizedModel, QuantizedWeight
+from lowbit.models.store import StoredTensors, StoredWeights
 from lowbit.models.calibration import CalibrationConfig
 
 CALIB = CalibrationConfig(n_samples=6, seq_len=48, batch_size=3, seed=1)
@@ -51,12 +51,12 @@ def test_results_live_on_disk_not_in_memory(stories_dir: Path) -> None:
 
 
 def test_rtn_results_live_on_disk(stories_dir: Path, tmp_path: Path) -> None:
-    from lowbit.api import quantize_rtn
+    from lowbit.api import quantize_model
     from lowbit.methods.rtn import rtn
     from lowbit.models import Checkpoint
     from lowbit.recipe import Recipe
 
-    qm = quantize_rtn(stories_dir, Recipe(scheme=QuantScheme(4, 4, True)))
+    qm = quantize_model(stories_dir, "rtn", Recipe(scheme=QuantScheme(4, 4, True)))
     assert isinstance(qm.weights, StoredWeights)
     name = "model.layers.1.self_attn.k_proj.weight"
     ref = rtn(Checkpoint(stories_dir).get(name).float(), QuantScheme(4, 4, True))

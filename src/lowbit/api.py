@@ -4,81 +4,93 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .core.quantized import QuantizedModel
 from .core.scheme import QuantScheme
 from .errors import LowbitError
 from .eval import chunk_bos, compare_models, default_text, folder_size, kl_divergence, perplexity, read_text, tokenize
-from .methods.base import QuantizedModel
-from .methods.rtn import rtn
-from .methods.store import ScratchDir, StoredWeights, write_result_file
 from .models import Checkpoint, load, resolve
 from .models.loader import read_config
-from .progress import track
 from .recipe import Recipe
 
 
-def quantize_rtn(source: Any, recipe: Recipe) -> QuantizedModel:
-    """Round-to-nearest over a whole model, one tensor in memory at a time.
+def quantize_model(source: Any, method: str = "rtn", recipe: Recipe | None = None, format: str | None = None,  # noqa: A002
+                   calib: str | None = None, samples: int | None = None, seq_len: int | None = None,
+                   act_order: bool | str | None = None, device: str = "cpu", seed: int = 0,
+                   workdir: str | Path | None = None, **options: Any) -> QuantizedModel:
+    """Quantize ``source`` with a registered method and ``recipe``'s rules, in memory of about one
+    layer; the result's tensors are read from disk on access (see :func:`lowbit.pipeline.quantize_model`).
 
-    Each result goes to a file in a temporary folder; the returned weights read them back on access.
+    ``format`` (when known) is checked to hold every planned tensor before any calibration.
+    ``calib``/``samples``/``seq_len``/``seed``: calibration text for calibrated methods (a file,
+    ``pydoc`` or ``selfgen``; sizes default to the method's). ``act_order``: GPTQ's mode
+    (``"static"`` by default, ``"dynamic"``, ``"off"``). ``options`` go to the method's handler.
     """
-    src = resolve(source)
-    ckpt = Checkpoint(src.hf_dir)
-    plan = recipe.plan({n: ckpt.shape(n) for n in ckpt.keys()}, where=src.spec)
-    scratch = ScratchDir("lowbit-rtn-")
-    entries: dict[str, tuple[Path, str, QuantScheme]] = {}
-    for k, name in enumerate(track(plan, desc="rtn", total=len(plan), unit="tensor")):
-        w = ckpt.get(name).float()
-        if not torch.isfinite(w).all():
-            raise LowbitError(ckpt.file_of(name), f"tensor {name} has NaN or Inf values")
-        path = scratch.path / f"{k:06d}.safetensors"
-        qw = rtn(w, plan[name], mse_clip=recipe.mse_clip)
-        write_result_file(path, {name: qw}, {}, {})
-        entries[name] = (path, name, qw.scheme)
-        ckpt.close()
-    return QuantizedModel(StoredWeights(entries, scratch), {}, read_config(src.hf_dir), "rtn")
-
-
-def quantize_calibrated(source: Any, method: str, recipe: Recipe, calib: str | None = None,
-                        samples: int | None = None, seq_len: int | None = None, act_order: bool | str | None = None,
-                        device: str = "cpu", seed: int = 0, workdir: str | Path | None = None,
-                        **options: Any) -> QuantizedModel:
-    """GPTQ or AWQ through the layer-by-layer engine, with ``recipe``'s rules.
-
-    ``act_order``: GPTQ's mode (``"static"`` by default, ``"dynamic"``, ``"off"``). GPTQ always
-    searches its group ranges by MSE; ``recipe.mse_clip`` applies to RTN-quantized tensors.
-    ``options`` go to the method's layer handler (e.g. GPTQ's ``grid="Q4_K"`` for GGUF output).
-    """
-    from .methods import quantize_model
     from .models.calibration import CalibrationConfig
+    from .pipeline import quantize_model as run
 
-    src = resolve(source)
-    ckpt = Checkpoint(src.hf_dir)
-    plan = recipe.plan({n: ckpt.shape(n) for n in ckpt.keys()}, where=src.spec)  # refuse bad groups before calibrating
     cfg = CalibrationConfig(path=calib, n_samples=samples, seq_len=seq_len, seed=seed)
-    return quantize_model(src, method=method, scheme=recipe.scheme, calib=cfg, act_order=act_order,
-                          device=device, workdir=workdir, rules=plan.get, **options)
+    return run(source, method=method, recipe=recipe or Recipe(), calib=cfg, act_order=act_order, device=device,
+               workdir=workdir, format=format, **options)
 
 
 def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe | None = None,
-             format: str = "compressed-tensors", overwrite: bool = False, **method_args: Any) -> Path:  # noqa: A002
-    """Quantize ``source`` with ``method`` and write it to ``out`` in ``format``."""
-    from . import formats
+             format: str | None = None, overwrite: bool = False, *, to: str | None = None,  # noqa: A002
+             imatrix: str | Path | None = None, pure: bool = False, tensor_types: tuple[str, ...] | list[str] = (),
+             output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+             device: str = "cpu", **method_args: Any) -> Path:
+    """Quantize ``source`` and write it to ``out``: the one entry point for every method and format.
 
-    recipe = recipe or Recipe()
+    ``format``: a registered checkpoint format (``compressed-tensors``, ``gptq``, ``awq``...) or
+    ``gguf`` (the default when ``to`` is given). For GGUF, ``to`` is the type or mix: with
+    ``method="rtn"`` llama.cpp's own types and mixes (``Q4_K_M``, ``IQ4_XS``...) byte-identical to
+    llama-quantize, with ``imatrix``, ``pure``, ``tensor_types`` (``PATTERN=TYPE``),
+    ``output_tensor_type`` and ``token_embedding_type`` as llama-quantize takes them; with a
+    calibrated method (``gptq``, ``awq``) blocks holding the calibrated codes (``Q4_0``,
+    ``Q4_1``, ``Q8_0``; ``Q4_K`` with GPTQ on llama.cpp's own grid), every tensor the type fits
+    (``pure`` is implied), the same options applying to the tensors around them.
+    ``method_args`` go to :func:`quantize_model` (calibration, ``act_order``, handler options).
+    An existing ``out`` is refused before any work unless ``overwrite``.
+    """
+    from .fileio import check_output_path
+    from .formats import FORMATS, save
+
+    fmt = (format or ("gguf" if to else "compressed-tensors")).lower()
+    check_output_path(out, overwrite)
+    if fmt != "gguf":
+        if to:
+            raise LowbitError(out, f"--to {to} is a GGUF type: it needs --format gguf (or no --format)")
+        if fmt not in FORMATS:
+            raise LowbitError(out, f"unknown format {fmt!r} (choose from {', '.join([*FORMATS, 'gguf'])})")
     src = resolve(source)
-    if format not in formats.FORMATS:
-        raise LowbitError(out, f"unknown format {format!r} (choose from {', '.join(formats.FORMATS)}, gguf)")
-    if method == "rtn":
-        qm = quantize_rtn(src, recipe)
-    else:
-        qm = quantize_calibrated(src, method, recipe, **method_args)
-    return formats.save(qm, src.hf_dir, out, format=format, overwrite=overwrite)
+    if fmt == "gguf":
+        if not to and method == "rtn":
+            raise LowbitError(out, "--format gguf needs --to TYPE (e.g. Q4_K_M)")
+        to = to or "Q4_0"  # calibrated codes: 4-bit blocks of 32
+        gguf_args = dict(imatrix_path=imatrix, tensor_types=list(tensor_types), overwrite=overwrite,
+                         output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type)
+        if method == "rtn":
+            from .gguf.convert import quantize_to_gguf
+
+            return quantize_to_gguf(src, out, to, pure=pure, device=device, **gguf_args)
+        from .gguf.from_quantized import KQUANT_GRIDS, quantized_to_gguf
+
+        recipe = recipe or Recipe()
+        if to.upper() in KQUANT_GRIDS:  # GPTQ picks codes on llama.cpp's own K-quant grid
+            if method != "gptq":
+                raise LowbitError(out, f"--to {to} with calibrated codes needs --method gptq "
+                                       "(AWQ codes go to Q4_0, Q4_1 or Q8_0)")
+            recipe = replace(recipe, scheme=QuantScheme(4, 32, False))
+            method_args["grid"] = to.upper()
+        qm = quantize_model(src, method, recipe, device=device, **method_args)
+        return quantized_to_gguf(src, qm, out, qtype=to, **gguf_args)
+    qm = quantize_model(src, method, recipe or Recipe(), format=fmt, device=device, **method_args)
+    return save(qm, src.hf_dir, out, format=fmt, overwrite=overwrite)
 
 
 @dataclass

@@ -18,10 +18,16 @@ EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def _add_scheme_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, default=4, help="integer bits, 2-8 (default 4)")
-    p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 per channel, 0 per tensor")
+    from .core.presets import PRESETS
+
+    p.add_argument("--scheme", metavar="PRESET", type=str.upper, choices=[n.upper() for n in PRESETS.names()],
+                   help="a named scheme (--bits/--group-size/--sym/--asym change its weights): "
+                        + PRESETS.help_text())
+    p.add_argument("--bits", type=int, default=None, help="integer bits, 1-8 (default 4)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="columns per scale; -1 per channel, 0 per tensor (default 128)")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=None, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid with zero points")
     p.add_argument("--mse-clip", action="store_true", help="search the clipping range that minimises MSE (RTN)")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=SPEC",
@@ -51,9 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="HF folder, .gguf file, hf:ORG/NAME or demo name (smollm2-135m, gemma3-270m)")
     q.add_argument("-o", "--output", required=True, help="output folder (HF formats) or .gguf file")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    q.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn")
-    q.add_argument("--format", choices=("compressed-tensors", "gptq", "awq", "gguf"), default=None,
-                   help="checkpoint format (default compressed-tensors; gguf when --to is given)")
+    from .formats import FORMATS
+    from .methods import METHODS
+
+    q.add_argument("--method", choices=METHODS.names(), default="rtn", help=METHODS.help_text())
+    formats_help = FORMATS.help_text() if hasattr(FORMATS, "help_text") else ", ".join(FORMATS)
+    q.add_argument("--format", choices=[*FORMATS, "gguf"], default=None,
+                   help="output format (default compressed-tensors; gguf when --to is given): "
+                        f"{formats_help}; gguf: llama.cpp's file (--to TYPE)")
     _add_scheme_args(q)
     q.add_argument("--to", metavar="TYPE", help="GGUF type or mix: Q4_K_M, Q8_0, Q6_K, IQ4_XS, F16 ... "
                    "(with --method gptq/awq: Q4_0, Q4_1 or Q8_0 blocks holding the calibrated codes; with "
@@ -104,13 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    from .core.presets import PRESETS, preset
     from .core.scheme import QuantScheme
     from .recipe import Recipe, parse_override
 
-    try:
-        scheme = QuantScheme(args.bits, args.group_size, args.symmetric)
-    except ValueError as exc:
-        raise LowbitError(None, str(exc)) from None
+    base = QuantScheme()
+    if args.scheme:
+        p = preset(args.scheme, "--scheme")
+        if p.input_activations is not None or p.kv_cache is not None or p.weights is None:
+            weight_only = ", ".join(n.upper() for n, q in PRESETS.items() if q.weight_only)
+            raise LowbitError("--scheme", f"{p.name} quantizes activations or the KV cache, which lowbit does not "
+                                          f"write yet; weight-only schemes: {weight_only}")
+        base = p.weights
+    changes = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size),
+                                 ("symmetric", args.symmetric)) if v is not None}
+    scheme = replace(base, **changes)
     overrides = [(p, None) for p in args.keep] + [parse_override(o, scheme) for o in args.override]
     return Recipe(scheme=scheme, overrides=tuple(overrides), mse_clip=args.mse_clip,
                   group_fallback=args.group_fallback)
@@ -118,46 +139,27 @@ def _recipe(args: argparse.Namespace) -> Any:
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from . import api
+    from .methods import METHODS
 
-    fmt = args.format or ("gguf" if args.to else "compressed-tensors")
-    if fmt == "gguf" and args.method != "rtn":
-        from .gguf.from_quantized import KQUANT_GRIDS, quantized_to_gguf
-
-        recipe, options = _recipe(args), {}
-        if (args.to or "").upper() in KQUANT_GRIDS:  # GPTQ picks codes on llama.cpp's own K-quant grid
-            if args.method != "gptq":
-                raise LowbitError(None, f"--to {args.to} with calibrated codes needs --method gptq "
-                                        "(AWQ codes go to Q4_0, Q4_1 or Q8_0)")
-            from dataclasses import replace
-
-            from .core.scheme import QuantScheme
-
-            recipe, options = replace(recipe, scheme=QuantScheme(4, 32, False)), {"grid": args.to.upper()}
-        qm = api.quantize_calibrated(args.model, args.method, recipe, calib=args.calib, samples=args.samples,
-                                     seq_len=args.seq_len, act_order=args.act_order, device=args.device,
-                                     seed=args.seed, **options)
-        out = quantized_to_gguf(args.model, qm, args.output, qtype=args.to or "Q4_0", overwrite=args.overwrite)
-        return {"output": str(out), "format": "gguf", "method": args.method, "type": args.to or "Q4_0"}
-    if fmt == "gguf" or args.to:
-        if not args.to:
-            raise LowbitError(None, "--format gguf needs --to TYPE (e.g. Q4_K_M)")
-        from .gguf.convert import quantize_to_gguf
-
-        out = quantize_to_gguf(args.model, args.output, args.to, imatrix_path=args.imatrix, pure=args.pure,
-                               output_tensor_type=args.output_tensor_type,
-                               token_embedding_type=args.token_embedding_type,
-                               tensor_types=list(args.tensor_type), overwrite=args.overwrite,
-                               device=args.device)
-        return {"output": str(out), "format": "gguf", "type": args.to}
     method_args: dict[str, Any] = {}
-    if args.method != "rtn":
+    if METHODS.get(args.method, "--method").calibrated:
         method_args = {"calib": args.calib, "samples": args.samples, "seq_len": args.seq_len,
-                       "act_order": args.act_order, "device": args.device, "seed": args.seed}
+                       "act_order": args.act_order, "seed": args.seed}
+    elif args.act_order not in (None, "off"):
+        raise LowbitError("--act-order", "applies to --method gptq only")
+    fmt = args.format or ("gguf" if args.to else "compressed-tensors")
     out = api.quantize(args.model, args.output, method=args.method, recipe=_recipe(args), format=fmt,
-                       overwrite=args.overwrite, **method_args)
-    from .eval import folder_size
+                       overwrite=args.overwrite, to=args.to, imatrix=args.imatrix, pure=args.pure,
+                       tensor_types=list(args.tensor_type), output_tensor_type=args.output_tensor_type,
+                       token_embedding_type=args.token_embedding_type, device=args.device, **method_args)
+    result: dict[str, Any] = {"output": str(out), "format": fmt, "method": args.method}
+    if fmt == "gguf":
+        result["type"] = args.to or "Q4_0"
+    else:
+        from .eval import folder_size
 
-    return {"output": str(out), "format": fmt, "method": args.method, "size": folder_size(out).as_dict()}
+        result["size"] = folder_size(out).as_dict()
+    return result
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -180,7 +182,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_imatrix(args: argparse.Namespace) -> dict[str, Any]:
-    from .gguf.convert import compute_imatrix
+    from .gguf.imatrix import compute_imatrix
 
     out = compute_imatrix(args.model, args.text, args.output, ctx=args.ctx, chunks=args.chunks,
                           overwrite=args.overwrite)

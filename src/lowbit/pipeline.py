@@ -1,88 +1,70 @@
-"""``quantize_model``: calibrated (GPTQ, AWQ) or plain (RTN) quantization of a whole model."""
+"""The one quantization pipeline: plan, check, calibrate, run the layer engine, collect results.
+
+Every method (RTN, GPTQ, AWQ, any registered one) goes the same way:
+
+1. **plan** the whole output from the recipe's rules over the checkpoint's tensor names and shapes
+   (:func:`lowbit.recipe.plan_for`): bad group sizes are refused here, before any work;
+2. **check** that the method can produce each planned scheme and, when the output format is
+   known, that the format can hold it (one error listing every offending tensor);
+3. **calibrate** when the method needs activations (text, chat JSONL, ``pydoc``, ``selfgen``);
+4. **stream** the decoder layers through the method's handler with one layer in memory
+   (:func:`lowbit.models.engine.stream_quantize`), then the planned tensors outside the layers
+   (``lm_head``) with the final hidden states;
+5. **collect** the per-layer result files as lazy read-only mappings (:class:`QuantizedModel`).
+
+Writing is the formats' business (:func:`lowbit.formats.save`, the GGUF writer).
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from lowbit.core.quantized import QuantizedModel, QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
+from lowbit.methods import METHODS
+from lowbit.methods._common import Rules, scheme_lookup
 from lowbit.models.calibration import CalibrationConfig, CalibrationData, load_calibration
-
-from .base import QuantizedModel, QuantizedWeight
-from .layerwise import GPTQHandler, RTNHandler, Rules
-from .store import StoredTensors, StoredWeights, index_result_file
+from lowbit.models.store import StoredTensors, StoredWeights, index_result_file
+from lowbit.recipe import Plan, Recipe, plan_for
 
 if TYPE_CHECKING:
-    from lowbit.models.streaming import StreamResult
-
-METHODS = ("gptq", "awq", "rtn")
+    from lowbit.models.engine import StreamResult
 
 
-ACT_ORDERS = ("static", "dynamic", "off")
+def make_handler(method: str, scheme: QuantScheme, act_order: bool | str | None = None, rules: Rules = None,
+                 **options: Any) -> Any:
+    """The layer handler of a registered method; ``options`` are the handler's fields (e.g. ``damp``).
 
-
-def act_order_flags(act_order: bool | str) -> tuple[bool, bool]:
-    """``(act_order, static_groups)`` of a GPTQ act-order mode.
-
-    ``"static"`` (the default): columns in order of decreasing Hessian diagonal, groups fixed
-    up front in the original column order, so checkpoints need no ``g_idx`` (llm-compressor's
-    "static" actorder); ``"dynamic"`` or ``True``: groups follow the visiting order and a ``g_idx``
-    maps columns to groups (AutoGPTQ's ``desc_act``); ``"off"`` or ``False``: plain column order.
+    ``act_order`` (GPTQ only, see :func:`lowbit.methods.gptq.act_order_flags`) defaults to ``"static"``.
     """
-    modes = {"static": (True, True), "dynamic": (True, False), "off": (False, False), True: (True, False), False: (False, False)}
-    if act_order not in modes:
-        raise LowbitError("act_order", f"unknown act-order mode {act_order!r} (choose from {', '.join(ACT_ORDERS)})")
-    return modes[act_order]
+    return METHODS.get(method, "--method").handler(scheme, rules, act_order=act_order, **options)
 
 
-def make_handler(
-    method: str, scheme: QuantScheme, act_order: bool | str | None = None, rules: Rules = None, **options: Any
-) -> Any:
-    """The layer handler of a method; ``options`` are the handler's fields (e.g. ``damp``).
+def check_plan(method: str, plan: Plan, format: str | None = None) -> None:  # noqa: A002
+    """Refuse, before any work, schemes the method cannot produce or the format cannot hold."""
+    m = METHODS.get(method, "--method")
+    for name, scheme in plan.schemes.items():
+        reason = m.supports(scheme)
+        if reason:
+            raise LowbitError(name, reason)
+    if format is not None:
+        from lowbit import formats
 
-    ``act_order`` (GPTQ only, see :func:`act_order_flags`) defaults to ``"static"``.
-    """
-    if act_order is None:
-        act_order = "static" if method == "gptq" else "off"
-    if method == "gptq":
-        ao, static = act_order_flags(act_order)
-        options.setdefault("static_groups", static)
-        return GPTQHandler(scheme, act_order=ao, rules=rules, **options)
-    if method == "rtn":
-        return RTNHandler(scheme, rules=rules, **options)
-    if method == "awq":
-        from .awq import AWQHandler
-
-        if act_order not in (False, "off"):
-            raise LowbitError("awq", "act_order applies to GPTQ only")
-        return AWQHandler(scheme, rules=rules, **options)
-    raise LowbitError(f"method {method!r}", f"unknown quantization method (choose from {', '.join(METHODS)})")
-
-
-def _flatten(adapter: Any, results: dict[int, Any]) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict[str, Any]]:
-    from lowbit.models.streaming import disk_name, full_weight_name
-
-    weights: dict[str, QuantizedWeight] = {}
-    floats: dict[str, torch.Tensor] = {}
-    info: dict[str, Any] = {}
-    for i in sorted(results):
-        res = results[i]
-        for name, qw in res.weights.items():
-            weights[full_weight_name(adapter, i, name)] = qw
-        for name, t in res.float_overrides.items():
-            floats[f"{adapter.layer_prefix(i)}{disk_name(adapter, name)}"] = t
-        if res.info:
-            info[str(i)] = res.info
-    return weights, floats, info
+        check = getattr(formats, "check_holds", None)
+        if check is not None:
+            check(dict(plan.schemes), format)
 
 
 def _stored(sr: StreamResult) -> tuple[StoredWeights, StoredTensors, dict[str, Any]]:
-    """Lazy views over the per-layer result files of a :class:`~lowbit.models.streaming.StreamResult`."""
-    from lowbit.models.streaming import disk_name, full_weight_name, layer_path
+    """Lazy views over the result files of a :class:`~lowbit.models.engine.StreamResult`."""
+    from lowbit.models.layers import disk_name, full_weight_name
+    from lowbit.models.manifest import layer_path, outer_path
 
     adapter = sr.adapter
     weights: dict[str, tuple[Path, str, QuantScheme]] = {}
@@ -97,12 +79,13 @@ def _stored(sr: StreamResult) -> tuple[StoredWeights, StoredTensors, dict[str, A
             floats[f"{adapter.layer_prefix(i)}{disk_name(adapter, name)}"] = (path, name)
         if layer_info:
             info[str(i)] = layer_info
+    if outer_path(sr.workdir).exists():
+        for name, scheme in index_result_file(outer_path(sr.workdir))[0].items():
+            weights[name] = (outer_path(sr.workdir), name, scheme)
     return StoredWeights(weights, sr.scratch), StoredTensors(floats, sr.scratch), info
 
 
 def _ids_digest(data: CalibrationData) -> str:
-    import hashlib
-
     h = hashlib.sha256(data.input_ids.to(torch.int64).contiguous().numpy().tobytes())
     if data.attention_mask is not None:
         h.update(data.attention_mask.to(torch.int64).contiguous().numpy().tobytes())
@@ -125,46 +108,67 @@ def quantize_model(
     rules: Rules = None,
     dtype: torch.dtype = torch.float32,
     stop_after: int | None = None,
+    recipe: Recipe | None = None,
+    format: str | None = None,  # noqa: A002
     **options: Any,
 ) -> QuantizedModel:
-    """Quantize every linear layer inside the decoder layers of ``source``, streaming layer by layer.
+    """Quantize ``source`` with a registered ``method``, streaming layer by layer.
 
     ``source`` is anything :func:`lowbit.models.resolve` accepts (an HF folder, a GGUF file...).
-    ``calib`` is a :class:`CalibrationConfig` (text to sample) or ready :class:`CalibrationData`
-    (token ids, e.g. the exact samples another tool used). ``rules`` maps regular expressions over HF weight names to a scheme or ``None`` (keep float).
-    Embeddings, ``lm_head`` and norms stay float (AWQ may return folded norms in
-    ``float_overrides``). Finished layers' results are written to ``workdir`` (so an interrupted
-    run resumes) or to a temporary folder, and the returned model's ``weights`` and
-    ``float_overrides`` read them from there one tensor at a time: keep ``workdir`` until the
-    result is saved (a temporary folder lives as long as the returned mappings).
-    ``options`` go to the method's handler (GPTQ: ``damp``, ``static_groups``, ``block_size``,
-    ``mse_clip``, ``min_expert_tokens``; AWQ: ``n_grid``, ``duo_scaling``, ``clip``...).
+    With a ``recipe`` its rules plan every tensor up front (:class:`~lowbit.recipe.Plan`; bad group
+    sizes refused before calibrating, ``lm_head`` quantized when a rule asks for it) and
+    ``format`` (when given) is checked to hold every planned scheme. Without one, every linear in
+    the decoder layers uses ``scheme``, or ``rules`` (regular expressions over HF weight names to
+    a scheme or ``None``, first match wins; or a callable), and group sizes that do not divide a
+    row leave that tensor float with a warning.
+    ``calib`` is a :class:`CalibrationConfig` (text to sample) or ready :class:`CalibrationData`.
+    Finished layers' results are written to ``workdir`` (so an interrupted run resumes) or to a
+    temporary folder, and the returned model's ``weights`` and ``float_overrides`` read them
+    from there one tensor at a time: keep ``workdir`` until the result is saved (a temporary
+    folder lives as long as the returned mappings). ``options`` go to the method's handler
+    (GPTQ: ``damp``, ``static_groups``, ``block_size``, ``mse_clip``, ``grid``, ``min_expert_tokens``;
+    AWQ: ``n_grid``, ``duo_scaling``, ``clip``...; RTN: ``mse_clip``).
 
     GPTQ defaults: act-order ``"static"`` and group ranges chosen by an MSE search
     (``mse_clip=True``); ``act_order="off", mse_clip=False`` is the plain published algorithm.
-    At 3 bits on SmolLM2-135M these defaults take WikiText-2 perplexity from 84-121 (plain,
-    worse than RTN's 81) to 52-68 (bench/results/quality_calibrated.md).
     """
     from transformers import AutoConfig
 
     from lowbit.models import Checkpoint, resolve
+    from lowbit.models.adapters import get_adapter
+    from lowbit.models.engine import stream_quantize
     from lowbit.models.loader import load_tokenizer
-    from lowbit.models.streaming import stream_quantize
+
+    m = METHODS.get(method, "--method")
+    src = resolve(source)
+    ckpt = Checkpoint(src.hf_dir)
+    plan: Plan | None = None
+    if recipe is not None:
+        plan = plan_for(recipe, {n: ckpt.shape(n) for n in ckpt.keys()}, where=src.spec)
+        check_plan(method, plan, format)
+        scheme = recipe.scheme
+        if recipe.mse_clip and method == "rtn":
+            options.setdefault("mse_clip", True)
+    elif m.supports(scheme):
+        raise LowbitError(f"--method {method}", str(m.supports(scheme)))
+    lookup = plan if plan is not None else scheme_lookup(scheme, rules)
+    handler = m.handler(scheme, lookup, act_order=act_order, **options)
+    config = AutoConfig.from_pretrained(str(src.hf_dir))
+    adapter = get_adapter(config)
+    outer = plan.outside(adapter.layers + ".") if plan is not None else {}
 
     given = calib if isinstance(calib, CalibrationData) else None
     calib = CalibrationConfig() if given is not None or calib is None else calib
-    handler = make_handler(method, scheme, act_order, rules, **options)
-    src = resolve(source)
-    ckpt = Checkpoint(src.hf_dir)
-    config = AutoConfig.from_pretrained(str(src.hf_dir))
     data: CalibrationData | None = given
     if handler.needs_inputs and data is None:
         data = load_calibration(load_tokenizer(src.hf_dir), calib, method, source=src, device=device)
-    calib_id = calib.resolved(method).describe() if given is None else {"ids_sha256": _ids_digest(given)}
+    calib_id: Any = None
+    if m.calibrated:
+        calib_id = calib.resolved(method).describe() if given is None else {"ids_sha256": _ids_digest(given)}
     request = {"source": _source_identity(src.hf_dir), "calib": calib_id, "dtype": str(dtype)}
     sr = stream_quantize(
         config, ckpt, data, handler, device=device, dtype=dtype, batch_size=calib.batch_size,
-        workdir=workdir, request=request, stop_after=stop_after,
+        workdir=workdir, request=request, stop_after=stop_after, outer=outer,
     )
     weights, floats, info = _stored(sr)
     cfg = config.to_dict()
@@ -187,7 +191,7 @@ def quantize_in_memory(
     layer ``i``; the handler then quantizes layer ``i`` in place.
     """
     from lowbit.models.adapters import get_adapter, get_submodule
-    from lowbit.models.streaming import LayerContext, LayerInputs, LayerResult
+    from lowbit.models.layers import LayerContext, LayerInputs, LayerResult, disk_name, full_weight_name
 
     adapter = get_adapter(model.config)
     layers = get_submodule(model, adapter.layers)
@@ -212,13 +216,14 @@ def quantize_in_memory(
             assert data is not None
             h = layer.register_forward_pre_hook(grab, with_kwargs=True)
             try:
-                for ids, m in data.batches(batch_size):
+                for ids, msk in data.batches(batch_size):
                     try:
                         with torch.no_grad():
-                            base(input_ids=ids.to(device), attention_mask=None if m is None else m.to(device), use_cache=False)
+                            base(input_ids=ids.to(device), attention_mask=None if msk is None else msk.to(device),
+                                 use_cache=False)
                     except _Stop:
                         pass
-                    masks.append(None if m is None else m.to(device).bool())
+                    masks.append(None if msk is None else msk.to(device).bool())
             finally:
                 h.remove()
         snapshot = {k: v.clone() for k, v in layer.state_dict().items()} if handler.propagate == "float" else None
@@ -227,5 +232,15 @@ def quantize_in_memory(
             results[i] = handler.process(ctx)
         if snapshot is not None:
             layer.load_state_dict(snapshot)
-    weights, floats, info = _flatten(adapter, results)
+    weights: dict[str, QuantizedWeight] = {}
+    floats: dict[str, torch.Tensor] = {}
+    info: dict[str, Any] = {}
+    for i in sorted(results):
+        res = results[i]
+        for name, qw in res.weights.items():
+            weights[full_weight_name(adapter, i, name)] = qw
+        for name, t in res.float_overrides.items():
+            floats[f"{adapter.layer_prefix(i)}{disk_name(adapter, name)}"] = t
+        if res.info:
+            info[str(i)] = res.info
     return QuantizedModel(weights, floats, {"lowbit": {"layers": info}}, "in-memory")

@@ -9,7 +9,9 @@ in float.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .core.scheme import QuantScheme
 from .errors import LowbitError
@@ -64,6 +66,39 @@ class Recipe:
         if not out:
             raise LowbitError(where, "no tensor matches the quantization rules")
         return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A recipe applied to a checkpoint: the scheme of every tensor that gets quantized.
+
+    Calling a plan looks a weight name up: the planned scheme of a checkpoint tensor, ``None``
+    for a checkpoint tensor the rules keep float, and the recipe's rules for names the checkpoint
+    does not hold as such (the expert slots of fused MoE tensors).
+    """
+
+    recipe: Recipe
+    schemes: Mapping[str, QuantScheme]
+    known: frozenset[str]
+
+    def __call__(self, name: str) -> QuantScheme | None:
+        if name in self.schemes:
+            return self.schemes[name]
+        if name in self.known:
+            return None
+        return self.recipe.scheme_for(name)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {n: s.to_dict() for n, s in sorted(self.schemes.items())}
+
+    def outside(self, layers_prefix: str) -> dict[str, QuantScheme]:
+        """The planned tensors that are not inside the decoder layers (``lm_head.weight``)."""
+        return {n: s for n, s in self.schemes.items() if not n.startswith(layers_prefix)}
+
+
+def plan_for(recipe: Recipe, shapes: dict[str, tuple[int, ...]], where: str = "model") -> Plan:
+    """:meth:`Recipe.plan` as a :class:`Plan` (refuses bad group sizes before any work)."""
+    return Plan(recipe, recipe.plan(shapes, where), frozenset(shapes))
 
 
 def parse_override(text: str, base: QuantScheme) -> tuple[str, QuantScheme | None]:

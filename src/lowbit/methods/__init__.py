@@ -1,18 +1,21 @@
-"""Quantization methods: RTN, GPTQ and AWQ, and the whole-model entry point ``quantize_model``."""
+"""Quantization methods, one module each (``rtn``, ``gptq``, ``awq``), registered in :data:`METHODS`.
+
+A new method is one file here that defines a :class:`~lowbit.methods.registry.Method` subclass
+decorated with :func:`~lowbit.methods.registry.register_method`; see ARCHITECTURE.md.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .base import QuantizedModel, QuantizedWeight
-from .rtn import rtn
+from .registry import METHODS, Method, register_method
 
 
-def quantize_model(*args: Any, **kwargs: Any) -> QuantizedModel:
-    """See :func:`lowbit.methods.api.quantize_model` (imported lazily: it pulls in the model code)."""
-    from .api import quantize_model as _quantize_model
+def quantize_model(*args: Any, **kwargs: Any) -> Any:
+    """See :func:`lowbit.pipeline.quantize_model` (imported lazily: it pulls in the model code)."""
+    from lowbit.pipeline import quantize_model as _quantize_model
 
     return _quantize_model(*args, **kwargs)
 
 
-__all__ = ["QuantizedModel", "QuantizedWeight", "quantize_model", "rtn"]
+__all__ = ["METHODS", "Method", "quantize_model", "register_method"]

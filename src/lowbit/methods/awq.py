@@ -24,13 +24,16 @@ from torch import nn
 
 from lowbit.core import compute_qparams, dequantize, quantize
 from lowbit.core.affine import grouped
+from lowbit.core.quantized import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
+from lowbit.errors import LowbitError
 from lowbit.models.adapters import Adapter, ScaleGroup, get_submodule, get_weight, is_expert_slot, set_weight
-from lowbit.models.streaming import LayerContext, LayerResult, full_weight_name, input_hooks, run_layer, token_mask_for
+from lowbit.models.capture import token_mask_for
+from lowbit.models.layers import LayerContext, LayerResult, full_weight_name
+from lowbit.models.statistics import Tokens, observe
 
-from .base import QuantizedWeight
-from .layerwise import Rules, _rules_fingerprint, _skip, scheme_resolver
-
+from ._common import Rules, keeps_float, rules_fingerprint, scheme_lookup
+from .registry import Method, register_method
 
 # --- pure tensor pieces ---------------------------------------------------------------------------
 
@@ -111,7 +114,7 @@ def fold_scales(adapter: Adapter, layer: nn.Module, sg: ScaleGroup, s: torch.Ten
                 prev.bias.copy_((prev.bias.float() / s_).to(prev.bias.dtype))
                 changed.append(f"{sg.prev}.bias")
         else:
-            raise ValueError(f"unknown scaling source kind {sg.prev_kind!r}")
+            raise LowbitError(sg.prev, f"unknown scaling source kind {sg.prev_kind!r}")
         for name in sg.linears:
             w = get_weight(adapter, layer, name)
             set_weight(adapter, layer, name, (w.float() * s_[None, :]).to(w.dtype))
@@ -155,7 +158,7 @@ class AWQHandler:
     def fingerprint(self) -> dict[str, Any]:
         return {
             "method": "awq", "scheme": self.scheme, "n_grid": self.n_grid, "duo_scaling": self.duo_scaling,
-            "clip": self.clip, "clip_tokens": self.clip_tokens, "search_batches": self.search_batches, "rules": _rules_fingerprint(self.rules),
+            "clip": self.clip, "clip_tokens": self.clip_tokens, "search_batches": self.search_batches, "rules": rules_fingerprint(self.rules),
         }
 
     # capture --------------------------------------------------------------------------------------
@@ -163,14 +166,7 @@ class AWQHandler:
     def _capture(self, ctx: LayerContext, linears: list[str], inspect: list[str]) -> tuple[dict, dict]:
         """Inputs of the named linears ([n_tok, in] each, real tokens only) and the call arguments of
         the inspected modules (per batch), from one float pass over the calibration batches."""
-        xs: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
         calls: dict[str, list[tuple[tuple, dict]]] = {n: [] for n in inspect}
-        cur_mask: list[torch.Tensor | None] = [None]
-
-        def grab(name: str, x: torch.Tensor) -> None:
-            m = token_mask_for(x, cur_mask[0])
-            xs[name].append((x[m] if m is not None else x.reshape(-1, x.shape[-1])).detach())
-
         handles = []
         for n in inspect:
             mod = get_submodule(ctx.layer, n)
@@ -180,14 +176,11 @@ class AWQHandler:
 
             handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         try:
-            with input_hooks(ctx.adapter, ctx.layer, linears, grab):
-                for h, kw, m in zip(ctx.inputs.hidden, ctx.inputs.kwargs, ctx.inputs.masks):
-                    cur_mask[0] = m
-                    run_layer(ctx.layer, h, kw)
+            stats = observe(ctx, linears, lambda cols, dev: Tokens(cols, dev), share=False)
         finally:
             for hd in handles:
                 hd.remove()
-        return {n: torch.cat(v) if v else None for n, v in xs.items()}, calls
+        return {n: stats[n].tensor() if n in stats else None for n in linears}, calls  # type: ignore[attr-defined]
 
     # search ---------------------------------------------------------------------------------------
 
@@ -247,11 +240,12 @@ class AWQHandler:
 
     def process(self, ctx: LayerContext) -> LayerResult:
         adapter, layer = ctx.adapter, ctx.layer
-        resolve = scheme_resolver(self.scheme, self.rules)
+        lookup = scheme_lookup(self.scheme, self.rules)
         names = [n for g in adapter.sequential_for(layer) for n in g]
-        schemes = {n: resolve(full_weight_name(adapter, ctx.index, n)) for n in names}
+        schemes = {n: lookup(full_weight_name(adapter, ctx.index, n)) for n in names}
         quantized = [
-            n for n in names if not _skip(schemes[n], get_weight(adapter, layer, n), full_weight_name(adapter, ctx.index, n))
+            n for n in names
+            if not keeps_float(schemes[n], get_weight(adapter, layer, n), full_weight_name(adapter, ctx.index, n))
         ]
         groups = []
         for sg in adapter.scale_groups_for(layer, ctx.config):
@@ -272,7 +266,7 @@ class AWQHandler:
             if x is None or x.shape[0] == 0:
                 continue
             if not torch.isfinite(x).all():
-                raise ValueError(f"layer {ctx.index}: non-finite inputs to {sg.linears[0]}")
+                raise LowbitError(f"layer {ctx.index} {sg.linears[0]}", "non-finite (NaN/Inf) values in the layer inputs")
             inspect_calls = calls[sg.inspect] if sg.inspect else [((xx,), {}) for xx in [x]]
             if self.search_batches is not None:
                 inspect_calls = inspect_calls[: self.search_batches]
@@ -288,14 +282,9 @@ class AWQHandler:
             scheme = schemes[n]
             assert scheme is not None
             w = get_weight(adapter, layer, n)
-            clip: torch.Tensor | float = 1.0
             short = n.rsplit(".", 1)[-1]
             x = xs.get(n)
-            if self.clip and short not in ("q_proj", "k_proj") and x is not None and x.shape[0] > 0:
-                step = max(1, x.shape[0] // self.clip_tokens)
-                clip = search_clip_for_output(w, x[::step][: self.clip_tokens], scheme)
-            scale, zero = compute_qparams(w, scheme, clip)
-            qw = QuantizedWeight(quantize(w, scale, zero, scheme), scale, zero, scheme, None)
+            qw = self._round(w, scheme, x if self.clip and short not in ("q_proj", "k_proj") else None)
             set_weight(adapter, layer, n, qw.dequantize(w.dtype))
             res.weights[n] = qw.to("cpu")
         params = dict(layer.named_parameters())
@@ -305,3 +294,40 @@ class AWQHandler:
         if not groups:
             warnings.warn(f"layer {ctx.index}: no AWQ scaling group applies; plain RTN with clipping")
         return res
+
+    def _round(self, w: torch.Tensor, scheme: QuantScheme, x: torch.Tensor | None) -> QuantizedWeight:
+        """Round ``w``, after a clipping search on the output error over tokens ``x`` when given."""
+        clip: torch.Tensor | float = 1.0
+        if x is not None and x.shape[0] > 0:
+            step = max(1, x.shape[0] // self.clip_tokens)
+            clip = search_clip_for_output(w, x[::step][: self.clip_tokens], scheme)
+        scale, zero = compute_qparams(w, scheme, clip)
+        return QuantizedWeight(quantize(w, scale, zero, scheme), scale, zero, scheme, None)
+
+    def quantize_linear(self, name: str, w: torch.Tensor, scheme: QuantScheme, inputs: list[torch.Tensor] | None,
+                        masks: list[torch.Tensor | None]) -> QuantizedWeight | None:
+        """A linear outside the layers (``lm_head``): no op to fold a scale into, so the clipping
+        search on its output error alone, then rounding."""
+        if keeps_float(scheme, w, name):
+            return None
+        x = None
+        if inputs is not None and self.clip:
+            x = torch.cat([xx[mm] if (mm := token_mask_for(xx, m)) is not None else xx.reshape(-1, xx.shape[-1])
+                           for xx, m in zip(inputs, masks)])
+        return self._round(w, scheme, x)
+
+
+@register_method
+class AWQ(Method):
+    """AWQ: activation-aware per-channel scales folded into the previous op, then clipped rounding (calibrated)"""
+
+    name = "awq"
+    calibrated = True
+    calibration_default = (128, 512)
+    options = ("n_grid", "duo_scaling", "clip", "clip_tokens", "search_batches")
+
+    def handler(self, scheme: QuantScheme, rules: Rules, act_order: bool | str | None = None,
+                **options: Any) -> AWQHandler:
+        if act_order not in (None, False, "off"):
+            raise LowbitError("awq", "act_order applies to GPTQ only")
+        return AWQHandler(scheme, rules=rules, **options)

@@ -24,15 +24,13 @@ import torch
 
 from lowbit.errors import LowbitError
 
-GPTQ_DEFAULT = (128, 2048)
-AWQ_DEFAULT = (128, 512)
-
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Where calibration text comes from and how much of it to use.
 
-    ``n_samples``/``seq_len`` of ``None`` take the method's defaults (GPTQ 128x2048, AWQ 128x512).
+    ``n_samples``/``seq_len`` of ``None`` take the method's defaults (its ``calibration_default``:
+    GPTQ 128x2048, AWQ 128x512).
     ``text`` (a string) may replace ``path`` (mostly for tests). ``batch_size`` is how many
     samples run through a layer at once.
     """
@@ -45,9 +43,14 @@ class CalibrationConfig:
     text: str | None = None
     batch_size: int = 8
 
-    def resolved(self, method: str) -> "CalibrationConfig":
-        """A copy with ``n_samples``/``seq_len`` filled from the method's defaults."""
-        n, L = AWQ_DEFAULT if method == "awq" else GPTQ_DEFAULT
+    def resolved(self, method: str | tuple[int, int]) -> CalibrationConfig:
+        """A copy with ``n_samples``/``seq_len`` filled from the method's defaults (a registered
+        method's name, or ``(n_samples, seq_len)``)."""
+        if isinstance(method, str):
+            from lowbit.methods import METHODS
+
+            method = METHODS.get(method, "--method").calibration_default
+        n, L = method
         return CalibrationConfig(
             self.path, self.n_samples or n, self.seq_len or L, self.seed, self.chat_template, self.text, self.batch_size
         )

@@ -2,8 +2,9 @@
 
 A result file is a safetensors file holding the quantized weights and float tensors of one
 group (a decoder layer, or one tensor for RTN): ``q::<name>::codes|scale|zero[|g_idx]`` and
-``f::<name>``, with the weights' schemes and a free-form ``info`` dict in its metadata. Codes
-are stored as uint8 (no scheme has more than 8 bits) and read back as int32.
+``f::<name>``, with the weights' schemes and a free-form ``info`` dict in its metadata. Integer
+codes are stored as uint8 (no integer scheme has more than 8 bits) and read back as int32; other
+codes (minifloats, codebook indices) keep their dtype.
 
 :class:`StoredWeights` and :class:`StoredTensors` are read-only mappings over such files: each
 access opens the file and reads just the tensors asked for, so a whole model's results never
@@ -19,6 +20,7 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lowbit.core.quantized import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
-
-from .base import QuantizedWeight
 
 
 def write_result_file(
@@ -37,14 +38,14 @@ def write_result_file(
     """Write one group's results to ``path`` (atomically: a partial file is never left under that name)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, qw in weights.items():
-        stored = QuantizedWeight(qw.codes.to(torch.uint8), qw.scale, qw.zero, qw.scheme, qw.g_idx)
+        stored = replace(qw, codes=qw.codes.to(torch.uint8)) if qw.scheme.type == "int" else qw
         tensors.update(stored.tensors(prefix=f"q::{name}::"))
     for name, t in floats.items():
         tensors[f"f::{name}"] = t.detach().contiguous().cpu()
     # Own storage for each (one act-order g_idx is shared by q/k/v; MoE experts are slices of one tensor).
     tensors = {k: t.clone() for k, t in tensors.items()}
     meta = {"info": json.dumps(dict(info), default=str), "schemes": json.dumps(
-        {n: [qw.scheme.bits, qw.scheme.group_size, qw.scheme.symmetric] for n, qw in weights.items()}
+        {n: qw.scheme.to_dict() for n, qw in weights.items()}
     )}
     tmp = path.with_suffix(".partial")
     save_file(tensors, str(tmp), metadata=meta)
@@ -56,15 +57,14 @@ def index_result_file(path: Path) -> tuple[dict[str, QuantScheme], list[str], di
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         floats = [k[3:] for k in f.keys() if k.startswith("f::")]
-    schemes = {n: QuantScheme(bits, gs, sym) for n, (bits, gs, sym) in json.loads(meta.get("schemes", "{}")).items()}
+    schemes = {n: QuantScheme.from_dict(d) for n, d in json.loads(meta.get("schemes", "{}")).items()}
     return schemes, floats, json.loads(meta.get("info", "{}"))
 
 
 def _read_weight(f: Any, name: str, scheme: QuantScheme) -> QuantizedWeight:
     prefix = f"q::{name}::"
-    g_idx = f.get_tensor(prefix + "g_idx") if prefix + "g_idx" in f.keys() else None
-    return QuantizedWeight(f.get_tensor(prefix + "codes").to(torch.int32), f.get_tensor(prefix + "scale"),
-                           f.get_tensor(prefix + "zero"), scheme, g_idx)
+    qw = QuantizedWeight.from_tensors({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}, scheme, prefix)
+    return replace(qw, codes=qw.codes.to(torch.int32)) if scheme.type == "int" else qw
 
 
 def read_result_file(path: Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict[str, Any]]:

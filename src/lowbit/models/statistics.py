@@ -1,0 +1,166 @@
+"""Activation statistics collected on the layer engine's hooks, one decoder layer at a time.
+
+A :class:`Statistic` receives every input ``x`` (``[..., in]``) of one linear layer (or expert
+slot) during a pass over the calibration batches, with the mask of real tokens. The statistics
+every method needs live here, once:
+
+* :class:`Hessian` ``H = 2/n sum x x^T`` (GPTQ);
+* :class:`Importance` sum of ``x**2`` per input column and the token count, in float64
+  (llama.cpp's importance matrix);
+* :class:`ChannelRange` per-input-channel minimum, maximum and absolute maximum (SmoothQuant's
+  smoothing scales, static activation scales);
+* :class:`Tokens` the real tokens themselves (AWQ's scale and clipping searches).
+
+:func:`observe` runs the layer over every calibration batch with input hooks (experts served
+through the engine's instrumented MoE forward) and returns one statistic per name; linears that
+read the same tensor can share one statistic (q/k/v, gate/up), which computes it once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from lowbit.errors import LowbitError
+
+from .capture import input_hooks, token_mask_for
+from .layers import LayerContext, run_layer
+
+
+class Statistic(Protocol):
+    """Something accumulated over a linear's inputs."""
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None: ...
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as ``[tokens, in]``, real tokens only."""
+    return x.reshape(-1, x.shape[-1]) if mask is None else x[mask.to(torch.bool)]
+
+
+class Hessian:
+    """Running ``H = 2/n sum_t x_t x_t^T`` over the rows ``x_t`` of a layer's inputs."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add inputs ``x`` (``[..., in]``); ``mask`` (``x.shape[:-1]``, bool) keeps real tokens only."""
+        x = _rows(x, mask)
+        m = x.shape[0]
+        if m == 0:
+            return
+        x = x.to(self.H.device, torch.float32)
+        if not torch.isfinite(x).all():
+            raise LowbitError("gptq", "non-finite (NaN/Inf) values in the layer inputs")
+        self.H.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * math.sqrt(2.0 / self.n)
+        self.H.addmm_(x.t(), x)
+
+
+class Importance:
+    """Sum of squared inputs per column and the number of tokens (llama.cpp's imatrix), float64."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.sum2: torch.Tensor | None = None
+        self.in_features = in_features
+        self.count = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        x = _rows(x.detach(), mask).to(torch.float64)
+        s = (x * x).sum(0)
+        self.sum2 = s if self.sum2 is None else self.sum2 + s
+        self.count += x.shape[0]
+
+
+class ChannelRange:
+    """Per-input-channel minimum and maximum over the tokens seen (float32)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.min = torch.full((in_features,), math.inf, device=device)
+        self.max = torch.full((in_features,), -math.inf, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        x = _rows(x.detach(), mask).float().to(self.min.device)
+        if x.shape[0] == 0:
+            return
+        if not torch.isfinite(x).all():
+            raise LowbitError("activations", "non-finite (NaN/Inf) values in the layer inputs")
+        self.min = torch.minimum(self.min, x.amin(0))
+        self.max = torch.maximum(self.max, x.amax(0))
+        self.n += x.shape[0]
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        return torch.maximum(self.min.abs(), self.max.abs())
+
+
+class Tokens:
+    """The real tokens themselves (``[n, in]`` once :meth:`tensor` joins them)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        self.parts.append(_rows(x, mask).detach())
+
+    def tensor(self) -> torch.Tensor | None:
+        return torch.cat(self.parts) if self.parts else None
+
+
+class _AllSeen(Exception):
+    """Raised inside a forward once every observed linear has seen its input."""
+
+
+def observe(
+    ctx: LayerContext,
+    names: list[str],
+    make: Callable[[int, torch.device], Statistic],
+    share: bool = True,
+    early_stop: bool = False,
+) -> dict[str, Statistic]:
+    """One pass over the calibration batches collecting ``make(in_features, device)`` per name.
+
+    ``share``: names fed the very same tensor in a call share one statistic (it is added once).
+    ``early_stop``: stop each batch's forward once every name has had its input (the rest of the
+    layer is not needed; not valid with expert slots, whose tokens arrive late). Errors name the
+    layer and the linear.
+    """
+    stats: dict[str, Statistic] = {}
+    seen: dict[int, tuple[torch.Tensor, Statistic]] = {}
+    called: set[str] = set()
+    cur_mask: list[torch.Tensor | None] = [None]
+
+    def collect(name: str, x: torch.Tensor) -> None:
+        called.add(name)
+        entry = seen.get(id(x)) if share else None
+        if name not in stats:
+            stats[name] = entry[1] if entry is not None and entry[0] is x else make(x.shape[-1], ctx.device)
+        stat = stats[name]
+        if entry is not None and entry[0] is x and entry[1] is stat:
+            return
+        if share:
+            seen[id(x)] = (x, stat)
+        try:
+            stat.add(x, token_mask_for(x, cur_mask[0]))
+        except LowbitError as exc:
+            raise LowbitError(f"layer {ctx.index} {name}", exc.problem) from None
+        if early_stop and len(called) == len(names):
+            raise _AllSeen
+
+    with input_hooks(ctx.adapter, ctx.layer, names, collect):
+        for h, kw, m in zip(ctx.inputs.hidden, ctx.inputs.kwargs, ctx.inputs.masks):
+            seen.clear()
+            called.clear()
+            cur_mask[0] = m
+            try:
+                run_layer(ctx.layer, h, kw)
+            except _AllSeen:
+                pass
+    return stats
