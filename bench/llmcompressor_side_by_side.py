@@ -81,11 +81,11 @@ def compare(args: argparse.Namespace) -> None:
     from quality_calibrated import WIKI, RefCache, apply
 
     from lowbit.core import QuantScheme
-    from lowbit.eval.perplexity import make_chunks
-    from lowbit.eval.text import model_adds_bos, tokenize
+    from lowbit.text import make_chunks
+    from lowbit.text import model_adds_bos, tokenize
     from lowbit.formats import read_checkpoint
     from lowbit.methods import quantize_model
-    from lowbit.methods.base import QuantizedModel
+    from lowbit.core.quantized import QuantizedModel
     from lowbit.models import load
     from lowbit.models.calibration import CalibrationData
 

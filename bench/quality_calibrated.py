@@ -99,8 +99,8 @@ def main() -> None:
     os.environ.setdefault("LOWBIT_NO_PROGRESS", "1")
 
     from lowbit.core import QuantScheme
-    from lowbit.eval.perplexity import make_chunks
-    from lowbit.eval.text import model_adds_bos, tokenize
+    from lowbit.text import make_chunks
+    from lowbit.text import model_adds_bos, tokenize
     from lowbit.methods import quantize_model
     from lowbit.models import load, resolve
     from lowbit.models.calibration import CalibrationConfig

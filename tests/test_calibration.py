@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.models.calibration import CalibrationConfig, default_calibration_text, load_calibration
+from lowbit.models.calibration import CalibrationConfig, load_calibration
+from lowbit.text import pydoc_text
 
 STORIES = Path("/work/shared/models/stories260K")
 pytestmark = pytest.mark.skipif(not STORIES.exists(), reason="stories260K not available")
@@ -45,7 +46,7 @@ def test_text_file_and_default_text(tok, tmp_path: Path) -> None:
     p.write_text(TEXT)
     d = load_calibration(tok, CalibrationConfig(path=str(p), n_samples=2, seq_len=16))
     assert d.input_ids.shape == (2, 16) and d.source == str(p)
-    assert len(default_calibration_text()) > 100_000
+    assert len(pydoc_text()) > 100_000
     d = load_calibration(tok, CalibrationConfig(n_samples=2, seq_len=16))
     assert d.source == "pydoc_data.topics"
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.eval import compare_models, kl_divergence, perplexity, read_text, tokenize
-from lowbit.eval.perplexity import make_chunks
+from lowbit.text import make_chunks
 from lowbit.models import load
 
 

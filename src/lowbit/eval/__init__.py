@@ -2,7 +2,7 @@
 
 from .perplexity import KLResult, PerplexityResult, compare_models, kl_divergence, perplexity
 from .size import SizeReport, folder_size
-from .text import chunk_bos, default_text, model_adds_bos, read_text, tokenize
+from ..text import chunk_bos, default_text, model_adds_bos, read_text, tokenize
 
 __all__ = [
     "KLResult",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import LowbitError
 from ..progress import bar
+from ..text import make_chunks
 
 
 @dataclass
@@ -51,21 +52,6 @@ class KLResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def make_chunks(tokens: torch.Tensor, ctx: int, bos_id: int | None, max_chunks: int | None = None) -> torch.Tensor:
-    """``[n_chunks, ctx]`` windows of the token stream (first token -> BOS when given)."""
-    if ctx < 4:
-        raise LowbitError(None, f"context length {ctx} is too small")
-    n = tokens.numel() // ctx
-    if max_chunks is not None:
-        n = min(n, max_chunks)
-    if n == 0:
-        raise LowbitError(None, f"the text has {tokens.numel()} tokens, fewer than one {ctx}-token chunk")
-    chunks = tokens[: n * ctx].reshape(n, ctx).clone()
-    if bos_id is not None:
-        chunks[:, 0] = bos_id
-    return chunks
 
 
 def _first_scored(ctx: int, score_all: bool) -> int:

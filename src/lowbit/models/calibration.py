@@ -86,13 +86,6 @@ class CalibrationData:
         return out
 
 
-def default_calibration_text() -> str:
-    """The Python standard library's ``pydoc_data.topics`` help text (~1 MB of English prose and code)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
 def _encode(tokenizer: Any, text: str) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return list(ids)
@@ -195,7 +188,9 @@ def load_calibration(
         ids = self_generated(source, n, L, cfg.seed, device)
         return CalibrationData(ids, None, f"selfgen (sampled from the model, seed {cfg.seed})")
     if named == "pydoc":
-        text = default_calibration_text()
+        from lowbit.text import pydoc_text
+
+        text = pydoc_text()
         return CalibrationData(_windows(_encode(tokenizer, text), n, L, cfg.seed, "pydoc_data.topics"), None, "pydoc_data.topics")
     path = Path(cfg.path)
     if not path.is_file():

@@ -100,7 +100,7 @@ def self_generated(source: Any, n_samples: int, seq_len: int, seed: int = 0, dev
     ``bos_id``: the token each sample starts with; ``"auto"`` takes the tokenizer's BOS when the
     tokenizer adds one to a text, as the model sees it in use.
     """
-    from lowbit.eval.text import model_adds_bos
+    from lowbit.text import model_adds_bos
     from lowbit.progress import bar
 
     from .loader import load, load_tokenizer, resolve

@@ -27,7 +27,7 @@ import torch
 from lowbit.errors import LowbitError
 
 from .capture import input_hooks, token_mask_for
-from .layers import LayerContext, run_layer
+from .layers import LayerContext, LayerResult, full_weight_name, run_layer
 
 
 class Statistic(Protocol):
@@ -164,3 +164,34 @@ def observe(
             except _AllSeen:
                 pass
     return stats
+
+
+class StatisticsHandler:
+    """An engine handler that only observes: one statistic per linear (and expert slot) of every
+    layer, kept in :attr:`collected` by full weight name; the weights stay float.
+
+    Run it through :func:`lowbit.models.engine.stream_quantize` to collect, for instance, the
+    importance matrix with one decoder layer in memory.
+    """
+
+    propagate = "float"
+    needs_inputs = True
+
+    def __init__(self, make: Callable[[int, torch.device], Statistic], kind: str) -> None:
+        self.make = make
+        self.kind = kind
+        self.collected: dict[str, Statistic] = {}
+
+    def fingerprint(self) -> dict[str, str]:
+        return {"statistics": self.kind}
+
+    def process(self, ctx: LayerContext) -> LayerResult:
+        names = [n for g in ctx.adapter.sequential_for(ctx.layer) for n in g]
+        # one statistic per linear even where inputs are shared: each is written under its own name
+        stats = observe(ctx, names, self.make, share=False)
+        for name, stat in stats.items():
+            self.collected[full_weight_name(ctx.adapter, ctx.index, name)] = stat
+        return LayerResult()
+
+    def quantize_linear(self, name: str, w: torch.Tensor, scheme: object, inputs: object, masks: object) -> None:
+        return None

@@ -1,4 +1,10 @@
-"""Evaluation text: any file the user gives, or a default found on this machine."""
+"""Text for evaluation, calibration and importance matrices: files, defaults, tokens and chunks.
+
+Written once for every user of text: reading a file (UTF-8, non-empty), the default evaluation
+text (WikiText-2 when found, else Python's own documentation), the ``pydoc`` calibration set,
+tokenizing with BOS the way llama.cpp does, and cutting ``ctx``-token chunks whose first token
+is BOS (llama-perplexity's and llama-imatrix's rule).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LowbitError
+from .errors import LowbitError
 
 WIKITEXT_CANDIDATES = (
     "../shared/data/wikitext-2-raw/wiki.test.raw",
@@ -39,10 +45,15 @@ def default_text() -> tuple[str, str]:
     for p in cands:
         if p.is_file():
             return f"WikiText-2 test ({p})", read_text(p)
-    from pydoc_data import topics  # ships with every CPython
+    return "Python documentation topics (pydoc_data; WikiText-2 not found)", pydoc_text()
 
-    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-    return "Python documentation topics (pydoc_data; WikiText-2 not found)", text
+
+def pydoc_text() -> str:
+    """The Python standard library's ``pydoc_data.topics`` help text (~1 MB of English prose and
+    code, in every CPython): the always-present calibration set and the evaluation fallback."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def model_adds_bos(tokenizer) -> bool:
@@ -54,10 +65,13 @@ def model_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def tokenize(tokenizer, text: str, where: str = "text") -> torch.Tensor:
-    """Token ids of the whole text (1-D int64), with BOS at the start when the model uses it."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if model_adds_bos(tokenizer):
+def tokenize(tokenizer, text: str, where: str = "text", add_bos: bool | None = None) -> torch.Tensor:
+    """Token ids of the whole text (1-D int64), with BOS at the start when the model uses it
+    (``add_bos``: decided by the caller, e.g. from a GGUF's ``tokenizer.ggml.add_bos_token``)."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if add_bos is None:
+        add_bos = model_adds_bos(tokenizer)
+    if add_bos and getattr(tokenizer, "bos_token_id", None) is not None:
         ids = [tokenizer.bos_token_id] + ids
     if len(ids) < 2:
         raise LowbitError(where, "text is too short to evaluate")
@@ -68,3 +82,18 @@ def chunk_bos(tokenizer, tokens: torch.Tensor) -> int | None:
     """The BOS id to put at the start of every chunk when the token stream begins with one."""
     bos = getattr(tokenizer, "bos_token_id", None)
     return bos if bos is not None and int(tokens[0]) == bos else None
+
+
+def make_chunks(tokens: torch.Tensor, ctx: int, bos_id: int | None, max_chunks: int | None = None) -> torch.Tensor:
+    """``[n_chunks, ctx]`` windows of the token stream (first token -> BOS when given)."""
+    if ctx < 4:
+        raise LowbitError(None, f"context length {ctx} is too small")
+    n = tokens.numel() // ctx
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    if n == 0:
+        raise LowbitError(None, f"the text has {tokens.numel()} tokens, fewer than one {ctx}-token chunk")
+    chunks = tokens[: n * ctx].reshape(n, ctx).clone()
+    if bos_id is not None:
+        chunks[:, 0] = bos_id
+    return chunks
