@@ -15,7 +15,9 @@ key of GGUF outputs except those holding paths of this run (``quantize.imatrix.f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -177,19 +179,24 @@ def run_cases(workdir: Path, only: set[str] | None = None,
     syn = make_synthetic_llama(workdir / "syn")
     digests: dict[str, str] = {}
     imat = workdir / "syn-imatrix.gguf"
-    if main(["--quiet", "imatrix", str(syn), "--text", str(WIKITEXT), "--ctx", "64", "--chunks", "8",
-             "-o", str(imat)]) != 0:
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["--quiet", "imatrix", str(syn), "--text", str(WIKITEXT), "--ctx", "64", "--chunks", "8",
+                   "-o", str(imat)])
+    if rc != 0:
         raise RuntimeError("imatrix failed")
     digests["imatrix"] = gguf_digest(imat)
     syn_f16 = workdir / "syn-f16.gguf"
-    if main(["--quiet", "quantize", str(syn), "--to", "F16", "-o", str(syn_f16)]) != 0:
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["--quiet", "quantize", str(syn), "--to", "F16", "-o", str(syn_f16)])
+    if rc != 0:
         raise RuntimeError("F16 conversion failed")
     for name, argv in cases(str(syn), str(imat), str(syn_f16)).items():
         if only and name not in only:
             continue
         gguf = "--to" in argv or "gguf" in argv
         out = workdir / (name + (".gguf" if gguf else ""))
-        rc = main(["--quiet", *argv, "-o", str(out)])
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = main(["--quiet", *argv, "-o", str(out)])
         if rc != 0:
             raise RuntimeError(f"case {name} failed with exit code {rc}")
         digests[name] = gguf_digest(out) if gguf else folder_digest(out)
