@@ -20,7 +20,7 @@ EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     from .core.presets import PRESETS
 
-    p.add_argument("--scheme", metavar="PRESET", type=str.upper, choices=[n.upper() for n in PRESETS.names()],
+    p.add_argument("--scheme", metavar="PRESET", type=str.upper, choices=PRESETS.names(),
                    help="a named scheme (--bits/--group-size/--sym/--asym change its weights): "
                         + PRESETS.help_text())
     p.add_argument("--bits", type=int, default=None, help="integer bits, 1-8 (default 4)")

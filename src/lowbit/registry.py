@@ -26,6 +26,7 @@ class Registry(Generic[T]):
         self.package = package
         self._entries: dict[str, T] = {}
         self._help: dict[str, str] = {}
+        self._display: dict[str, str] = {}
         self._loaded = package is None
 
     def register(self, name: str, help: str | None = None) -> Callable[[T], T]:  # noqa: A002 - argparse's word
@@ -42,6 +43,7 @@ class Registry(Generic[T]):
         if key in self._entries and self._entries[key] is not entry:
             raise RuntimeError(f"{self.kind} {name!r} is registered twice")
         self._entries[key] = entry
+        self._display[key] = name
         doc = help if help is not None else (getattr(entry, "__doc__", None) or "")
         self._help[key] = doc.strip().splitlines()[0] if doc.strip() else ""
 
@@ -72,14 +74,15 @@ class Registry(Generic[T]):
         return iter(self.names())
 
     def names(self) -> list[str]:
+        """The names as registered (lookups ignore case)."""
         self.load()
-        return list(self._entries)
+        return [self._display[k] for k in self._entries]
 
     def items(self) -> Iterator[tuple[str, T]]:
         self.load()
-        return iter(list(self._entries.items()))
+        return iter([(self._display[k], e) for k, e in self._entries.items()])
 
     def help_text(self) -> str:
         """``name: help`` lines, for the command line's help."""
         self.load()
-        return "; ".join(f"{n}: {h}" if h else n for n, h in self._help.items())
+        return "; ".join(f"{self._display[k]}: {h}" if h else self._display[k] for k, h in self._help.items())
