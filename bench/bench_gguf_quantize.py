@@ -36,6 +36,7 @@ from gguf import GGMLQuantizationType as T
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import llamacpp_util as lu  # noqa: E402
 
+from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.gguf import native  # noqa: E402
 from lowbit.gguf import quants as Q  # noqa: E402
 
@@ -101,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
 
-    if not lu.available() or lu.smollm2_path() is None:
-        print("needs llama-cpp-python and the SmolLM2 GGUF", file=sys.stderr)
+    if not lu.available():
+        print("needs llama-cpp-python", file=sys.stderr)
+        return 2
+    try:
+        lu.smollm2_path()
+    except LowbitError as e:
+        print(f"needs the SmolLM2 GGUF: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     weights = load_weights(args.layers)

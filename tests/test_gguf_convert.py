@@ -8,20 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from gguf_util import STORIES
 
 from lowbit.errors import LowbitError
-from lowbit.gguf.convert import gguf_tensor_name, permute_rotary, plan_types, quantize_to_gguf
+from lowbit.gguf.convert import plan_types, quantize_to_gguf
+from lowbit.gguf.names import gguf_tensor_name, permute_rotary
 from lowbit.gguf.reader import GGUFFile, inspect_gguf
 
-STORIES = "/work/shared/models/stories260K"
 PROMPT = "Once upon a time, there was a"
 
 
 @pytest.fixture(scope="module")
-def stories():
-    if not Path(STORIES).exists():
-        pytest.skip("stories260K missing")
-    return STORIES
+def stories(stories_dir):
+    return str(stories_dir)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +38,9 @@ def test_names_and_permutation():
     assert gguf_tensor_name("model.layers.0.self_attn.q_proj.bias", "qwen2") == "blk.0.attn_q.bias"
     assert gguf_tensor_name("lm_head.weight", "llama") == "output.weight"
     # llama.cpp's rotary layout interleaves the two halves of each head; the lead's inverse undoes it
-    from lowbit.models.gguf_source import unpermute_rotary
     import torch
+
+    from lowbit.models.gguf_source import unpermute_rotary
 
     w = np.arange(2 * 8 * 3, dtype=np.float32).reshape(16, 3)
     p = permute_rotary(w, 2)
@@ -78,7 +78,7 @@ def test_errors(stories, tmp_path, stories_files):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text('{"model_type": "gpt_neox", "num_hidden_layers": 1}')
-    from lowbit.gguf.convert import _hf_source
+    from lowbit.gguf.sources import _hf_source
 
     with pytest.raises(LowbitError, match="gpt_neox"):
         _hf_source(bad)
@@ -100,9 +100,9 @@ def test_requantize_warns_and_copies_same_type(stories_files, tmp_path):
 @pytest.mark.llamacpp
 def test_llamacpp_loads_and_generates(stories_files):
     pytest.importorskip("llama_cpp")
+    import torch
     from gguf_util import LlamaRunner
 
-    import torch
     from lowbit.models import load
 
     lm = load(STORIES)
@@ -140,14 +140,10 @@ def test_bytes_equal_llamacpp_stories(stories_files, mix, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smol_f16(tmp_path_factory):
-    from gguf_util import SMOL
-
-    if not Path(SMOL).exists():
-        pytest.skip("SmolLM2 missing")
+def smol_f16(smollm2_gguf, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quantize_to_gguf(SMOL, tmp_path_factory.mktemp("smol") / "smol-f16.gguf", "F16")
+        return quantize_to_gguf(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smol-f16.gguf", "F16")
 
 
 @pytest.mark.llamacpp
@@ -170,13 +166,11 @@ def test_smollm2_equal_llamacpp(smol_f16, mix, tmp_path):
     assert np.array_equal(logits[0], logits[1])
 
 
-def test_gguf_source_copies_metadata(tmp_path):
+def test_gguf_source_copies_metadata(smollm2_gguf, tmp_path):
     """A GGUF source keeps every key (tokenizer included) and its tensor names."""
-    from gguf_util import SMOL, make_skeleton
+    from gguf_util import make_skeleton
 
-    if not Path(SMOL).exists():
-        pytest.skip("SmolLM2 missing")
-    skel = make_skeleton(SMOL, tmp_path / "g.gguf", rows=4, keep_tokenizer=True)
+    skel = make_skeleton(smollm2_gguf, tmp_path / "g.gguf", rows=4, keep_tokenizer=True)
     out = quantize_to_gguf(skel, tmp_path / "g8.gguf", "Q8_0")
     a, b = GGUFFile(skel), GGUFFile(out)
     for k, v in a.kv.items():

@@ -15,9 +15,9 @@ from lowbit.errors import LowbitError
 from lowbit.gguf.from_quantized import blocks_from_quantized, quantized_to_gguf
 from lowbit.gguf.quants import _unpack_nibbles, dequantize, quantize
 from lowbit.gguf.reader import GGUFFile
-from lowbit.methods.base import QuantizedModel, QuantizedWeight
+from lowbit.core.quantized import QuantizedModel, QuantizedWeight
 
-STORIES = "/work/shared/models/stories260K"
+from gguf_util import STORIES
 
 
 def _fp16(v: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,7 @@ def _fp16(v: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize(method: str, scheme: QuantScheme) -> QuantizedModel:
-    from lowbit.methods.api import quantize_model
+    from lowbit.pipeline import quantize_model
     from lowbit.models.calibration import CalibrationConfig
 
     with warnings.catch_warnings():
@@ -215,7 +215,7 @@ def test_rtn_file_runs_in_llamacpp(stories, qtype, scheme, tmp_path):
 def test_awq_q4_1_with_folded_norms_runs_in_llamacpp(stories, tmp_path):
     """AWQ's float_overrides (folded norms) reach the file: llama.cpp agrees with lowbit (~25 s)."""
     pytest.importorskip("llama_cpp")
-    from lowbit.methods.api import quantize_model
+    from lowbit.pipeline import quantize_model
     from lowbit.models.calibration import CalibrationConfig
 
     with warnings.catch_warnings():

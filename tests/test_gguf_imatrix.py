@@ -125,9 +125,11 @@ def test_compute_and_quantize_with_imatrix_equals_llamacpp(stories_f32, tmp_path
     quantizer given the same importance vectors."""
     pytest.importorskip("llama_cpp")
     import pydoc_data.topics as topics
+
     from gguf_util import STORIES, gguf_tensor_bytes, llamacpp_quantize
 
-    from lowbit.gguf.convert import compute_imatrix, quantize_to_gguf
+    from lowbit.gguf.convert import quantize_to_gguf
+    from lowbit.gguf.imatrix import compute_imatrix
 
     calib = tmp_path / "calib.txt"  # calibration: Python's pydoc topics text, not WikiText
     calib.write_text("\n".join(topics.topics.values())[:40000])

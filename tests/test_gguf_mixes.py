@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -122,15 +120,27 @@ def _types_from_file(path):
 
 @pytest.fixture(scope="module")
 def skeletons(tmp_path_factory):
+    """Skeletons of the demo models; a model that cannot be obtained maps to the reason (a string)."""
     pytest.importorskip("llama_cpp")
-    from gguf_util import GEMMA, SMOL, make_skeleton
+    from gguf_util import make_skeleton
+
+    from lowbit.errors import LowbitError
+    from lowbit.models.demo import demo_gguf
 
     d = tmp_path_factory.mktemp("skel")
     out = {}
-    for name, src in (("smollm2", SMOL), ("gemma3", GEMMA)):
-        if Path(src).exists():
-            out[name] = make_skeleton(src, d / f"{name}.gguf")
+    for name, demo in (("smollm2", "smollm2-135m"), ("gemma3", "gemma3-270m")):
+        try:
+            out[name] = make_skeleton(demo_gguf(demo), d / f"{name}.gguf")
+        except LowbitError as e:
+            out[name] = f"{demo} is not available: {e}"
     return out
+
+
+def _skeleton(skeletons, model: str):
+    if isinstance(skeletons[model], str):
+        pytest.skip(skeletons[model])
+    return skeletons[model]
 
 
 def _check(skel, mix, tmp_path, imatrix: bool):
@@ -153,27 +163,21 @@ def _check(skel, mix, tmp_path, imatrix: bool):
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 @pytest.mark.parametrize("mix", MAIN_MIXES)
 def test_type_map_equals_llamacpp(skeletons, model, mix, tmp_path):
-    if model not in skeletons:
-        pytest.skip(f"{model} not available")
-    _check(skeletons[model], mix, tmp_path, imatrix=False)
+    _check(_skeleton(skeletons, model), mix, tmp_path, imatrix=False)
 
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("mix", [pytest.param(m, marks=pytest.mark.slow) if m in ("IQ1_S", "IQ1_M", "IQ2_M", "IQ2_S")
                                  else m for m in IQ_MIXES] + ["Q4_0", "IQ4_NL", "Q2_K_S"])
 def test_type_map_with_imatrix_equals_llamacpp(skeletons, mix, tmp_path):
-    if "gemma3" not in skeletons:
-        pytest.skip("gemma3 not available")
-    _check(skeletons["gemma3"], mix, tmp_path, imatrix=True)
+    _check(_skeleton(skeletons, "gemma3"), mix, tmp_path, imatrix=True)
 
 
 @pytest.mark.llamacpp
 def test_type_map_options_equal_llamacpp(skeletons, tmp_path):
     from gguf_util import gguf_types, llamacpp_quantize
 
-    if "smollm2" not in skeletons:
-        pytest.skip("smollm2 not available")
-    skel = skeletons["smollm2"]
+    skel = _skeleton(skeletons, "smollm2")
     f, shapes, stypes = _types_from_file(skel)
     hp = mixes.hparams_from_gguf_kv(f.kv)
     tt = ["attn_v=q8_0", r"blk\.1[0-9]\.ffn_down=iq4_nl"]

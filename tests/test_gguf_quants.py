@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import warnings
 
+import llamacpp_util as lu
 import numpy as np
 import pytest
 import torch
@@ -13,8 +15,6 @@ from gguf import quants as gq
 
 from lowbit.errors import LowbitError
 from lowbit.gguf import quants as Q
-
-import llamacpp_util as lu
 
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 KQUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -71,9 +71,14 @@ def importance(cols: int, seed: int) -> np.ndarray:
 
 
 def real_tensors() -> dict[str, np.ndarray]:
-    """A few SmolLM2-135M weights (dequantized from its Q4_1 GGUF), first rows only."""
+    """A few SmolLM2-135M weights (dequantized from its Q4_1 GGUF), first rows only; none, with a
+    warning saying why, when the demo model cannot be obtained."""
     names = ["blk.0.ffn_down.weight", "blk.3.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight"]
-    return lu.smollm2_tensors(names, max_rows=24)
+    try:
+        return lu.smollm2_tensors(names, max_rows=24)
+    except LowbitError as e:
+        warnings.warn(pytest.PytestWarning(f"SmolLM2 tensors left out of the quantizer cases: {e}"), stacklevel=2)
+        return {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,6 +140,40 @@ def test_dequantize_matches_ggufpy(qtype, with_imatrix):
     rel = np.abs(got - x).mean() / np.abs(x).mean()
     # sanity only: 2-bit and ternary types are coarse on these outlier-heavy rows
     assert rel < (1.5 if qtype in TERNARY + IMATRIX_ONLY + SLOW_LLAMA + [T.IQ2_S] else 0.75)
+
+
+IQ_GRID = [T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S]
+
+
+@pytest.mark.parametrize("qtype", IQ_GRID, ids=lambda t: t.name)
+def test_iq_dequantize_is_torch_and_equals_ggufpy(qtype, monkeypatch):
+    """The grid types decode with their own module's torch ``dequantize_blocks``, exactly as
+    gguf-py decodes our encoder's bytes (random tensors, with an importance matrix); gguf-py's
+    dequantizers are made unusable while ours run."""
+    from lowbit.gguf._base import REGISTRY
+
+    cls = REGISTRY[qtype]
+    assert "dequantize_blocks" in vars(cls) and cls.__module__ == f"lowbit.gguf.{qtype.name[:3].lower()}quants"
+    rng = np.random.default_rng(int(qtype))
+    inputs = list(synthetic(cols=512, rows=8, seed=11).values())
+    inputs += [(rng.standard_normal((16, 768)) * s).astype(np.float32) for s in (0.02, 1.0)]
+    encoded = [(x, ours(x, qtype, importance(x.shape[1], i))) for i, x in enumerate(inputs)]
+    refs = [gq.dequantize(b, qtype).reshape(x.shape) for x, b in encoded]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("gguf-py's dequantizer was called")
+
+    monkeypatch.setattr(gq, "dequantize", refuse)
+    monkeypatch.setattr(getattr(gq, qtype.name), "dequantize_blocks", classmethod(refuse))
+    for (x, b), ref in zip(encoded, refs):
+        got = Q.dequantize(torch.from_numpy(b), qtype, x.shape).numpy()
+        assert np.array_equal(got, ref, equal_nan=True), qtype.name
+    assert not np.array_equal(refs[-1], 0 * refs[-1])
+
+
+def test_dequantize_unknown_type_is_an_error():
+    with pytest.raises(LowbitError, match="Q8_K"):
+        Q.dequantize(torch.zeros(292, dtype=torch.uint8), T.Q8_K, (1, 256))
 
 
 DEQ_ONLY = [t for t in T if t in gq._type_traits or t in (T.F32, T.F16)]

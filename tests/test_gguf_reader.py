@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T, GGUFValueType as V
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType as V
 
 from lowbit.errors import LowbitError
 from lowbit.gguf.reader import GGUFFile, inspect_gguf, validate_gguf
@@ -169,11 +170,29 @@ def test_writer_roundtrip_and_inspect(tmp_path):
     assert np.abs(f.array("blk.0.attn_q.weight") - w).max() < 0.01
 
 
+def read_metadata(reader) -> dict:
+    """Every KV pair of a gguf-py ``GGUFReader``: key -> (value type, value, array element type or None)."""
+    out = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        vt = V(fld.types[0])
+        sub = V(fld.types[1]) if vt == V.ARRAY and len(fld.types) > 1 else None
+        if vt == V.ARRAY and sub == V.STRING:
+            value = [bytes(fld.parts[i]).decode("utf-8", errors="replace") for i in fld.data]
+        elif vt == V.ARRAY:
+            value = [fld.parts[i].tolist()[0] for i in fld.data]
+        elif vt == V.STRING:
+            value = bytes(fld.parts[fld.data[0]]).decode("utf-8", errors="replace")
+        else:
+            value = fld.parts[fld.data[0]].tolist()[0]
+        out[key] = (vt, value, sub)
+    return out
+
+
 def test_writer_metadata_read_by_gguf_py(tmp_path):
     """Every metadata value type, written by lowbit and read by gguf-py's independent reader."""
     from gguf import GGUFReader
-
-    from lowbit.gguf.reader import read_metadata
 
     kvs = [KV("a.u8", V.UINT8, 200), KV("a.i8", V.INT8, -5), KV("a.u16", V.UINT16, 60000), KV("a.i16", V.INT16, -300),
            KV("a.u32", V.UINT32, 4_000_000_000), KV("a.i32", V.INT32, -7), KV("a.f32", V.FLOAT32, 0.5),
@@ -198,11 +217,7 @@ def test_writer_metadata_read_by_gguf_py(tmp_path):
     assert GGUFReader(p).tensors[0].data_offset % 32 == 0 and GGUFFile(p).array("n").sum() == 96
 
 
-def test_real_models_inspect():
-    from gguf_util import GEMMA, SMOL
-
-    for path in (SMOL, GEMMA):
-        if not Path(path).exists():
-            pytest.skip(f"{path} missing")
+def test_real_models_inspect(smollm2_gguf, gemma3_gguf):
+    for path in (smollm2_gguf, gemma3_gguf):
         info = inspect_gguf(path)
         assert info["n_tensors"] > 200 and 4 < info["bits_per_weight"] < 9

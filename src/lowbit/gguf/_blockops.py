@@ -422,3 +422,38 @@ def best_neighbour(index: torch.Tensor, rows: torch.Tensor, nb: torch.Tensor, x:
             res[g] = torch.where(found, cand.gather(1, j).squeeze(1).to(index.dtype), io[g])
     out[off] = res
     return out
+
+
+# --------------------------------------------------------------------------- decoding (grid types)
+
+
+def fp16_at(blocks: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """The fp16 field at byte ``start`` of every block ``[N, type_size]`` as float32 ``[N, 1]``."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def le_u16(b: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., 2k]`` -> int64 ``[..., k]`` little-endian 16-bit words."""
+    b = b.to(torch.int64).reshape(*b.shape[:-1], -1, 2)
+    return b[..., 0] | (b[..., 1] << 8)
+
+
+def le_u32(b: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., 4k]`` -> int64 ``[..., k]`` little-endian 32-bit words."""
+    b = b.to(torch.int64).reshape(*b.shape[:-1], -1, 4)
+    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+
+
+def signs_of_7bits(code7: torch.Tensor) -> torch.Tensor:
+    """7-bit sign codes ``[...]`` -> float signs ``[..., 8]`` (the 8th makes the number of negatives even)."""
+    c = code7.to(torch.int64)
+    bits = (c.unsqueeze(-1) >> torch.arange(7, device=c.device)) & 1
+    parity = bits.sum(dim=-1, keepdim=True) & 1
+    bits = torch.cat([bits, parity], dim=-1)
+    return torch.where(bits == 1, -1.0, 1.0)
+
+
+def signs_of_byte(v: torch.Tensor) -> torch.Tensor:
+    """Sign bytes ``[...]`` -> float signs ``[..., 8]`` (bit i set: value i is negative)."""
+    bits = (v.to(torch.int64).unsqueeze(-1) >> torch.arange(8, device=v.device)) & 1
+    return torch.where(bits == 1, -1.0, 1.0)

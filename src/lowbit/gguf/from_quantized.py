@@ -1,6 +1,6 @@
 """Calibrated codes (GPTQ, AWQ, RTN) written as GGUF blocks without choosing them again.
 
-A :class:`~lowbit.methods.base.QuantizedWeight` already holds integer codes and per-group
+A :class:`~lowbit.core.quantized.QuantizedWeight` already holds integer codes and per-group
 scales. Where a llama.cpp block type can hold that grid exactly, the codes are stored as they
 are and only the block scale (and minimum) are rounded to fp16:
 
@@ -26,11 +26,15 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
+from ..core.quantized import QuantizedModel, QuantizedWeight
 from ..errors import LowbitError
-from ..methods.base import QuantizedModel, QuantizedWeight
+from ..models.architectures import find_gguf_arch
 from ._blockops import fp16_bytes, fp16_round
+from .convert import quantize_to_gguf
 from .names import gguf_tensor_name, permute_rotary
 from .quants import _pack_nibbles, parse_qtype
+from .sources import Source, hf_to_gguf_layout
+from .writer import PlannedTensor
 
 BLOCK = 32
 
@@ -191,9 +195,11 @@ def permute_quantized(qw: QuantizedWeight, n_head: int) -> QuantizedWeight:
 
 
 def _gguf_layout(qw: QuantizedWeight, gname: str, arch: str, n_head: int, n_kv: int) -> QuantizedWeight:
-    if arch == "llama" and gname.endswith("attn_q.weight"):
+    """``qw`` in llama.cpp's layout for GGUF tensor ``gname`` (q/k rows permuted where the family needs it)."""
+    family = find_gguf_arch(arch)
+    if family is not None and family.rotary_permute and gname.endswith("attn_q.weight"):
         return permute_quantized(qw, n_head)
-    if arch == "llama" and gname.endswith("attn_k.weight"):
+    if family is not None and family.rotary_permute and gname.endswith("attn_k.weight"):
         return permute_quantized(qw, n_kv)
     return qw
 
@@ -212,8 +218,14 @@ def _by_gguf_name(qm: QuantizedModel, arch: str) -> tuple[dict[str, str], dict[s
 
 
 def quantized_to_gguf(source, qm: QuantizedModel, out_path, qtype: str = "Q4_0", overwrite: bool = False,
-                      token_embedding_type: str | None = None, output_tensor_type: str | None = None) -> Path:
+                      token_embedding_type: str | None = None, output_tensor_type: str | None = None,
+                      imatrix_path=None, tensor_types: list[str] | tuple[str, ...] = ()) -> Path:
     """Write ``source`` as a pure ``qtype`` GGUF whose linear weights are ``qm``'s codes.
+
+    ``imatrix_path`` and ``tensor_types`` (``PATTERN=TYPE``) apply as in :func:`quantize_to_gguf`
+    to every tensor that does not hold calibrated codes (fallback types, ``output.weight``,
+    tensors a pattern types otherwise), and the importance matrix is recorded in the file's
+    ``quantize.imatrix.*`` keys.
 
     Tensors of ``qm.weights`` planned as ``qtype`` keep their codes (:func:`blocks_from_quantized`);
     those the plan types otherwise (rows not a multiple of 32: llama.cpp's fallback types) are
@@ -221,19 +233,17 @@ def quantized_to_gguf(source, qm: QuantizedModel, out_path, qtype: str = "Q4_0",
     the source's tensors; everything else is written as :func:`quantize_to_gguf` writes it
     (``token_embedding_type``/``output_tensor_type`` as there, e.g. ``"f16"``). Atomic output.
     """
-    from .convert import PlannedTensor, _Source, hf_to_gguf_layout, quantize_to_gguf
-
     qt = parse_qtype(qtype)
     if qt not in _GRIDS:
         raise LowbitError(out_path, f"{qt.name} cannot hold calibrated codes (supported: {', '.join(SUPPORTED)})")
     cache: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
 
-    def tables(src: _Source) -> tuple[dict[str, str], dict[str, str]]:
+    def tables(src: Source) -> tuple[dict[str, str], dict[str, str]]:
         if "t" not in cache:
             cache["t"] = _by_gguf_name(qm, src.arch)
         return cache["t"]
 
-    def encoded(t: PlannedTensor, src: _Source) -> np.ndarray | None:
+    def encoded(t: PlannedTensor, src: Source) -> np.ndarray | None:
         hf = tables(src)[0].get(t.name)
         if hf is None or t.qtype != qt:
             return None
@@ -241,7 +251,7 @@ def quantized_to_gguf(source, qm: QuantizedModel, out_path, qtype: str = "Q4_0",
         qw = _gguf_layout(qm.weights[hf], t.name, src.arch, hp.n_head, hp.n_head_kv)
         return blocks_from_quantized(qw, qt, t.name).numpy()
 
-    def values(name: str, src: _Source) -> np.ndarray | None:
+    def values(name: str, src: Source) -> np.ndarray | None:
         weights, floats = tables(src)
         if name in weights:
             w = qm.weights[weights[name]].dequantize().numpy()
@@ -255,4 +265,4 @@ def quantized_to_gguf(source, qm: QuantizedModel, out_path, qtype: str = "Q4_0",
     mix = "Q4_K_M" if qt == T.Q4_K else qt.name  # with pure=True: Q4_K everywhere it fits
     return quantize_to_gguf(source, out_path, mix, pure=True, overwrite=overwrite,
                             token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
-                            values=values, encoded=encoded)
+                            imatrix_path=imatrix_path, tensor_types=tensor_types, values=values, encoded=encoded)

@@ -30,6 +30,8 @@ import numpy as np
 
 from ..errors import LowbitError
 from ..fileio import atomic_file, check_output_path
+from ..models.architectures import by_model_type
+from .names import gguf_tensor_name
 
 
 @dataclass
@@ -69,10 +71,10 @@ def save_imatrix(im: IMatrix, path: str | Path, overwrite: bool = False, legacy:
 
 
 def _save_gguf(im: IMatrix, path: Path) -> None:
+    from gguf import GGMLQuantizationType as T
     from gguf import GGUFValueType as V
 
     from .writer import KV, PlannedTensor, write_gguf
-    from gguf import GGMLQuantizationType as T
 
     kvs = [KV("general.type", V.STRING, "imatrix"),
            KV("imatrix.datasets", V.ARRAY, list(im.datasets), V.STRING),
@@ -129,9 +131,12 @@ def _load_gguf(p: Path) -> IMatrix:
 
     f = GGUFFile(p)
     meta = f.kv
-    im = IMatrix(datasets=list(meta.get("imatrix.datasets") or []),
-                 chunk_count=int(meta.get("imatrix.chunk_count") or 0),
-                 chunk_size=int(meta.get("imatrix.chunk_size") or 512))
+    try:
+        im = IMatrix(datasets=[str(d) for d in meta.get("imatrix.datasets") or []],
+                     chunk_count=int(meta.get("imatrix.chunk_count") or 0),
+                     chunk_size=int(meta.get("imatrix.chunk_size") or 512))
+    except (TypeError, ValueError) as e:
+        raise LowbitError(p, f"bad imatrix.* metadata ({e})") from None
     for t in f.tensors:
         if not t.name.endswith(".in_sum2"):
             continue
@@ -204,8 +209,6 @@ def load_imatrix_values(path: str | Path) -> dict[str, np.ndarray]:
 
 def hf_to_gguf_linear_name(module_name: str, arch: str) -> str | None:
     """GGUF weight name of a transformers Linear module (``model.layers.3.mlp.down_proj``)."""
-    from .convert import gguf_tensor_name
-
     return gguf_tensor_name(module_name + ".weight", arch)
 
 
@@ -257,9 +260,11 @@ def collect(model, token_chunks, arch: str, process_output: bool = False, progre
     return im
 
 
-def text_chunks(tokenizer, text: str, ctx: int, chunks: int | None, add_bos: bool, bos_id: int | None):
+def text_chunks(tokenizer, text: str, ctx: int, chunks: int | None, add_bos: bool, bos_id: int | None,
+                where: str | Path | None = None):
     """Tokenize like llama-imatrix: whole text once (BOS first when the model adds one), then
-    consecutive ``ctx`` windows with their first token replaced by BOS."""
+    consecutive ``ctx`` windows with their first token replaced by BOS (``where``: the text's
+    file, named in the error when the text is shorter than one chunk)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if add_bos and bos_id is not None:
         ids = [bos_id] + list(ids)
@@ -267,7 +272,7 @@ def text_chunks(tokenizer, text: str, ctx: int, chunks: int | None, add_bos: boo
     if chunks is not None:
         k = min(k, int(chunks))
     if k < 1:
-        raise LowbitError(None, f"calibration text has {len(ids)} tokens, fewer than one chunk of {ctx}")
+        raise LowbitError(where, f"calibration text has {len(ids)} tokens, fewer than one chunk of {ctx}")
     out = []
     for i in range(k):
         c = list(ids[i * ctx:(i + 1) * ctx])
@@ -277,14 +282,9 @@ def text_chunks(tokenizer, text: str, ctx: int, chunks: int | None, add_bos: boo
     return out
 
 
-def _gguf_arch(config) -> str:
-    from .convert import ARCH_OF_MODEL_TYPE
-
-    mt = getattr(config, "model_type", "")
-    arch = ARCH_OF_MODEL_TYPE.get(mt)
-    if arch is None:
-        raise LowbitError(None, f"imatrix names for architecture {mt!r} are not supported")
-    return arch
+def _gguf_arch(config, where=None) -> str:
+    """The GGUF architecture whose tensor names an importance matrix of this model uses."""
+    return str(by_model_type(getattr(config, "model_type", ""), where, gguf=True).gguf_arch)
 
 
 def _add_bos(source, tokenizer) -> bool:
@@ -319,9 +319,9 @@ def compute_imatrix(source, text_path, out_path, ctx: int = 512, chunks: int | N
     text = tp.read_text(encoding="utf-8", errors="replace")
     ms = resolve(source)
     lm = load(ms)
-    arch = _gguf_arch(lm.config)
+    arch = _gguf_arch(lm.config, source)
     tok = lm.tokenizer
-    token_chunks = text_chunks(tok, text, ctx, chunks, _add_bos(ms, tok), tok.bos_token_id)
+    token_chunks = text_chunks(tok, text, ctx, chunks, _add_bos(ms, tok), tok.bos_token_id, where=tp)
     im = collect(lm.model, token_chunks, arch, process_output,
                  progress=lambda it: track(it, desc="imatrix", total=len(token_chunks), unit="chunk"))
     im.datasets = [str(tp)]
@@ -336,5 +336,5 @@ def relative_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]
         if x.shape != y.shape:
             out[k] = float("inf")
             continue
-        out[k] = float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
+        out[k] = float(np.linalg.norm(x - y) / max(float(np.linalg.norm(y)), 1e-30))
     return out

@@ -1,4 +1,4 @@
-"""IQ1_S and IQ1_M quantization in torch, byte-identical to llama.cpp (glibc's stable ``qsort``).
+"""IQ1_S and IQ1_M in torch: quantization byte-identical to llama.cpp (glibc's stable ``qsort``), and dequantization.
 
 IQ1_S codes each group of eight values as one of 2048 points of a ternary grid
 (levels -1, 0, 1, shifted by +-1/8 per 32 values), with a 3-bit scale and the shift
@@ -21,8 +21,8 @@ from gguf import GGMLQuantizationType
 
 from ..errors import LowbitError
 from ._base import BlockType, blocks_of, bytes_rows, register
-from ._blockops import best_neighbour, const, divs, f32, fp16_bytes, nearest_int, recip, seq_sum, sqrtf
-from .iq2quants import _codes, _dq_iq1_m, _dq_iq1_s, _tables
+from ._blockops import best_neighbour, const, divs, f32, fp16_at, fp16_bytes, le_u16, nearest_int, recip, seq_sum, sqrtf
+from .iq2quants import _codes, _grid_values, _tables
 
 
 def _level_values(grid: torch.Tensor, cand: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
@@ -159,6 +159,17 @@ class IQ1_S(BlockType):
         qhb = torch.stack([qh & 0xFF, qh >> 8], dim=2).reshape(N, 16)
         out = torch.cat([fp16_bytes(d * f32(1.125)), (index & 255).reshape(N, 32), qhb], dim=1).to(torch.uint8)
         return bytes_rows(out, rows)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        qs = blocks[:, 2:34].to(torch.int64).reshape(n, 8, 4)
+        qh = le_u16(blocks[:, 34:50])  # [N, 8]
+        dl = fp16_at(blocks) * (2 * ((qh >> 12) & 7) + 1).float()
+        delta = torch.where((qh & 0x8000) == 0, 0.125, -0.125).float()
+        hi = (qh.unsqueeze(-1) >> const([0, 3, 6, 9], torch.int64, blocks.device)) & 7
+        grid = _grid_values(str(blocks.device), 2048)[qs | (hi << 8)]  # [N, 8, 4, 8]
+        return (dl.view(n, 8, 1, 1) * (grid + delta.view(n, 8, 1, 1))).reshape(n, 256)
 
 
 def _iq1m_sums(px, pw, txs, tws, i1, i2):
@@ -310,6 +321,17 @@ class IQ1_M(BlockType):
         out = torch.cat([(index & 255).reshape(N, 32), qh, scb], dim=1).to(torch.uint8)
         return bytes_rows(out, rows)
 
-
-IQ1_S.dequantize_blocks = classmethod(lambda cls, blocks: _dq_iq1_s(blocks))
-IQ1_M.dequantize_blocks = classmethod(lambda cls, blocks: _dq_iq1_m(blocks))
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        qs = blocks[:, :32].to(torch.int64)
+        qh = blocks[:, 32:48].to(torch.int64)
+        sc = le_u16(blocks[:, 48:56])  # [N, 4]: 3-bit scales, the fp16 d spread over the top nibbles
+        dbits = ((sc & 0xF000) >> const([12, 8, 4, 0], torch.int64, blocks.device)).sum(dim=1)
+        d = dbits.to(torch.int16).view(torch.float16).float().view(n, 1)
+        s = ((sc.unsqueeze(-1) >> const([0, 3, 6, 9], torch.int64, blocks.device)) & 7).reshape(n, 16)
+        dl = d * (2 * s + 1).float()  # [N, 16]
+        q2 = torch.stack([qh & 15, qh >> 4], dim=-1).reshape(n, 32)
+        delta = torch.where((q2 & 8) == 0, 0.125, -0.125).float()
+        grid = _grid_values(str(blocks.device), 2048)[qs | ((q2 & 7) << 8)]  # [N, 32, 8]
+        return (dl.view(n, 16, 1, 1) * (grid.view(n, 16, 2, 8) + delta.view(n, 16, 2, 1))).reshape(n, 256)

@@ -1,4 +1,4 @@
-"""IQ2_XXS, IQ2_XS and IQ2_S quantization in torch, byte-identical to llama.cpp.
+"""IQ2_XXS, IQ2_XS and IQ2_S in torch: quantization byte-identical to llama.cpp, and dequantization.
 
 Both code groups of eight magnitudes as points of a fixed grid (three odd levels 1, 3, 5
 per coordinate; 256 points for IQ2_XXS, 512 for IQ2_XS), keep 7 sign bits per group (an
@@ -10,7 +10,9 @@ works without an importance matrix.
 
 Grid points come from gguf-py's tables; the neighbour lists for off-grid level
 combinations (grid points at the two smallest squared distances, in (distance, index)
-order) are computed here as llama.cpp computes them in ``ggml_quantize_init``.
+order) are computed here as llama.cpp computes them in ``ggml_quantize_init``. The same
+grids (this module also holds IQ1_S/IQ1_M's 2048-point one) decode the blocks: each class's
+``dequantize_blocks`` looks the grid points up in torch, as ``dequantize_row_iq2_*`` does.
 """
 
 from __future__ import annotations
@@ -24,24 +26,57 @@ from gguf import quants as gq
 
 from ..errors import LowbitError
 from ._base import BlockType, blocks_of, bytes_rows, register
-from ._blockops import best_neighbour, const, divs, f32, fp16_bytes, make_qp_quants, nearest_int, recip, seq_sum, sqrtf
+from ._blockops import (
+    best_neighbour,
+    const,
+    divs,
+    f32,
+    fp16_at,
+    fp16_bytes,
+    le_u16,
+    le_u32,
+    make_qp_quants,
+    nearest_int,
+    recip,
+    seq_sum,
+    signs_of_7bits,
+    signs_of_byte,
+    sqrtf,
+)
 
 QK_K = 256
 KMAXQ = 3
 
 
-@functools.lru_cache(maxsize=None)
+_GRIDS = {256: gq.IQ2_XXS, 512: gq.IQ2_XS, 1024: gq.IQ2_S, 2048: gq.IQ1_S}  # IQ1_M shares IQ1_S's grid
+
+
+@functools.cache
+def _grid_levels(grid_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(levels ``[G, 8]`` in 0..2 of every grid point, the value of each level as llama.cpp stores it)."""
+    src = _GRIDS[grid_size]
+    src.init_grid()
+    level_values = np.asarray(src.grid_map, dtype=np.float32)
+    vals = np.asarray(src.grid).reshape(grid_size, 8)
+    return np.searchsorted(level_values, vals).astype(np.int64), level_values
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_values(device: str, grid_size: int) -> torch.Tensor:
+    """The grid's points as the dequantizers use them: float32 ``[G, 8]`` level values."""
+    levels, level_values = _grid_levels(grid_size)
+    return torch.from_numpy(level_values[levels]).to(torch.device(device))
+
+
+@functools.cache
 def _tables_np(grid_size: int) -> tuple[np.ndarray, ...]:
     """(grid [G, 8] odd positions, kmap [65536] index or -1, rowmap [65536], neighbours [R, K] padded with -1).
 
     Neighbours: the grid points at the ``nwant`` smallest distances (1 for IQ2_S's 1024 points,
     3 for IQ1_S's 2048, else 2).
     """
-    src = {256: gq.IQ2_XXS, 512: gq.IQ2_XS, 1024: gq.IQ2_S, 2048: gq.IQ1_S}[grid_size]
     nwant = {1024: 1, 2048: 3}.get(grid_size, 2)
-    src.init_grid()
-    vals = np.asarray(src.grid).reshape(grid_size, 8)
-    levels = np.searchsorted(np.asarray(src.grid_map, dtype=np.float32), vals).astype(np.int64)
+    levels = _grid_levels(grid_size)[0]
     grid = 2 * levels + 1
     kmap = np.full(1 << 16, -1, dtype=np.int64)
     code = (levels << (2 * np.arange(8))).sum(axis=1)
@@ -228,6 +263,16 @@ class IQ2_XXS(BlockType):
         out = torch.where(has.unsqueeze(1), out, torch.zeros_like(out))
         return bytes_rows(out, x.shape[0])
 
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        w = le_u32(blocks[:, 2:66]).reshape(n, 8, 2)
+        db = (fp16_at(blocks) * (0.5 + (w[..., 1] >> 28).float())) * 0.25  # [N, 8]
+        signs = signs_of_7bits((w[..., 1].unsqueeze(-1) >> const([0, 7, 14, 21], torch.int64, blocks.device)) & 127)
+        idx = torch.stack([(w[..., 0] >> s) & 255 for s in (0, 8, 16, 24)], dim=-1)  # [N, 8, 4]
+        grid = _grid_values(str(blocks.device), 256)[idx]  # [N, 8, 4, 8]
+        return ((db.view(n, 8, 1, 1) * grid) * signs).reshape(n, 256)
+
 
 @register(GGMLQuantizationType.IQ2_XS)
 class IQ2_XS(BlockType):
@@ -259,6 +304,16 @@ class IQ2_XS(BlockType):
         out = torch.cat([fp16_bytes(d), _le_bytes(q2.reshape(N, 32), 2).reshape(N, 64), sc], dim=1).to(torch.uint8)
         out = torch.where(has.unsqueeze(1), out, torch.zeros_like(out))
         return bytes_rows(out, x.shape[0])
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        q = le_u16(blocks[:, 2:66]).reshape(n, 16, 2)
+        sc = blocks[:, 66:74].to(torch.int64)
+        sc = torch.stack([sc & 15, sc >> 4], dim=-1).reshape(n, 16)
+        db = (fp16_at(blocks) * (0.5 + sc.float())) * 0.25
+        grid = _grid_values(str(blocks.device), 512)[q & 511]  # [N, 16, 2, 8]
+        return ((db.view(n, 16, 1, 1) * grid) * signs_of_7bits(q >> 9)).reshape(n, 256)
 
 
 @register(GGMLQuantizationType.IQ2_S)
@@ -304,129 +359,15 @@ class IQ2_S(BlockType):
         out = torch.cat([fp16_bytes(d * f32(0.9875)), gidx & 255, sg, qh, sc], dim=1).to(torch.uint8)
         return bytes_rows(out, rows)
 
-
-# --------------------------------------------------------------------------- dequantization (torch)
-
-
-@functools.lru_cache(maxsize=16)
-def _dq_grid(name: str, device: str) -> torch.Tensor:
-    """gguf-py's dequantization grid of a type (values as stored by llama.cpp) as float32 ``[G, width]``."""
-    src = getattr(gq, name)
-    src.init_grid()
-    g = np.asarray(src.grid, dtype=np.float32)
-    return torch.from_numpy(g.reshape(src.grid_shape)).to(torch.device(device))
-
-
-def _sign_bits(code7: torch.Tensor) -> torch.Tensor:
-    """7-bit sign codes -> float signs ``[..., 8]`` (the 8th sign makes the count of negatives even)."""
-    c = code7.to(torch.int64)
-    bits = (c.unsqueeze(-1) >> torch.arange(7, device=c.device)) & 1
-    parity = bits.sum(dim=-1, keepdim=True) & 1
-    bits = torch.cat([bits, parity], dim=-1)
-    return torch.where(bits == 1, -1.0, 1.0)
-
-
-def _byte_bits(v: torch.Tensor) -> torch.Tensor:
-    bits = (v.to(torch.int64).unsqueeze(-1) >> torch.arange(8, device=v.device)) & 1
-    return torch.where(bits == 1, -1.0, 1.0)
-
-
-def _u32(b: torch.Tensor) -> torch.Tensor:
-    b = b.to(torch.int64).reshape(*b.shape[:-1], -1, 4)
-    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-
-
-def _u16(b: torch.Tensor) -> torch.Tensor:
-    b = b.to(torch.int64).reshape(*b.shape[:-1], -1, 2)
-    return b[..., 0] | (b[..., 1] << 8)
-
-
-def _d(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks[:, :2].contiguous().view(torch.float16).float()  # [N, 1]
-
-
-def _dq_iq2_xxs(blocks: torch.Tensor) -> torch.Tensor:
-    n = blocks.shape[0]
-    w = _u32(blocks[:, 2:66]).reshape(n, 8, 2)
-    db = (_d(blocks) * (0.5 + (w[..., 1] >> 28).float())) * 0.25  # [N, 8]
-    signs = _sign_bits((w[..., 1].unsqueeze(-1) >> torch.tensor([0, 7, 14, 21], device=blocks.device)) & 127)
-    idx = torch.stack([(w[..., 0] >> s) & 255 for s in (0, 8, 16, 24)], dim=-1)  # [N, 8, 4]
-    grid = _dq_grid("IQ2_XXS", str(blocks.device))[idx]  # [N, 8, 4, 8]
-    return ((db.view(n, 8, 1, 1) * grid) * signs).reshape(n, 256)
-
-
-def _dq_iq2_xs(blocks: torch.Tensor) -> torch.Tensor:
-    n = blocks.shape[0]
-    q = _u16(blocks[:, 2:66]).reshape(n, 16, 2)
-    sc = blocks[:, 66:74].to(torch.int64)
-    sc = torch.stack([sc & 15, sc >> 4], dim=-1).reshape(n, 16)
-    db = (_d(blocks) * (0.5 + sc.float())) * 0.25
-    grid = _dq_grid("IQ2_XS", str(blocks.device))[q & 511]  # [N, 16, 2, 8]
-    return ((db.view(n, 16, 1, 1) * grid) * _sign_bits(q >> 9)).reshape(n, 256)
-
-
-def _dq_iq2_s(blocks: torch.Tensor) -> torch.Tensor:
-    n = blocks.shape[0]
-    qs = blocks[:, 2:34].to(torch.int64)
-    signs = _byte_bits(blocks[:, 34:66]).reshape(n, 16, 2, 8)
-    qh = blocks[:, 66:74].to(torch.int64)
-    hi = ((qh.unsqueeze(-1) >> torch.tensor([0, 2, 4, 6], device=blocks.device)) & 3).reshape(n, 32)
-    sc = blocks[:, 74:82].to(torch.int64)
-    sc = torch.stack([sc & 15, sc >> 4], dim=-1).reshape(n, 16)
-    db = (_d(blocks) * (0.5 + sc.float())) * 0.25
-    grid = _dq_grid("IQ2_S", str(blocks.device))[(qs | (hi << 8)).reshape(n, 16, 2)]
-    return ((db.view(n, 16, 1, 1) * grid) * signs).reshape(n, 256)
-
-
-def _dq_iq3_xxs(blocks: torch.Tensor) -> torch.Tensor:
-    n = blocks.shape[0]
-    idx = blocks[:, 2:66].to(torch.int64).reshape(n, 8, 8)
-    w = _u32(blocks[:, 66:98])  # [N, 8]
-    db = (_d(blocks) * (0.5 + (w >> 28).float())) * 0.5
-    signs = _sign_bits((w.unsqueeze(-1) >> torch.tensor([0, 7, 14, 21], device=blocks.device)) & 127)  # [N, 8, 4, 8]
-    grid = _dq_grid("IQ3_XXS", str(blocks.device))[idx].reshape(n, 8, 4, 8)
-    return ((db.view(n, 8, 1, 1) * grid) * signs).reshape(n, 256)
-
-
-IQ2_XXS.dequantize_blocks = classmethod(lambda cls, blocks: _dq_iq2_xxs(blocks))
-IQ2_XS.dequantize_blocks = classmethod(lambda cls, blocks: _dq_iq2_xs(blocks))
-IQ2_S.dequantize_blocks = classmethod(lambda cls, blocks: _dq_iq2_s(blocks))
-
-
-def _dq_iq3_s(blocks: torch.Tensor) -> torch.Tensor:
-    n = blocks.shape[0]
-    qs = blocks[:, 2:66].to(torch.int64)
-    qh = blocks[:, 66:74].to(torch.int64)
-    hi = ((qh.unsqueeze(-1) >> torch.arange(8, device=blocks.device)) & 1).reshape(n, 64)
-    signs = _byte_bits(blocks[:, 74:106]).reshape(n, 8, 4, 8)
-    sc = blocks[:, 106:110].to(torch.int64)
-    sc = torch.stack([sc & 15, sc >> 4], dim=-1).reshape(n, 8)
-    db = _d(blocks) * (1 + 2 * sc).float()
-    grid = _dq_grid("IQ3_S", str(blocks.device))[qs | (hi << 8)].reshape(n, 8, 4, 8)
-    return ((db.view(n, 8, 1, 1) * grid) * signs).reshape(n, 256)
-
-
-def _dq_iq1_s(blocks: torch.Tensor) -> torch.Tensor:
-    n = blocks.shape[0]
-    qs = blocks[:, 2:34].to(torch.int64).reshape(n, 8, 4)
-    qh = _u16(blocks[:, 34:50])  # [N, 8]
-    dl = _d(blocks) * (2 * ((qh >> 12) & 7) + 1).float()
-    delta = torch.where((qh & 0x8000) == 0, 0.125, -0.125).float()
-    hi = (qh.unsqueeze(-1) >> torch.tensor([0, 3, 6, 9], device=blocks.device)) & 7
-    grid = _dq_grid("IQ1_S", str(blocks.device))[qs | (hi << 8)]  # [N, 8, 4, 8]
-    return (dl.view(n, 8, 1, 1) * (grid + delta.view(n, 8, 1, 1))).reshape(n, 256)
-
-
-def _dq_iq1_m(blocks: torch.Tensor) -> torch.Tensor:
-    n = blocks.shape[0]
-    qs = blocks[:, :32].to(torch.int64)
-    qh = blocks[:, 32:48].to(torch.int64)
-    sc = _u16(blocks[:, 48:56])  # [N, 4]
-    dbits = ((sc & 0xF000) >> torch.tensor([12, 8, 4, 0], device=blocks.device)).sum(dim=1)
-    d = dbits.to(torch.int16).view(torch.float16).float().view(n, 1)
-    s = ((sc.unsqueeze(-1) >> torch.tensor([0, 3, 6, 9], device=blocks.device)) & 7).reshape(n, 16)
-    dl = d * (2 * s + 1).float()  # [N, 16]
-    q2 = torch.stack([qh & 15, qh >> 4], dim=-1).reshape(n, 32)
-    delta = torch.where((q2 & 8) == 0, 0.125, -0.125).float()
-    grid = _dq_grid("IQ1_M", str(blocks.device))[qs | ((q2 & 7) << 8)]  # [N, 32, 8]
-    return (dl.view(n, 16, 1, 1) * (grid.view(n, 16, 2, 8) + delta.view(n, 16, 2, 1))).reshape(n, 256)
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        qs = blocks[:, 2:34].to(torch.int64)
+        signs = signs_of_byte(blocks[:, 34:66]).reshape(n, 16, 2, 8)
+        qh = blocks[:, 66:74].to(torch.int64)
+        hi = ((qh.unsqueeze(-1) >> const([0, 2, 4, 6], torch.int64, blocks.device)) & 3).reshape(n, 32)
+        sc = blocks[:, 74:82].to(torch.int64)
+        sc = torch.stack([sc & 15, sc >> 4], dim=-1).reshape(n, 16)
+        db = (fp16_at(blocks) * (0.5 + sc.float())) * 0.25
+        grid = _grid_values(str(blocks.device), 1024)[(qs | (hi << 8)).reshape(n, 16, 2)]
+        return ((db.view(n, 16, 1, 1) * grid) * signs).reshape(n, 256)

@@ -1,4 +1,4 @@
-"""IQ3_XXS and IQ3_S quantization in torch, byte-identical to llama.cpp.
+"""IQ3_XXS and IQ3_S in torch: quantization byte-identical to llama.cpp, and dequantization.
 
 IQ3_XXS codes each group of four magnitudes as one of 256 points of a fixed grid (four
 odd levels 1..15 each), with the signs of each group of eight stored as 7 bits (the
@@ -12,7 +12,8 @@ The grid points come from gguf-py's IQ3_XXS / IQ3_S tables. For a level combinat
 the quantizer searches a neighbour list: the grid points at the two smallest squared
 distances, in (distance, index) order, computed once here as llama.cpp computes them at
 ``ggml_quantize_init``. The scale search tries 31 scales per 32 values at once; the
-neighbour search loops over the (padded) neighbour slots in list order.
+neighbour search loops over the (padded) neighbour slots in list order. Each class's
+``dequantize_blocks`` decodes with the same grids, in torch.
 """
 
 from __future__ import annotations
@@ -25,25 +26,53 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
 from ._base import BlockType, blocks_of, bytes_rows, register
-from ._blockops import best_neighbour, const, divs, f32, fp16_bytes, nearest_int, recip, seq_sum, sqrtf
+from ._blockops import (
+    best_neighbour,
+    const,
+    divs,
+    f32,
+    fp16_at,
+    fp16_bytes,
+    le_u32,
+    nearest_int,
+    recip,
+    seq_sum,
+    signs_of_7bits,
+    signs_of_byte,
+    sqrtf,
+)
 
 QK_K = 256
 KMAXQ = 8
 EPS = f32(1e-8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
+def _grid_levels(grid_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(levels ``[G, 4]`` in 0..7 of every grid point, the value of each level as llama.cpp stores it)."""
+    src = gq.IQ3_XXS if grid_size == 256 else gq.IQ3_S
+    src.init_grid()
+    level_values = np.asarray(src.grid_map, dtype=np.float32)
+    vals = np.asarray(src.grid).reshape(grid_size, 4)
+    return np.searchsorted(level_values, vals).astype(np.int64), level_values
+
+
+@functools.lru_cache(maxsize=8)
+def _grid_values(device: str, grid_size: int) -> torch.Tensor:
+    """The grid's points as the dequantizers use them: float32 ``[G, 4]`` level values."""
+    levels, level_values = _grid_levels(grid_size)
+    return torch.from_numpy(level_values[levels]).to(torch.device(device))
+
+
+@functools.cache
 def _tables_np(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(grid [G, 4] odd positions, kmap [4096] grid index or -1, neighbours [4096, K] padded with -1).
 
     A level combination off the grid gets the grid points at its ``nwant`` smallest squared
     distances (2 for the 256-point grid, 3 for the 512-point one), in (distance, index) order.
     """
-    src = gq.IQ3_XXS if grid_size == 256 else gq.IQ3_S
     nwant = 2 if grid_size == 256 else 3
-    src.init_grid()
-    vals = np.asarray(src.grid).reshape(grid_size, 4)
-    levels = np.searchsorted(np.asarray(src.grid_map, dtype=np.float32), vals).astype(np.int64)
+    levels = _grid_levels(grid_size)[0]
     grid = 2 * levels + 1
     kmap = np.full(4096, -1, dtype=np.int64)
     code = (levels << (3 * np.arange(4))).sum(axis=1)
@@ -53,7 +82,7 @@ def _tables_np(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d2 = ((grid[None, :, :] - pos[:, None, :]) ** 2).sum(axis=2)  # [4096, G]
     order = np.lexsort((np.broadcast_to(np.arange(grid_size), d2.shape), d2), axis=1)
     d2s = np.take_along_axis(d2, order, axis=1)
-    lists = []
+    lists: list[list[int]] = []
     for i in range(4096):
         if kmap[i] >= 0:
             lists.append([])
@@ -223,6 +252,16 @@ class IQ3_XXS(BlockType):
         out = torch.where(has.unsqueeze(1), out, torch.zeros_like(out))
         return bytes_rows(out, rows)
 
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        idx = blocks[:, 2:66].to(torch.int64).reshape(n, 8, 8)
+        w = le_u32(blocks[:, 66:98])  # [N, 8]
+        db = (fp16_at(blocks) * (0.5 + (w >> 28).float())) * 0.5
+        signs = signs_of_7bits((w.unsqueeze(-1) >> const([0, 7, 14, 21], torch.int64, blocks.device)) & 127)
+        grid = _grid_values(str(blocks.device), 256)[idx].reshape(n, 8, 4, 8)
+        return ((db.view(n, 8, 1, 1) * grid) * signs).reshape(n, 256)
+
 
 @register(GGMLQuantizationType.IQ3_S)
 class IQ3_S(BlockType):
@@ -267,20 +306,15 @@ class IQ3_S(BlockType):
         out = torch.cat([dbytes, qs[:, :8].reshape(N, 64), qh, sg[:, :8].reshape(N, 32), sc], dim=1).to(torch.uint8)
         return bytes_rows(out, rows)
 
-
-def _dq_iq3_xxs(cls, blocks: torch.Tensor) -> torch.Tensor:
-    from .iq2quants import _dq_iq3_xxs as impl
-
-    return impl(blocks)
-
-
-IQ3_XXS.dequantize_blocks = classmethod(_dq_iq3_xxs)
-
-
-def _dq_iq3_s(cls, blocks: torch.Tensor) -> torch.Tensor:
-    from .iq2quants import _dq_iq3_s as impl
-
-    return impl(blocks)
-
-
-IQ3_S.dequantize_blocks = classmethod(_dq_iq3_s)
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        n = blocks.shape[0]
+        qs = blocks[:, 2:66].to(torch.int64)
+        qh = blocks[:, 66:74].to(torch.int64)
+        hi = ((qh.unsqueeze(-1) >> torch.arange(8, device=blocks.device)) & 1).reshape(n, 64)
+        signs = signs_of_byte(blocks[:, 74:106]).reshape(n, 8, 4, 8)
+        sc = blocks[:, 106:110].to(torch.int64)
+        sc = torch.stack([sc & 15, sc >> 4], dim=-1).reshape(n, 8)
+        db = fp16_at(blocks) * (1 + 2 * sc).float()
+        grid = _grid_values(str(blocks.device), 512)[qs | (hi << 8)].reshape(n, 8, 4, 8)
+        return ((db.view(n, 8, 1, 1) * grid) * signs).reshape(n, 256)

@@ -2,9 +2,8 @@
 
 Both map each value to one of 16 fixed levels (``KVALUES``) times a block scale.
 IQ4_NL has one fp16 scale per 32 values; IQ4_XS has a 256-value super-block with an
-fp16 scale and eight 6-bit sub-block scales. The grid-based IQ1/IQ2/IQ3 types are
-dequantized through gguf-py (see :func:`lowbit.gguf.quants.dequantize`); quantizing
-them is not implemented.
+fp16 scale and eight 6-bit sub-block scales. The grid-based types live in
+:mod:`~lowbit.gguf.iq1quants`, :mod:`~lowbit.gguf.iq2quants` and :mod:`~lowbit.gguf.iq3quants`.
 """
 
 from __future__ import annotations

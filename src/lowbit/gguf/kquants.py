@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType
 from ._base import BlockType, blocks_of, bytes_rows, register
 from ._blockops import (
     const,
+    divs,
     first_abs_max,
     fp16_bytes,
     fp16_round,
@@ -25,7 +26,6 @@ from ._blockops import (
     nearest_int,
     recip,
     sdiv,
-    divs,
     seq_sum,
     sqrtf,
 )
@@ -102,8 +102,8 @@ def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """Eight 6-bit scales and mins ``[N, 8]`` -> the 12-byte Q4_K/Q5_K layout (uint8 arithmetic as in C)."""
     ls = ls.to(torch.int32)
     lm = lm.to(torch.int32)
-    b0 = (ls[:, :4] | (((ls[:, 4:] >> 4) << 6))) & 0xFF
-    b4 = (lm[:, :4] | (((lm[:, 4:] >> 4) << 6))) & 0xFF
+    b0 = (ls[:, :4] | ((ls[:, 4:] >> 4) << 6)) & 0xFF
+    b4 = (lm[:, :4] | ((lm[:, 4:] >> 4) << 6)) & 0xFF
     b8 = ((ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)) & 0xFF
     return torch.cat([b0, b4, b8], dim=1).to(torch.uint8)
 

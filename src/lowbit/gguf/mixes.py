@@ -29,8 +29,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 
 from ..errors import LowbitError
 
@@ -226,7 +228,6 @@ class _State:
         self.tied = "output" not in cats
         self.n_ffn = hp.n_layer
         self.i_attention_wv = self.i_ffn_down = self.i_ffn_gate = self.i_ffn_up = 0
-        self.n_fallback = 0
 
 
 def _mix_rule(st: _State, new: T, name: str, ncols: int, mix: str, cat: str) -> T:
@@ -390,11 +391,10 @@ def _mix_rule(st: _State, new: T, name: str, ncols: int, mix: str, cat: str) -> 
     return new
 
 
-def _fallback(st: _State, t: T, ncols: int) -> T:
+def _fallback(t: T, ncols: int) -> T:
     blk = _block_size(t)
     if ncols % blk == 0:
         return t
-    st.n_fallback += 1
     if t in _FALLBACK:
         r = _FALLBACK[t]
     elif blk <= 32:
@@ -454,7 +454,7 @@ def tensor_types(
                     break
             if not manual and not opts.pure:
                 new = _mix_rule(st, new, name, shape[-1], mix, cat)
-            new = _fallback(st, new, shape[-1])
+            new = _fallback(new, shape[-1])
         out[name] = new
     return out
 
@@ -468,15 +468,20 @@ def requires_imatrix(name: str, t: T, mix: str) -> bool:
     return t == T.Q2_K and normalize_mix(mix) == "Q2_K_S"
 
 
-def hparams_from_gguf_kv(kv: Mapping[str, object], n_layer_fallback: int | None = None) -> ModelHParams:
-    """ModelHParams from GGUF metadata (``general.architecture`` and ``<arch>.*`` keys)."""
+def hparams_from_gguf_kv(kv: Mapping[str, object], n_layer_fallback: int | None = None,
+                         where: str | Path | None = None) -> ModelHParams:
+    """ModelHParams from GGUF metadata (``general.architecture`` and ``<arch>.*`` keys); ``where``
+    (the file) names the source in errors."""
     arch = str(kv.get("general.architecture", ""))
 
     def g(key: str, default=0):
         v = kv.get(f"{arch}.{key}", default)
-        if isinstance(v, list):  # per-layer arrays: llama.cpp uses layer 0 for n_gqa
-            v = v[0] if v else default
-        return int(v) if v is not None else default
+        if isinstance(v, (list, tuple)) or getattr(v, "ndim", 0) > 0:  # per-layer arrays: llama.cpp uses layer 0
+            v = v[0] if len(v) else default  # type: ignore[arg-type, index]
+        try:
+            return int(v) if v is not None else default  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            raise LowbitError(where, f"metadata {arch}.{key} = {v!r} is not an integer") from None
 
     n_layer = g("block_count", n_layer_fallback or 0)
     n_head = g("attention.head_count", 0)

@@ -65,7 +65,7 @@ def enabled() -> bool:
 
 def supports(qtype: int) -> bool:
     """Whether ``qtype`` (a GGML type id) has a native quantizer available now."""
-    return enabled() and bool(_lib.lowbit_supports(int(qtype)))
+    return enabled() and _lib is not None and bool(_lib.lowbit_supports(int(qtype)))
 
 
 def quantize_rows(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | None, row_bytes: int) -> torch.Tensor | None:
@@ -83,6 +83,8 @@ def quantize_rows_absmax(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | No
     """
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float16) or not supports(qtype):
         return None
+    lib = _lib
+    assert lib is not None  # supports() loaded it
     half = x.dtype == torch.float16
     x = x.contiguous()
     qw = None if imatrix is None else imatrix.to(device="cpu", dtype=torch.float32).contiguous()
@@ -103,9 +105,9 @@ def quantize_rows_absmax(qtype: int, x: torch.Tensor, imatrix: torch.Tensor | No
         n = min(step, rows - r0)
         if half:
             xbuf = torch.empty(cols, dtype=torch.float32)
-            return _lib.lowbit_quantize_f16(int(qtype), x0 + r0 * cols * 2, n, cols, qwp, out0 + r0 * row_bytes, wp,
+            return lib.lowbit_quantize_f16(int(qtype), x0 + r0 * cols * 2, n, cols, qwp, out0 + r0 * row_bytes, wp,
                                             xbuf.data_ptr(), m0 + 4 * i)
-        return _lib.lowbit_quantize(int(qtype), x0 + r0 * cols * 4, n, cols, qwp, out0 + r0 * row_bytes, wp, m0 + 4 * i)
+        return lib.lowbit_quantize(int(qtype), x0 + r0 * cols * 4, n, cols, qwp, out0 + r0 * row_bytes, wp, m0 + 4 * i)
 
     threads = min(threads, len(starts))
     idx = range(len(starts))

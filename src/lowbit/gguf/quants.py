@@ -18,7 +18,8 @@ This module holds the float types and the legacy 32-element types; the others li
 :mod:`~lowbit.gguf.iq3quants` (IQ3_XXS, IQ3_S), :mod:`~lowbit.gguf.iq2quants` (IQ2_XXS,
 IQ2_XS, IQ2_S), :mod:`~lowbit.gguf.tquants` (TQ1_0, TQ2_0, Q1_0) and
 :mod:`~lowbit.gguf.fp4quants` (MXFP4, NVFP4) and :mod:`~lowbit.gguf.iq1quants` (IQ1_S,
-IQ1_M). The grid types (IQ1/IQ2/IQ3) dequantize through gguf-py's numpy code.
+IQ1_M). Every type registers its block class (:mod:`~lowbit.gguf._base`) with a torch
+``quantize_rows`` and ``dequantize_blocks``; :func:`dequantize` decodes every type in torch.
 
 Exactness notes (each cost a mismatch before it was handled):
 
@@ -36,6 +37,7 @@ Exactness notes (each cost a mismatch before it was handled):
 from __future__ import annotations
 
 import math
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -46,24 +48,23 @@ from . import native
 from ._base import REGISTRY, BlockType, blocks_of, bytes_rows, element_major, register
 from ._blockops import (
     c_int8_cast,
+    divs,
     first_abs_max,
     fp16_bytes,
-    fp16_round,
     make_qkx,
     make_qx_quants,
-    divs,
     recip,
     roundf,
     row_sigma_sum,
     seq_max,
-    sqrtf,
     seq_min,
+    sqrtf,
     u32_bytes,
 )
 
 __all__ = ["quantize", "dequantize", "can_quantize", "block_size", "parse_qtype", "clear_cuda_graphs"]
 
-QType = GGMLQuantizationType | str | int
+QType: TypeAlias = GGMLQuantizationType | str | int
 
 
 # --------------------------------------------------------------------------- float types
@@ -258,13 +259,13 @@ class Q8_0(BlockType):
 
 
 # K-quants and IQ types register themselves on import.
-from . import kquants as _kquants  # noqa: E402,F401
-from . import iquants as _iquants  # noqa: E402,F401
-from . import tquants as _tquants  # noqa: E402,F401
-from . import iq3quants as _iq3quants  # noqa: E402,F401
-from . import iq2quants as _iq2quants  # noqa: E402,F401
 from . import fp4quants as _fp4quants  # noqa: E402,F401
 from . import iq1quants as _iq1quants  # noqa: E402,F401
+from . import iq2quants as _iq2quants  # noqa: E402,F401
+from . import iq3quants as _iq3quants  # noqa: E402,F401
+from . import iquants as _iquants  # noqa: E402,F401
+from . import kquants as _kquants  # noqa: E402,F401
+from . import tquants as _tquants  # noqa: E402,F401
 
 # --------------------------------------------------------------------------- public API
 
@@ -451,14 +452,6 @@ def _check_scales(out: torch.Tensor, qt: GGMLQuantizationType, shape: tuple[int,
     return out
 
 
-def _numpy_dequantize(data: torch.Tensor, qt: GGMLQuantizationType) -> torch.Tensor:
-    """Fallback through gguf-py's numpy dequantizers (types without a torch implementation)."""
-    from gguf import quants as gq
-
-    arr = data.detach().cpu().contiguous().numpy().view(np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(gq.dequantize(arr, qt), dtype=np.float32)).to(data.device)
-
-
 def dequantize(data: torch.Tensor, qtype: QType, shape: tuple[int, ...]) -> torch.Tensor:
     """Decode GGUF bytes (any shape of uint8 holding whole rows) to float32 of ``shape``."""
     qt = parse_qtype(qtype)
@@ -473,11 +466,6 @@ def dequantize(data: torch.Tensor, qtype: QType, shape: tuple[int, ...]) -> torc
     if raw.numel() != n // bs * ts:
         raise LowbitError(None, f"{raw.numel()} bytes do not hold {qt.name} data of shape {shape}")
     cls = REGISTRY.get(qt)
-    blocks = raw.reshape(-1, ts)
-    try:
-        vals = cls.dequantize_blocks(blocks) if cls is not None else None
-    except NotImplementedError:
-        vals = None
-    if vals is None:
-        vals = _numpy_dequantize(blocks, qt)
-    return vals.reshape(shape)
+    if cls is None:
+        raise LowbitError(None, f"dequantization of {qt.name} is not supported")
+    return cls.dequantize_blocks(raw.reshape(-1, ts)).reshape(shape)

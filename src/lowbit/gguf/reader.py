@@ -4,8 +4,9 @@
 tensor count of 10**12, dimensions whose product overflows, offsets past the end) makes it
 allocate huge arrays, raise obscure numpy errors or read garbage.  :func:`validate_gguf` walks
 the header once with explicit limits, using only the bytes that exist, and raises
-:class:`~lowbit.errors.LowbitError` naming the file and the problem.  Only then do
-:func:`open_gguf`/:func:`inspect_gguf` hand the file to ``GGUFReader``.
+:class:`~lowbit.errors.LowbitError` naming the file and the problem.  :class:`GGUFFile` (full
+metadata, memory-mapped tensors) and :func:`inspect_gguf` (the summary ``lowbit inspect``
+prints) read only what it validated; gguf-py's reader is never used.
 
 Shapes: GGUF stores dimensions fastest-first (``ne[0]`` = columns).  Everything returned here
 uses the PyTorch order ``(rows, cols)`` under ``shape`` and keeps the raw order under ``ne``.
@@ -140,6 +141,7 @@ def _value(cur: _Cursor, vtype: int, what: str, depth: int = 0, keep: bool = Tru
         if etype in _SCALAR_FMT:
             esize = struct.calcsize(_SCALAR_FMT[etype])
             cur.need(count * esize, what)
+            out: Any
             if keep and full and count > 64:
                 out = np.frombuffer(cur.buf, dtype=np.dtype(_SCALAR_FMT[etype]), count=count, offset=cur.pos).copy()
             elif keep and count <= 64:
@@ -168,9 +170,9 @@ _U64 = struct.Struct("<Q")
 def _string_items(cur: _Cursor, count: int, what: str) -> list[str]:
     """``count`` strings (a tokenizer's vocabulary): ``_Cursor.string`` in one tight loop."""
     buf, pos, size, unpack = cur.buf, cur.pos, cur.size, _U64.unpack_from
-    items = []
+    items: list[str] = []
     append = items.append
-    for i in range(count):
+    for _ in range(count):
         if pos + 8 > size:
             break
         (n,) = unpack(buf, pos)
@@ -298,24 +300,10 @@ def _scan(cur: _Cursor, p: Path, size: int, full: bool = False) -> GGUFHeader:
                            f"(data section has {max(data_size, 0)} bytes); the file is truncated or corrupt")
         spans.append((t.offset, end, t.name))
     spans.sort()
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+    for (_s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise cur.fail(f"tensors {n0!r} and {n1!r} overlap in the data section")
     return hdr
-
-
-def open_gguf(path: str | Path):
-    """Validate ``path`` and return a ``gguf.GGUFReader`` on it (memory-mapped, read-only)."""
-    validate_gguf(path)
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(str(path), "r")
-    except Exception as e:  # validated already; anything left is still the file's fault
-        raise LowbitError(path, f"cannot read GGUF file: {e}") from None
-
-
-open_reader = open_gguf  # name used by lowbit.models.gguf_source
 
 
 class GGUFFile:
@@ -334,16 +322,26 @@ class GGUFFile:
         self.by_name = {t.name: t for t in self.tensors}
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
 
+    def entry(self, name: str) -> TensorEntry:
+        """The tensor called ``name``; :class:`LowbitError` naming the file when there is none."""
+        t = self.by_name.get(name)
+        if t is None:
+            raise LowbitError(self.path, f"no tensor {name!r}")
+        return t
+
     def data(self, name: str) -> np.ndarray:
-        t = self.by_name[name]
+        t = self.entry(name)
         start = self.header.data_offset + t.offset
         return self._mm[start:start + t.nbytes]
 
     def array(self, name: str) -> np.ndarray:
         from .writer import dequantize_bytes
 
-        t = self.by_name[name]
-        return dequantize_bytes(np.array(self.data(name)), t.type, t.shape)
+        t = self.entry(name)
+        try:
+            return dequantize_bytes(np.array(self.data(name)), t.type, t.shape)
+        except LowbitError as e:
+            raise LowbitError(self.path, f"tensor {name}: {e.problem}") from None
 
     def kv_entries(self):
         """(key, GGUFValueType, value, element type or None) for every metadata key."""
@@ -353,50 +351,6 @@ class GGUFFile:
             if isinstance(v, np.ndarray):
                 v = v.tolist()
             yield k, vt, v, sub
-
-
-def _field_value(reader_field) -> Any:
-    """Decode one GGUFReader field into Python values (strings decoded, arrays as lists)."""
-    types = reader_field.types
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        if len(types) > 1 and types[1] == GGUFValueType.STRING:
-            return [bytes(reader_field.parts[i]).decode("utf-8", errors="replace") for i in reader_field.data]
-        return [reader_field.parts[i].tolist()[0] for i in reader_field.data]
-    if types[0] == GGUFValueType.STRING:
-        return bytes(reader_field.parts[reader_field.data[0]]).decode("utf-8", errors="replace")
-    return reader_field.parts[reader_field.data[0]].tolist()[0]
-
-
-def read_metadata(reader, skip_arrays_longer_than: int | None = None) -> dict[str, tuple[GGUFValueType, Any, GGUFValueType | None]]:
-    """All KV pairs of an open reader: key -> (value type, value, array element type or None)."""
-    out = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        vt = GGUFValueType(fld.types[0])
-        sub = GGUFValueType(fld.types[1]) if vt == GGUFValueType.ARRAY and len(fld.types) > 1 else None
-        if vt == GGUFValueType.ARRAY and skip_arrays_longer_than is not None and len(fld.data) > skip_arrays_longer_than:
-            out[key] = (vt, _ArraySummary(sub.name if sub else "?", len(fld.data)), sub)
-            continue
-        out[key] = (vt, _field_value(fld), sub)
-    return out
-
-
-def tensor_to_torch(reader, name: str):
-    """Dequantize one tensor of an open reader to a float32 torch tensor in PyTorch shape order."""
-    import torch
-
-    from .writer import dequantize_bytes
-
-    for t in reader.tensors:
-        if t.name == name:
-            ttype = GGMLQuantizationType(t.tensor_type)
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            arr = dequantize_bytes(np.asarray(t.data), ttype, shape)
-            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    raise LowbitError(reader.data.filename if hasattr(reader.data, "filename") else None, f"no tensor {name!r}")
 
 
 def inspect_gguf(path: str | Path) -> dict:

@@ -1,8 +1,8 @@
 """Low-level GGUF output: block encoding of one tensor, and streaming a planned file to disk.
 
-``quantize_array``/``dequantize_bytes`` are the single place where this package calls a block
-quantizer: ``lowbit.gguf.quants`` (byte-identical to llama.cpp, every type) when it is
-importable, else gguf-py's reference quantizer for the few types it implements.
+``quantize_array``/``dequantize_bytes`` are the numpy face of :mod:`lowbit.gguf.quants`
+(byte-identical to llama.cpp, every type): the single place where the file-level code calls a
+block quantizer. :func:`write_gguf` writes a GGUF (version 3) file one tensor at a time.
 """
 
 from __future__ import annotations
@@ -15,19 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, GGUFValueType as V
+import torch
+from gguf import GGML_QUANT_SIZES, GGUFValueType
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType as V
 
 from ..errors import LowbitError
-
-try:  # the other engineer's exact quantizer
-    from . import quants as _lq  # type: ignore[attr-defined]
-except Exception:  # pragma: no cover - depends on what has landed
-    _lq = None
-
-_GGUFPY_QUANT = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
+from . import quants as _lq
 
 
 def row_bytes(qtype: T, ncols: int) -> int:
+    """Bytes of one row of ``ncols`` values of ``qtype``."""
     blk, size = GGML_QUANT_SIZES[qtype]
     if ncols % blk:
         raise LowbitError(None, f"row length {ncols} is not a multiple of the {qtype.name} block size {blk}")
@@ -36,14 +34,7 @@ def row_bytes(qtype: T, ncols: int) -> int:
 
 def can_quantize(qtype: T) -> bool:
     """Whether this build can encode ``qtype``."""
-    if qtype in (T.F32, T.F16, T.BF16):
-        return True
-    if _lq is not None:
-        try:
-            return bool(_lq.can_quantize(qtype))
-        except Exception:
-            return False
-    return qtype in _GGUFPY_QUANT
+    return qtype in (T.F32, T.F16, T.BF16) or _lq.can_quantize(qtype)
 
 
 def quantize_array(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None, device: str | None = None) -> np.ndarray:
@@ -53,8 +44,8 @@ def quantize_array(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None, d
     are the same on every device.
 
     ``x``: float32, or float16 (exact values; not widened up front).
-    Float types come back as float32/float16 arrays of the same shape (BF16 as uint16 rows
-    viewed as uint8); block types as uint8 ``[..., bytes_per_row]``.  For 3-D expert tensors
+    F32/F16 come back as float32/float16 arrays of the same shape; BF16 and the block types
+    as uint8 ``[..., bytes_per_row]``.  For 3-D expert tensors
     ``imatrix`` may hold one vector per expert (``[n_expert * cols]``).
     """
     if qtype == T.F16 and x.dtype == np.float16:
@@ -66,38 +57,22 @@ def quantize_array(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None, d
         return x
     if qtype == T.F16:
         return x.astype(np.float16)
-    if qtype == T.BF16:
-        import gguf.quants as gq
-
-        return gq.quantize(x, T.BF16)
     cols = x.shape[-1]
     lead = x.shape[:-1]
     if x.ndim == 3 and imatrix is not None and imatrix.size == x.shape[0] * cols:
         parts = [quantize_array(x[e], qtype, imatrix[e * cols:(e + 1) * cols], device) for e in range(x.shape[0])]
         return np.stack(parts)
     x2 = x.reshape(-1, cols)
-    if _lq is not None and _lq.can_quantize(qtype):
-        import torch
-
-        im = None if imatrix is None else torch.from_numpy(np.ascontiguousarray(imatrix, dtype=np.float32))
-        if x2.flags.writeable:
+    im = None if imatrix is None else torch.from_numpy(np.ascontiguousarray(imatrix, dtype=np.float32))
+    if x2.flags.writeable:
+        tx = torch.from_numpy(x2)
+    else:  # a read-only file mapping: only ever read, so torch's not-writable warning does not apply
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             tx = torch.from_numpy(x2)
-        else:  # a read-only file mapping: only ever read, so torch's not-writable warning does not apply
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                tx = torch.from_numpy(x2)
-        if device is not None and device != "cpu":
-            tx = tx.to(device)
-        out = _lq.quantize(tx, qtype, im)
-        out = out.cpu().numpy() if hasattr(out, "numpy") else np.asarray(out)
-    elif qtype in _GGUFPY_QUANT and imatrix is None:
-        import gguf.quants as gq
-
-        out = gq.quantize(x2, qtype)
-    else:
-        raise LowbitError(None, f"cannot encode {qtype.name}"
-                          + (" with an importance matrix" if imatrix is not None else "")
-                          + ": lowbit.gguf.quants does not provide it in this build")
+    if device is not None and device != "cpu":
+        tx = tx.to(device)
+    out = _lq.quantize(tx, qtype, im).cpu().numpy()
     return np.ascontiguousarray(out, dtype=np.uint8).reshape(*lead, row_bytes(qtype, cols))
 
 
@@ -107,18 +82,8 @@ def dequantize_bytes(data: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.n
         return np.asarray(data).view(np.float32).reshape(shape)
     if qtype == T.F16:
         return np.asarray(data).view(np.float16).astype(np.float32).reshape(shape)
-    if _lq is not None:
-        try:
-            import torch
-
-            t = torch.from_numpy(np.ascontiguousarray(np.asarray(data).view(np.uint8)))
-            return np.asarray(_lq.dequantize(t, qtype, shape), dtype=np.float32).reshape(shape)
-        except Exception:
-            pass
-    import gguf.quants as gq
-
-    raw = np.asarray(data).view(np.uint8).reshape(*shape[:-1], -1)
-    return gq.dequantize(raw, qtype).astype(np.float32).reshape(shape)
+    t = torch.from_numpy(np.ascontiguousarray(np.asarray(data).view(np.uint8)))
+    return np.asarray(_lq.dequantize(t, qtype, shape), dtype=np.float32).reshape(shape)
 
 
 @dataclass
@@ -198,7 +163,7 @@ def _string(s: str) -> bytes:
     return _U64.pack(len(b)) + b
 
 
-def _infer_type(v: Any) -> V:
+def _infer_type(v: Any, key: str) -> V:
     if isinstance(v, str):
         return V.STRING
     if isinstance(v, (bool, np.bool_)):
@@ -209,7 +174,7 @@ def _infer_type(v: Any) -> V:
         return V.FLOAT32
     if isinstance(v, (list, tuple, np.ndarray)):
         return V.ARRAY
-    raise TypeError(f"cannot store {type(v).__name__} in GGUF metadata")
+    raise LowbitError(None, f"metadata {key}: cannot store a {type(v).__name__} in GGUF metadata")
 
 
 def _value_bytes(vtype: V, value: Any, sub_type: V | None, key: str) -> bytes:
@@ -222,7 +187,7 @@ def _value_bytes(vtype: V, value: Any, sub_type: V | None, key: str) -> bytes:
         raise LowbitError(None, f"metadata {key}: unknown value type {vtype}")
     items = value.tolist() if isinstance(value, np.ndarray) and value.dtype == object else value
     if sub_type is None:
-        sub_type = _infer_type(items[0]) if len(items) else V.INT32
+        sub_type = _infer_type(items[0], key) if len(items) else V.INT32
     sub_type = V(sub_type)
     head = _U32.pack(int(sub_type)) + _U64.pack(len(items))
     if sub_type == V.STRING:

@@ -23,8 +23,8 @@ from ..fileio import atomic_dir
 from ..gguf.names import hf_tensor_name, unpermute_rotary
 from ..gguf.reader import GGUFFile
 from ..progress import track
+from .architectures import by_gguf_arch
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
     value = reader.kv.get(key)
@@ -34,8 +34,7 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 def hf_config(reader: Any, path: Path) -> dict[str, Any]:
     """A Hugging Face config.json dict from GGUF metadata."""
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise LowbitError(path, f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+    family = by_gguf_arch(arch, path)
     names = {t.name for t in reader.tensors}
 
     def need(key: str) -> Any:
@@ -67,17 +66,14 @@ def hf_config(reader: Any, path: Path) -> dict[str, Any]:
     if head_dim:
         cfg["head_dim"] = int(head_dim)
     theta = _field(reader, f"{arch}.rope.freq_base")
-    if arch == "gemma3":
-        cfg.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"])
+    cfg.update(model_type=family.model_types[0], architectures=[family.hf_class])
+    if family.name == "gemma3":
         cfg["sliding_window"] = int(_field(reader, "gemma3.attention.sliding_window", 4096))
         cfg["query_pre_attn_scalar"] = cfg.get("head_dim", hidden // n_head)
         cfg["rope_theta"] = float(theta or 1_000_000.0)
     else:
-        model_type = {"mistral": "llama"}.get(arch, arch)
-        cls = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
-        cfg.update(model_type=model_type, architectures=[cls])
         cfg["rope_theta"] = float(theta or 10000.0)
-        if model_type == "llama":
+        if family.name == "llama":
             cfg["attention_bias"] = "blk.0.attn_q.bias" in names
             cfg["mlp_bias"] = False
     return cfg
@@ -100,6 +96,7 @@ def convert_gguf_to_hf(path: Path, out_dir: Path) -> Path:
     reader = GGUFFile(path)  # bounded header validation, memory-mapped tensors
     cfg = hf_config(reader, path)
     arch = _field(reader, "general.architecture")
+    family = by_gguf_arch(arch, path)
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     tensors: dict[str, torch.Tensor] = {}
     for t in track(reader.tensors, desc=f"dequantize {path.name}", total=len(reader.tensors), unit="tensor"):
@@ -109,11 +106,11 @@ def convert_gguf_to_hf(path: Path, out_dir: Path) -> Path:
         w = torch.from_numpy(np.array(reader.array(t.name), dtype=np.float32))
         if not torch.isfinite(w).all():
             raise LowbitError(path, f"tensor {t.name} has NaN or Inf values")
-        if arch in ("llama", "mistral") and name.endswith("q_proj.weight"):
+        if family.rotary_permute and name.endswith("q_proj.weight"):
             w = unpermute_rotary(w, n_head)
-        elif arch in ("llama", "mistral") and name.endswith("k_proj.weight"):
+        elif family.rotary_permute and name.endswith("k_proj.weight"):
             w = unpermute_rotary(w, n_kv)
-        if arch == "gemma3" and name.endswith("norm.weight"):
+        if family.norm_plus_one and name.endswith("norm.weight"):
             w = w - 1.0
         tensors[name] = w.contiguous()
     with atomic_dir(out_dir, overwrite=True) as tmp:

@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 from ..errors import LowbitError
+from .architectures import MODEL_TYPES
 from .cache import cache_dir
 from .checkpoint import Checkpoint
 from .demo import DEMOS, demo_gguf
 from .gguf_source import cache_key, convert_gguf_to_hf
 from .hub import hub_snapshot
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen2_moe", "qwen3_moe", "mixtral")
+SUPPORTED_MODEL_TYPES = MODEL_TYPES  # lowbit.models.architectures: the one table of supported families
 GGUF_MAGIC = b"GGUF"
 
 
