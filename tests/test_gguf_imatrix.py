@@ -69,18 +69,56 @@ def test_bad_files(tmp_path):
         load_imatrix(tmp_path / "none.gguf")
 
 
-def test_text_chunks_like_llama_imatrix():
-    from lowbit.gguf.imatrix import text_chunks
+def test_chunks_like_llama_imatrix():
+    """BOS first, then ctx windows whose first token is BOS (lowbit.text, shared with perplexity)."""
+    import torch
+
+    from lowbit.text import make_chunks, tokenize
 
     class Tok:
+        bos_token_id = 1
+
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [ord(c) for c in text]}
 
-    ch = text_chunks(Tok(), "abcdefghij" * 3, ctx=8, chunks=None, add_bos=True, bos_id=1)
-    assert len(ch) == 3 and all(len(c) == 8 and c[0] == 1 for c in ch)
-    assert ch[1][1:] == [ord(c) for c in ("abcdefghij" * 3)[8:15]]
+    toks = tokenize(Tok(), "abcdefghij" * 3, add_bos=True)
+    ch = make_chunks(toks, 8, bos_id=1)
+    assert ch.shape == (3, 8) and bool((ch[:, 0] == 1).all())
+    assert ch[1, 1:].tolist() == [ord(c) for c in ("abcdefghij" * 3)[8:15]]
     with pytest.raises(LowbitError):
-        text_chunks(Tok(), "ab", ctx=8, chunks=None, add_bos=False, bos_id=None)
+        make_chunks(tokenize(Tok(), "ab", add_bos=False), 8, None)
+    assert torch.equal(tokenize(Tok(), "ab", add_bos=False), torch.tensor([97, 98]))
+
+
+def test_imatrix_streams_one_layer_at_a_time(monkeypatch, tmp_path):
+    """compute_imatrix never loads the whole model: at most one decoder layer is materialised."""
+    from gguf_util import STORIES, WIKI
+
+    from lowbit.gguf.imatrix import compute_imatrix
+    from lowbit.models import engine, loader
+
+    live, peak = set(), [0]
+    load_layer, free_layer = engine.load_layer_weights, engine.free_layer
+
+    def counting_load(adapter, layer, *args, **kwargs):
+        load_layer(adapter, layer, *args, **kwargs)
+        live.add(id(layer))
+        peak[0] = max(peak[0], len(live))
+
+    def counting_free(layer):
+        free_layer(layer)
+        live.discard(id(layer))
+
+    def no_whole_model(*_a, **_k):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(engine, "load_layer_weights", counting_load)
+    monkeypatch.setattr(engine, "free_layer", counting_free)
+    monkeypatch.setattr(loader, "load", no_whole_model)
+    out = compute_imatrix(STORIES, WIKI, tmp_path / "im.gguf", ctx=64, chunks=3)
+    assert peak[0] == 1 and not live
+    im, _ = load_imatrix(out)
+    assert len(im.sums) == 5 * 7 and all(c[0] == 3 * 64 for c in im.counts.values())
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +140,6 @@ def test_imatrix_matches_llamacpp(stories_f32):
     from gguf_util import STORIES, WIKI, LlamaRunner, chunks_of
 
     from lowbit.gguf.imatrix import collect
-    from lowbit.models import load
 
     text = Path(WIKI).read_text()[:12000] if Path(WIKI).exists() else "Once upon a time. " * 800
     with LlamaRunner(stories_f32, n_ctx=128, collect_imatrix=True) as r:
@@ -112,7 +149,7 @@ def test_imatrix_matches_llamacpp(stories_f32):
             r.logits(c)
         theirs = {k: v[0] / v[1] for k, v in r.stats.items()}
         their_counts = {k: v[1] for k, v in r.stats.items()}
-    im = collect(load(STORIES).model, chunks, "llama")
+    im = collect(STORIES, chunks, "llama")
     assert set(im.sums) == set(theirs) and len(theirs) == 5 * 7
     assert all(im.counts[k][0] == their_counts[k] == 3 * 128 for k in theirs)
     rd = relative_difference(im.values(), theirs)

@@ -207,79 +207,40 @@ def load_imatrix_values(path: str | Path) -> dict[str, np.ndarray]:
 # computing
 
 
-def hf_to_gguf_linear_name(module_name: str, arch: str) -> str | None:
-    """GGUF weight name of a transformers Linear module (``model.layers.3.mlp.down_proj``)."""
-    return gguf_tensor_name(module_name + ".weight", arch)
+def collect(source, chunks, arch: str, process_output: bool = False, device: str = "cpu") -> IMatrix:
+    """Sum of squared inputs and token counts of every linear weight of ``source`` (mapped to its
+    GGUF name) over the token ``chunks`` (``[k, ctx]``), one decoder layer in memory at a time.
 
-
-def collect(model, token_chunks, arch: str, process_output: bool = False, progress=None) -> IMatrix:
-    """Run ``model`` (a transformers causal LM) over ``token_chunks`` (lists of ids) and collect
-    sum of squared inputs and token counts of every Linear layer mapped to a GGUF name."""
+    Each chunk runs through the layer engine as its own batch, as llama-imatrix evaluates one
+    chunk per pass; ``process_output`` also collects ``output.weight`` (the final norm's outputs).
+    """
     import torch
+    from transformers import AutoConfig
 
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for mname, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        if mname.endswith("lm_head"):
-            gname = "output.weight" if process_output else None
-        else:
-            gname = hf_to_gguf_linear_name(mname, arch)
+    from ..models import Checkpoint, resolve
+    from ..models.calibration import CalibrationData
+    from ..models.engine import stream_quantize
+    from ..models.statistics import Importance, StatisticsHandler
+
+    src = resolve(source)
+    config = AutoConfig.from_pretrained(str(src.hf_dir))
+    handler = StatisticsHandler(lambda cols, dev: Importance(cols, dev), "importance")
+    data = CalibrationData(torch.as_tensor(chunks, dtype=torch.long), None, "imatrix text")
+    outer = {"lm_head.weight": None} if process_output else None
+    stream_quantize(config, Checkpoint(src.hf_dir), data, handler, device=device, batch_size=1, outer=outer,
+                    desc="imatrix")
+    im = IMatrix(chunk_count=int(data.input_ids.shape[0]), chunk_size=int(data.input_ids.shape[1]))
+    for hf_name in sorted(handler.collected):
+        stat = handler.collected[hf_name]
+        gname = "output.weight" if hf_name == "lm_head.weight" else gguf_tensor_name(hf_name, arch)
         if gname is None or not (gname.startswith("blk.") or gname == "output.weight"):
             continue
-
-        def hook(m, inputs, _out, gname=gname):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            s = (x * x).sum(0)
-            if gname in sums:
-                sums[gname] += s
-            else:
-                sums[gname] = s
-            counts[gname] = counts.get(gname, 0) + x.shape[0]
-
-        hooks.append(mod.register_forward_hook(hook))
-    if not hooks:
-        raise LowbitError(None, "the model has no Linear layers to collect an importance matrix from")
-    n = 0
-    try:
-        with torch.inference_mode():
-            it = progress(token_chunks) if progress else token_chunks
-            for chunk in it:
-                ids = torch.tensor([chunk], dtype=torch.long)
-                model(input_ids=ids, use_cache=False)
-                n += 1
-    finally:
-        for h in hooks:
-            h.remove()
-    im = IMatrix(chunk_count=n, chunk_size=len(token_chunks[0]) if token_chunks else 512)
-    for k, s in sums.items():
-        im.sums[k] = s.cpu().numpy().reshape(1, -1)
-        im.counts[k] = np.array([float(counts[k])])
+        assert isinstance(stat, Importance) and stat.sum2 is not None
+        im.sums[gname] = stat.sum2.cpu().numpy().reshape(1, -1)
+        im.counts[gname] = np.array([float(stat.count)])
+    if not im.sums:
+        raise LowbitError(src.spec, "the model has no linear layers to collect an importance matrix from")
     return im
-
-
-def text_chunks(tokenizer, text: str, ctx: int, chunks: int | None, add_bos: bool, bos_id: int | None,
-                where: str | Path | None = None):
-    """Tokenize like llama-imatrix: whole text once (BOS first when the model adds one), then
-    consecutive ``ctx`` windows with their first token replaced by BOS (``where``: the text's
-    file, named in the error when the text is shorter than one chunk)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if add_bos and bos_id is not None:
-        ids = [bos_id] + list(ids)
-    k = len(ids) // ctx
-    if chunks is not None:
-        k = min(k, int(chunks))
-    if k < 1:
-        raise LowbitError(where, f"calibration text has {len(ids)} tokens, fewer than one chunk of {ctx}")
-    out = []
-    for i in range(k):
-        c = list(ids[i * ctx:(i + 1) * ctx])
-        if add_bos and bos_id is not None:
-            c[0] = bos_id
-        out.append(c)
-    return out
 
 
 def _gguf_arch(config, where=None) -> str:
@@ -290,40 +251,47 @@ def _gguf_arch(config, where=None) -> str:
 def _add_bos(source, tokenizer) -> bool:
     """Whether llama.cpp would add BOS: the GGUF's tokenizer.ggml.add_bos_token if any, else the
     HF tokenizer's behaviour."""
+    from ..text import model_adds_bos
+
     gp = getattr(source, "gguf_path", None)
     if gp:
         from .reader import validate_gguf
 
-        v = validate_gguf(gp).kv.get("tokenizer.ggml.add_bos_token")
+        kv = validate_gguf(gp).kv
+        v = kv.get("tokenizer.ggml.add_bos_token")
         if isinstance(v, bool):
             return v
-        model = validate_gguf(gp).kv.get("tokenizer.ggml.model")
-        return model in ("llama",)
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+        return kv.get("tokenizer.ggml.model") in ("llama",)
+    return model_adds_bos(tokenizer)
 
 
 def compute_imatrix(source, text_path, out_path, ctx: int = 512, chunks: int | None = None,
-                    overwrite: bool = False, process_output: bool = False) -> Path:
+                    overwrite: bool = False, process_output: bool = False, device: str = "cpu") -> Path:
     """Compute llama.cpp's importance matrix for ``source`` on the text in ``text_path``.
 
-    ``ctx``: tokens per chunk (llama-imatrix's default 512); ``chunks``: at most this many
-    chunks (default all).  Output format by suffix: ``.dat`` legacy, anything else GGUF."""
-    from ..models import load, resolve
-    from ..progress import track
+    The text is tokenized once (BOS first when llama.cpp would add it) and cut into ``ctx``-token
+    chunks whose first token is BOS (llama-imatrix's rule, :func:`lowbit.text.make_chunks`);
+    ``chunks``: at most this many (default all). The model runs one decoder layer at a time
+    (:func:`collect`), so memory stays about one layer plus the chunks' activations.
+    Output format by suffix: ``.dat`` legacy, anything else GGUF."""
+    from transformers import AutoConfig
+
+    from ..models import resolve
+    from ..models.loader import load_tokenizer
+    from ..text import make_chunks, read_text, tokenize
 
     out = check_output_path(out_path, overwrite)
     tp = Path(text_path)
-    if not tp.is_file():
-        raise LowbitError(tp, "no such text file")
-    text = tp.read_text(encoding="utf-8", errors="replace")
+    text = read_text(tp)
     ms = resolve(source)
-    lm = load(ms)
-    arch = _gguf_arch(lm.config, source)
-    tok = lm.tokenizer
-    token_chunks = text_chunks(tok, text, ctx, chunks, _add_bos(ms, tok), tok.bos_token_id, where=tp)
-    im = collect(lm.model, token_chunks, arch, process_output,
-                 progress=lambda it: track(it, desc="imatrix", total=len(token_chunks), unit="chunk"))
+    arch = _gguf_arch(AutoConfig.from_pretrained(str(ms.hf_dir)), source)
+    tok = load_tokenizer(ms.hf_dir)
+    add_bos = _add_bos(ms, tok)
+    tokens = tokenize(tok, text, where=str(tp), add_bos=add_bos)
+    if tokens.numel() < ctx:
+        raise LowbitError(tp, f"calibration text has {tokens.numel()} tokens, fewer than one chunk of {ctx}")
+    token_chunks = make_chunks(tokens, ctx, tok.bos_token_id if add_bos else None, chunks)
+    im = collect(ms, token_chunks, arch, process_output, device=device)
     im.datasets = [str(tp)]
     return save_imatrix(im, out, overwrite=overwrite)
 

@@ -200,29 +200,25 @@ MIXTRAL = Adapter(
     notes="on disk experts are block_sparse_moe.experts.E.w1/w3/w2; transformers renames them to mlp.experts",
 )
 
-ADAPTERS: dict[str, Adapter] = {
-    "llama": LLAMA,
-    "mistral": LLAMA,
-    "qwen2": LLAMA,
-    "qwen3": LLAMA,
-    "gemma3_text": GEMMA3,
-    "gemma3": GEMMA3,
-    "qwen2_moe": QWEN2_MOE,
-    "mixtral": MIXTRAL,
-}
+#: Adapter of each family named by :data:`lowbit.models.architectures.ARCHITECTURES` (``adapter=``).
+ADAPTERS: dict[str, Adapter] = {"llama": LLAMA, "gemma3": GEMMA3, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL}
 
 
 def get_adapter(config: Any) -> Adapter:
     """The adapter for a transformers config; unknown families raise :class:`LowbitError`."""
+    from .architectures import ARCHITECTURES, find_model_type
+
     model_type = getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
+    arch = find_model_type(model_type)
+    if arch is None or arch.adapter is None:
+        supported = sorted(mt for a in ARCHITECTURES if a.adapter for mt in a.model_types)
         raise LowbitError(
             f"model_type {model_type!r}",
             "no layer adapter for this architecture: lowbit needs to know its decoder layers, "
             "embeddings, final norm, rotary embedding, linear groups and AWQ scaling groups "
-            f"(supported: {', '.join(sorted(ADAPTERS))})",
+            f"(supported: {', '.join(supported)})",
         )
-    return ADAPTERS[model_type]
+    return ADAPTERS[arch.adapter]
 
 
 def check_model(adapter: Adapter, model: nn.Module) -> None:

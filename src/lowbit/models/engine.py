@@ -79,7 +79,8 @@ def stream_quantize(
     request: dict[str, Any] | None = None,
     stop_after: int | None = None,
     on_layer: Callable[[int, float, float], None] | None = None,
-    outer: Mapping[str, QuantScheme] | None = None,
+    outer: Mapping[str, QuantScheme | None] | None = None,
+    desc: str = "quantizing",
 ) -> StreamResult:
     """Quantize every decoder layer of the checkpoint with ``handler``, one layer in memory.
 
@@ -131,7 +132,7 @@ def stream_quantize(
         free_outer(adapter, model)
         inputs = LayerInputs(hidden, [kw[0] for kw in all_kwargs], masks)
 
-    progress = bar(n_layers, desc=f"quantizing {n_layers} layers", unit="layer")
+    progress = bar(n_layers, desc=f"{desc} {n_layers} layers", unit="layer")
     progress.update(start)
     finished_here = 0
     for i in range(n_layers):
@@ -176,7 +177,7 @@ def stream_quantize(
 
 
 def _quantize_outer(
-    model: nn.Module, adapter: Adapter, ckpt: Any, handler: LayerHandler, outer: Mapping[str, QuantScheme],
+    model: nn.Module, adapter: Adapter, ckpt: Any, handler: LayerHandler, outer: Mapping[str, QuantScheme | None],
     inputs: LayerInputs | None, wd: Path, device: torch.device, dtype: torch.dtype,
 ) -> None:
     """Quantize the planned tensors outside the decoder layers (``lm_head``) and save them."""
@@ -197,10 +198,13 @@ def _quantize_outer(
         norm.to_empty(device="meta")
     weights = {}
     for name, scheme in outer.items():
-        w = ckpt.get(name).to(device, dtype)
-        _check_finite(w, f"weight {name}", -1)
+        key = name if name in ckpt or name != "lm_head.weight" else f"{adapter.embed}.weight"  # tied embeddings
+        w = ckpt.get(key).to(device, dtype)
+        _check_finite(w, f"weight {key}", -1)
         with torch.no_grad():
-            weights[name] = handler.quantize_linear(name, w, scheme, xs, masks).to("cpu")
+            qw = handler.quantize_linear(name, w, scheme, xs, masks)  # type: ignore[arg-type]
+        if qw is not None:
+            weights[name] = qw.to("cpu")
     write_result_file(outer_path(wd), weights, {}, {})
     trim()
 

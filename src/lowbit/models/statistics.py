@@ -193,5 +193,11 @@ class StatisticsHandler:
             self.collected[full_weight_name(ctx.adapter, ctx.index, name)] = stat
         return LayerResult()
 
-    def quantize_linear(self, name: str, w: torch.Tensor, scheme: object, inputs: object, masks: object) -> None:
-        return None
+    def quantize_linear(self, name: str, w: torch.Tensor, scheme: object, inputs: list[torch.Tensor] | None,
+                        masks: list[torch.Tensor | None]) -> None:
+        """A linear outside the layers (``lm_head``): observe its inputs, keep it float."""
+        if inputs is not None:
+            stat = self.make(w.shape[1], w.device)
+            for x, m in zip(inputs, masks):
+                stat.add(x, token_mask_for(x, m))
+            self.collected[name] = stat
