@@ -44,7 +44,7 @@ def bench(out_f: int, in_f: int, tokens: int, device: str, scheme: QuantScheme) 
     with torch.no_grad():
         dense.weight.copy_(w)
     q = QuantLinear.from_quantized(rtn(w, scheme)).to(device)
-    q.use_triton = False
+    q.kernel = "torch"  # the reference path (qt: the best registered kernel)
     qt = QuantLinear.from_quantized(rtn(w, scheme)).to(device)
     qc = QuantLinear.from_quantized(rtn(w, scheme)).to(device)
     qc.cache_weight = True

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit.core.scheme import QuantScheme
-from lowbit.methods.base import QuantizedWeight
+from lowbit.core.quantized import QuantizedWeight
 from lowbit.methods.rtn import rtn
 
 SRC = Path("/work/shared/models/stories260K")
@@ -18,7 +18,7 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 needs_model = pytest.mark.skipif(not (SRC / "config.json").exists(), reason="stories260K test model not available")
 
 try:  # the model-level result type, once lowbit.methods provides it
-    from lowbit.methods.base import QuantizedModel  # type: ignore[attr-defined]
+    from lowbit.core.quantized import QuantizedModel  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - fallback with the same fields
 
     @dataclass

@@ -12,7 +12,7 @@ from lowbit import formats
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats import awq
-from lowbit.methods.base import QuantizedWeight
+from lowbit.core.quantized import QuantizedWeight
 
 from formats_util import SRC, assert_same_weight, make_model, needs_model, read_tensors, rtn_weights, synthetic, synthetic_model
 

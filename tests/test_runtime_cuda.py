@@ -1,4 +1,4 @@
-"""QuantLinear's Triton CUDA kernel against the torch reference (skipped without CUDA + Triton)."""
+"""QuantLinear's Triton CUDA kernel (triton-wna16) against the torch reference (skipped without CUDA + Triton)."""
 
 from __future__ import annotations
 
@@ -30,5 +30,25 @@ def test_triton_matches_reference(bits, group, g_idx, dtype, m, in_f):
     ref = F.linear(x.float(), qw.dequantize().cuda(), bias.cuda())
     err = (y.float() - ref).abs().max().item()
     assert err <= 2e-2 * ref.abs().max().item(), err
-    layer.use_triton = False
+    from lowbit.runtime.kernels import select
+
+    assert select(layer, x).name == "triton-wna16"  # the best kernel for this layer on CUDA
+    layer.kernel = "torch"
+    assert select(layer, x).name == "torch"
     assert torch.allclose(layer(x).float(), ref, atol=2e-2 * ref.abs().max().item())
+
+
+def test_layers_triton_cannot_run_fall_back_to_the_reference():
+    from lowbit.runtime.kernels import select
+
+    x = torch.randn(4, 128, device="cuda", dtype=torch.float16)
+    qw = synthetic(64, 128, QuantScheme(3, 32, False), seed=1)  # 3-bit: not a Triton layer
+    layer = QuantLinear.from_quantized(qw).cuda()
+    assert select(layer, x).name == "torch"
+    assert torch.allclose(layer(x).float(), F.linear(x.float(), qw.dequantize().cuda()), atol=2e-2)
+    qw = synthetic(64, 128, QuantScheme(4, 32, True), seed=2)
+    token = QuantScheme(8, 0, True, strategy="token", dynamic=True)
+    layer = QuantLinear.from_quantized(qw, input_scheme=token).cuda()  # input quantization: the reference's
+    assert select(layer, x).name == "torch"
+    layer.set_input_scheme(None)
+    assert select(layer, x).name == "triton-wna16"

@@ -7,7 +7,11 @@ Public API::
     detect_format(path) -> "compressed-tensors" | "gptq" | "awq" | None
     read(path) -> dict[str, QuantizedWeight]          # keyed by HF weight name "<module>.weight"
     read_checkpoint(path) -> (weights, float_tensors, config)
+    check_holds(plan: {name: QuantScheme}, format, shapes=None)   # refuse a plan up front
+    FORMATS                                           # the registry: names(), help_text(), get(name)
 
+Each format is one module of this package holding one :class:`~lowbit.formats.base.Format`
+subclass that registers itself (see :mod:`lowbit.formats.base`); nothing here names a format.
 Formats:
 
 * ``compressed-tensors``: llm-compressor's ``pack-quantized`` (vLLM, transformers).
@@ -29,20 +33,21 @@ from typing import Any, Protocol
 
 import torch
 
+from ..core.quantized import QuantizedWeight
+from ..core.scheme import QuantScheme
 from ..errors import LowbitError
 from ..fileio import atomic_dir, check_output_path
 from ..memory import trim
-from ..methods.base import QuantizedWeight
-from . import awq, compressed_tensors, gptq
+from . import awq, compressed_tensors, gptq  # noqa: F401 - the built-in formats
 from ._common import ShardWriter, copy_side_files, linear_modules, load_config, model_dtype, module_of, write_json
+from .base import FORMATS, Encoder, Format, cannot_hold, check_holds, register
 
-FORMATS = ("compressed-tensors", "gptq", "awq")
-
-__all__ = ["FORMATS", "detect_format", "read", "read_checkpoint", "save"]
+__all__ = ["FORMATS", "Encoder", "Format", "cannot_hold", "check_holds", "detect_format", "get_format", "read", "read_checkpoint",
+           "register", "save"]
 
 
 class QuantizedModelLike(Protocol):
-    """What :func:`save` needs of a ``QuantizedModel`` (from :mod:`lowbit.methods`)."""
+    """What :func:`save` needs of a ``QuantizedModel`` (:class:`lowbit.core.quantized.QuantizedModel`)."""
 
     weights: Mapping[str, QuantizedWeight]
     float_overrides: Mapping[str, torch.Tensor]
@@ -50,12 +55,19 @@ class QuantizedModelLike(Protocol):
     method: str
 
 
-class Encoder(Protocol):
-    """One format's writer: :meth:`add` validates and encodes a weight, :meth:`config` comes last."""
+def get_format(name: str | Format) -> Format:
+    """The registered :class:`Format` called ``name`` (one-line error listing the choices otherwise)."""
+    return name if isinstance(name, Format) else FORMATS.get(name)
 
-    def add(self, name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]: ...
 
-    def config(self) -> dict[str, Any]: ...
+def _planned_schemes(weights: Mapping[str, QuantizedWeight]) -> dict[str, QuantScheme] | None:
+    """Every weight's scheme without reading the weights, when the mapping can tell (else ``None``)."""
+    schemes = getattr(weights, "schemes", None)
+    if callable(schemes):
+        return dict(schemes())
+    if isinstance(weights, dict):
+        return {n: qw.scheme for n, qw in weights.items()}
+    return None
 
 
 def save(
@@ -73,14 +85,14 @@ def save(
     copied from it. Tensors are read, encoded and written one at a time into safetensors
     shards of at most ``max_shard_bytes`` (see :class:`~lowbit.formats._common.ShardWriter`),
     so memory stays about one shard whatever the model size. Raises :class:`LowbitError` when
-    the weights break the format's rules (e.g. AWQ needs asymmetric grouped 4-bit), when the
+    the weights break the format's rules (e.g. AWQ needs asymmetric grouped 4-bit: every such
+    tensor is listed at once, before anything is written, see :func:`check_holds`), when the
     output exists and ``overwrite`` is false, or the source is not a model folder; nothing is
     left at ``out_dir`` then.
     """
     from ..models.checkpoint import Checkpoint
 
-    if format not in FORMATS:
-        raise LowbitError(None, f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
+    fmt = get_format(format)
     source = Path(source_hf_dir)
     out = check_output_path(out_dir, overwrite)
     weights = quantized_model.weights
@@ -97,17 +109,15 @@ def save(
     if both:
         raise LowbitError(both[0], "is both quantized and given as a float override")
     ckpt = Checkpoint(source)
-    floats = set(overrides) | {n for n in ckpt.keys() if n not in weights}
+    source_names = set(ckpt.keys())
+    plan = _planned_schemes(weights)
+    if plan is not None:  # refuse before writing anything, naming every tensor at once
+        check_holds(plan, fmt, {n: tuple(ckpt.shape(n)) for n in plan if n in source_names})
+    floats = set(overrides) | {n for n in source_names if n not in weights}
     config = dict(config)
     if "lm_head.weight" in weights and config.get("tie_word_embeddings"):
         config["tie_word_embeddings"] = False  # the float embedding stays; lm_head becomes its own quantized tensor
-    encoder: Encoder
-    if format == "compressed-tensors":
-        encoder = compressed_tensors.Encoder(dtype, linears)
-    elif format == "gptq":
-        encoder = gptq.Encoder(linears)
-    else:
-        encoder = awq.Encoder(linears)
+    encoder = fmt.encoder(config, linears, dtype)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         shards = ShardWriter(tmp, max_shard_bytes)
         for name in sorted(set(weights) | floats):  # one tensor (or one module's encoding) read at a time
@@ -121,30 +131,22 @@ def save(
         shards.finish()
         copy_side_files(source, tmp)
         write_json(tmp / "config.json", config)
-        if format == "gptq":
-            write_json(tmp / gptq.QUANTIZE_CONFIG, config["quantization_config"])
+        fmt.side_files(tmp, config["quantization_config"])
     return out
 
 
+def _detect(folder: Path) -> tuple[Format | None, dict[str, Any]]:
+    config = load_config(folder) if (folder / "config.json").is_file() else {}
+    for _, fmt in FORMATS.items():
+        if fmt.detect(config, folder):
+            return fmt, config
+    return None, config
+
+
 def detect_format(path: str | Path) -> str | None:
-    """``"compressed-tensors"``, ``"gptq"`` or ``"awq"`` from a folder's config; ``None`` if float/unknown."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        if (folder / gptq.QUANTIZE_CONFIG).is_file():
-            return "gptq"
-        return None
-    config = load_config(folder)
-    q = config.get("quantization_config")
-    if not isinstance(q, dict):
-        return "gptq" if (folder / gptq.QUANTIZE_CONFIG).is_file() else None
-    method = str(q.get("quant_method", "")).lower()
-    if method == compressed_tensors.QUANT_METHOD:
-        return "compressed-tensors"
-    if method == "gptq":
-        return "gptq"
-    if method == "awq":
-        return "awq"
-    return None
+    """The registered format (``"compressed-tensors"``, ``"gptq"``, ``"awq"``...) of a folder; ``None`` if float/unknown."""
+    fmt, _ = _detect(Path(path))
+    return None if fmt is None else fmt.name
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict[str, Any]]:
@@ -156,24 +158,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, QuantizedWeight], dict[
     from ..models.checkpoint import Checkpoint
 
     folder = Path(path)
-    fmt = detect_format(folder)
+    fmt, config = _detect(folder)
     if fmt is None:
-        raise LowbitError(folder, "not a quantized checkpoint (no compressed-tensors, GPTQ or AWQ quantization_config)")
-    config = load_config(folder)
-    if fmt == "gptq" and not isinstance(config.get("quantization_config"), dict):
-        import json
-
-        config["quantization_config"] = json.loads((folder / gptq.QUANTIZE_CONFIG).read_text())
+        raise LowbitError(folder, f"not a quantized checkpoint (no {', '.join(FORMATS.names())} quantization_config)")
+    config = fmt.read_config(folder, config)
     ckpt = Checkpoint(folder)
     names = ckpt.keys()
-    if fmt == "compressed-tensors":
-        weights, used = compressed_tensors.decode(ckpt.get, names, config)
-    elif fmt == "gptq":
-        weights, used = gptq.decode(ckpt.get, names, config)
-    else:
-        weights, used = awq.decode(ckpt.get, names, config)
+    weights, used = fmt.decode(ckpt.get, names, config)
     if not weights:
-        raise LowbitError(folder, f"{fmt} checkpoint without any quantized layer")
+        raise LowbitError(folder, f"{fmt.name} checkpoint without any quantized layer")
     floats = {n: ckpt.get(n) for n in names if n not in used}
     return weights, floats, config
 

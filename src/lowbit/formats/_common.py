@@ -7,19 +7,21 @@ tokenizer / generation files copied unchanged from the source folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from ..core.quantized import QuantizedWeight
 from ..errors import LowbitError
-from ..methods.base import QuantizedWeight
 
 #: Files never copied from the source folder (weights, the config we rewrite, stale indexes).
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx", ".lock")
@@ -184,16 +186,37 @@ def linear_modules(config: Mapping[str, Any], source: Path | None = None) -> lis
     return sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
 
 
+@contextlib.contextmanager
+def decoding(where: str) -> Iterator[None]:
+    """Turn whatever goes wrong while decoding ``where`` (a module or tensor) into a :class:`LowbitError`.
+
+    Bad checkpoint input shows up as shape or dtype errors deep in torch; the user gets one line
+    naming the module instead of a traceback. Errors that already name their place pass through.
+    """
+    try:
+        yield
+    except LowbitError as exc:
+        if exc.where is not None:
+            raise
+        raise LowbitError(where, exc.problem) from None
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+        raise LowbitError(where, f"cannot be decoded: {type(exc).__name__}: {exc}") from None
+
+
 def check_weight(name: str, qw: QuantizedWeight) -> None:
     """Internal consistency of one :class:`QuantizedWeight` (codes range, shapes, symmetric zeros)."""
     s = qw.scheme
+    if s.type != "int" or qw.zero is None:
+        raise LowbitError(name, f"{s.describe()} weights are not an integer grid with zero points")
     out_f, in_f = qw.codes.shape
     if qw.codes.numel() and (int(qw.codes.min()) < 0 or int(qw.codes.max()) > s.qmax):
         raise LowbitError(name, f"codes outside [0, {s.qmax}] for {s.bits}-bit")
-    if s.group_size == 0:
+    if s.granularity == "tensor":
         expected = (1, 1)
-    elif s.group_size == -1:
+    elif s.granularity == "channel":
         expected = (out_f, 1)
+    elif s.granularity != "group":
+        raise LowbitError(name, f"{s.describe()}: {s.granularity} scales are not supported by this format")
     else:
         if in_f % s.group_size:
             raise LowbitError(name, f"group size {s.group_size} does not divide the {in_f} input columns")
@@ -211,16 +234,24 @@ def check_weight(name: str, qw: QuantizedWeight) -> None:
             raise LowbitError(name, f"g_idx values must lie in [0, {n_groups})")
 
 
+def zero_points(qw: QuantizedWeight) -> torch.Tensor:
+    """The integer grid's zero points (a :class:`LowbitError` for schemes without them)."""
+    if qw.zero is None:
+        raise LowbitError(None, f"{qw.scheme.describe()} weights have no zero points")
+    return qw.zero
+
+
 def per_channel(qw: QuantizedWeight) -> QuantizedWeight:
     """A per-tensor weight rewritten exactly as per-channel (its one scale repeated per row)."""
-    from ..core.scheme import PER_CHANNEL, QuantScheme
+    from ..core.scheme import PER_CHANNEL
 
-    if qw.scheme.group_size != 0:
+    if qw.scheme.granularity != "tensor":
         return qw
+    zero = zero_points(qw)
     out_f = qw.codes.shape[0]
-    scheme = QuantScheme(qw.scheme.bits, PER_CHANNEL, qw.scheme.symmetric)
+    scheme = replace(qw.scheme, group_size=PER_CHANNEL, strategy=None)
     return QuantizedWeight(qw.codes, qw.scale.reshape(1, 1).expand(out_f, 1).clone(),
-                           qw.zero.reshape(1, 1).expand(out_f, 1).clone(), scheme, None)
+                           zero.reshape(1, 1).expand(out_f, 1).clone(), scheme, None)
 
 
 def trivial_g_idx(qw: QuantizedWeight) -> bool:

@@ -21,15 +21,26 @@ Rules: asymmetric (``zero_point: true``) 4-bit with groups, no act-order, ``out 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core.packing import pack, unpack
+from ..core.quantized import QuantizedWeight
 from ..core.scheme import QuantScheme
 from ..errors import LowbitError
-from ..methods.base import QuantizedWeight
-from ._common import check_weight, fused_aliases, marlin_shape_issues, module_of, trivial_g_idx, warn_issues
+from ._common import (
+    check_weight,
+    decoding,
+    fused_aliases,
+    marlin_shape_issues,
+    module_of,
+    trivial_g_idx,
+    warn_issues,
+    zero_points,
+)
+from .base import Format, register
 
 #: Output channel stored in nibble k of a packed word.
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -40,22 +51,12 @@ BITS = 4
 
 def validate(name: str, qw: QuantizedWeight) -> None:
     """Raise :class:`LowbitError` when ``qw`` cannot be stored as AWQ GEMM."""
+    why = AWQ().holds_tensor(name, qw.scheme, tuple(qw.codes.shape))
+    if why is not None:
+        raise LowbitError(name, why)
     check_weight(name, qw)
-    s = qw.scheme
-    out_f, in_f = qw.codes.shape
-    if s.bits != BITS:
-        raise LowbitError(name, f"AWQ GEMM stores 4-bit weights only, not {s.bits}-bit")
-    if s.symmetric:
-        raise LowbitError(name, "AWQ GEMM needs an asymmetric scheme (zero_point=true); use gptq or compressed-tensors "
-                          "for symmetric weights")
-    if s.group_size <= 0:
-        raise LowbitError(name, f"AWQ GEMM needs grouped quantization (group_size > 0), not {s.granularity}")
     if not trivial_g_idx(qw):
         raise LowbitError(name, "AWQ has no act-order (g_idx); use the gptq format")
-    if out_f % 8:
-        raise LowbitError(name, f"AWQ packs 8 output channels per int32: out={out_f} is not a multiple of 8")
-    if module_of(name) == "lm_head":
-        raise LowbitError(name, "AWQ checkpoints keep lm_head in float")
 
 
 def _interleave(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ def _deinterleave(x: torch.Tensor) -> torch.Tensor:
 def encode_weight(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """``qweight``, ``qzeros``, ``scales`` of one module (local names)."""
     codes = qw.codes.detach().cpu().t().contiguous()  # [in, out]
-    zeros = qw.zero.detach().cpu().round().to(torch.int32).t().contiguous()  # [G, out]
+    zeros = zero_points(qw).detach().cpu().round().to(torch.int32).t().contiguous()  # [G, out]
     return {
         "qweight": pack(_interleave(codes), BITS, dim=1, dtype=torch.int32).contiguous(),
         "qzeros": pack(_interleave(zeros), BITS, dim=1, dtype=torch.int32).contiguous(),
@@ -122,30 +123,94 @@ def decode(
     version = str(qconfig.get("version", "gemm")).lower()
     if version != "gemm":
         raise LowbitError("config.json", f"AWQ version {version!r} is not supported (only gemm)")
-    bits = int(qconfig.get("bits", qconfig.get("w_bit", BITS)))
+    try:
+        bits = int(qconfig.get("bits", qconfig.get("w_bit", BITS)))
+        group_size = int(qconfig.get("group_size", qconfig.get("q_group_size", 128)))
+    except (TypeError, ValueError) as exc:
+        raise LowbitError("config.json", f"AWQ quantization_config: bad bits or group_size ({exc})") from None
     if bits != BITS:
         raise LowbitError("config.json", f"AWQ with {bits} bits is not supported (only 4)")
-    group_size = int(qconfig.get("group_size", qconfig.get("q_group_size", 128)))
+    if group_size <= 0:
+        raise LowbitError("config.json", f"AWQ group_size {group_size} is not supported (needs groups, > 0)")
     zero_point = bool(qconfig.get("zero_point", True))
     out: dict[str, QuantizedWeight] = {}
     used: set[str] = set()
     for qname in sorted(n for n in names if n.endswith(".qweight")):
         module = qname[: -len(".qweight")]
-        qweight = get(qname)
-        in_f, out_f = qweight.shape[0], qweight.shape[1] * 8
-        codes = _deinterleave(unpack(qweight, BITS, out_f, dim=1)).t().contiguous()
-        scales = get(f"{module}.scales").float()
         zname = f"{module}.qzeros"
-        if zero_point:
-            zero = _deinterleave(unpack(get(zname), BITS, out_f, dim=1)).float()
-        else:
-            zero = torch.full_like(scales, float(1 << (BITS - 1)))
-        if scales.shape[0] * group_size != in_f:
-            raise LowbitError(module, f"scales have {scales.shape[0]} groups, expected {in_f} / {group_size}")
-        scheme = QuantScheme(BITS, group_size, not zero_point)
-        out[f"{module}.weight"] = QuantizedWeight(codes, scales.t().contiguous(), zero.t().contiguous(), scheme, None)
+        with decoding(module):
+            qweight = get(qname)
+            if qweight.dim() != 2:
+                raise LowbitError(qname, f"shape {tuple(qweight.shape)}, expected [in, out / 8]")
+            in_f, out_f = qweight.shape[0], qweight.shape[1] * 8
+            codes = _deinterleave(unpack(qweight, BITS, out_f, dim=1)).t().contiguous()
+            scales = get(f"{module}.scales").float()
+            if scales.dim() != 2 or scales.shape[1] != out_f:
+                raise LowbitError(f"{module}.scales", f"shape {tuple(scales.shape)}, expected [groups, {out_f}]")
+            if scales.shape[0] * group_size != in_f:
+                raise LowbitError(module, f"scales have {scales.shape[0]} groups, expected {in_f} / {group_size}")
+            if zero_point:
+                qzeros = get(zname)
+                if tuple(qzeros.shape) != (scales.shape[0], out_f // 8):
+                    raise LowbitError(zname, f"shape {tuple(qzeros.shape)}, expected {(scales.shape[0], out_f // 8)}")
+                zero = _deinterleave(unpack(qzeros, BITS, out_f, dim=1)).float()
+            else:
+                zero = torch.full_like(scales, float(1 << (BITS - 1)))
+            scheme = QuantScheme(BITS, group_size, not zero_point)
+            qw = QuantizedWeight(codes, scales.t().contiguous(), zero.t().contiguous(), scheme, None)
+        out[f"{module}.weight"] = qw
         used.update({qname, zname, f"{module}.scales"})
     return out, used
+
+
+@register
+class AWQ(Format):
+    """AutoAWQ GEMM layout (vLLM awq / awq_marlin, transformers): asymmetric 4-bit groups"""
+
+    name = "awq"
+    rank = 20
+
+    def holds(self, scheme: QuantScheme) -> str | None:
+        what = "awq holds asymmetric 4-bit groups only (grouped quantization with zero points)"
+        if scheme.type != "int":
+            return f"{what}, not {scheme.describe()} weights"
+        if scheme.bits != BITS:
+            return f"{what}: AWQ GEMM stores 4-bit weights, not {scheme.bits}-bit"
+        if scheme.symmetric:
+            return f"{what}: this scheme is symmetric; use gptq or compressed-tensors for symmetric weights"
+        if scheme.granularity != "group":
+            return f"{what}: needs group_size > 0, not {scheme.granularity}"
+        if scheme.dynamic:
+            return "weights are quantized once (static); a dynamic scheme applies to activations only"
+        if scheme.scale_format in ("e4m3", "e8m0"):
+            return f"awq stores float16 scales, not {scheme.scale_format}"
+        return None
+
+    def holds_tensor(self, name: str, scheme: QuantScheme, shape: tuple[int, ...] | None = None) -> str | None:
+        why = super().holds_tensor(name, scheme, shape)
+        if why is None and shape is not None and len(shape) == 2 and shape[0] % 8:
+            why = f"AWQ packs 8 output channels per int32: out={shape[0]} is not a multiple of 8"
+        if why is None and name.endswith(".weight") and module_of(name) == "lm_head":
+            why = "AWQ checkpoints keep lm_head in float"
+        return why
+
+    def plan_issue(self, plan: Mapping[str, QuantScheme]) -> str | None:
+        sizes = sorted({s.group_size for s in plan.values() if s.granularity == "group"})
+        if len(sizes) > 1:
+            return f"AWQ has one group size per checkpoint; the plan has {', '.join(map(str, sizes))}"
+        return None
+
+    def detect(self, config: Mapping[str, Any], folder: Path) -> bool:
+        q = config.get("quantization_config")
+        return isinstance(q, Mapping) and str(q.get("quant_method", "")).lower() == "awq"
+
+    def encoder(self, config: Mapping[str, Any], linears: list[str], dtype: torch.dtype) -> Encoder:
+        return Encoder(linears)
+
+    def decode(
+        self, get: Callable[[str], torch.Tensor], names: list[str], config: Mapping[str, Any]
+    ) -> tuple[dict[str, QuantizedWeight], set[str]]:
+        return decode(get, names, config)
 
 
 def marlin_issues(weights: Mapping[str, QuantizedWeight]) -> list[str]:
@@ -164,8 +229,3 @@ def marlin_issues(weights: Mapping[str, QuantizedWeight]) -> list[str]:
 
 MARLIN_WARNING = ("AWQ checkpoint does not qualify for vLLM's fast awq_marlin kernel; vLLM falls back to the "
                   "slower awq kernel")
-
-
-def warn_if_not_marlin(weights: Mapping[str, QuantizedWeight]) -> list[str]:
-    """Emit one warning listing why ``awq_marlin`` would not apply; returns the issues."""
-    return warn_issues(marlin_issues(weights), MARLIN_WARNING)

@@ -24,19 +24,34 @@ refused with a clear error.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core.packing import pack, unpack
+from ..core.quantized import QuantizedWeight
 from ..core.scheme import PER_CHANNEL, QuantScheme
 from ..errors import LowbitError
-from ..methods.base import QuantizedWeight
-from ._common import (VLLM_FUSED, check_weight, exact_regex, fused_aliases, marlin_shape_issues, module_of,
-                      per_channel, trivial_g_idx, warn_issues)
+from ._common import (
+    VLLM_FUSED,
+    check_weight,
+    decoding,
+    exact_regex,
+    fused_aliases,
+    marlin_shape_issues,
+    module_of,
+    per_channel,
+    trivial_g_idx,
+    warn_issues,
+    write_json,
+    zero_points,
+)
+from .base import Format, register
 
 QUANTIZE_CONFIG = "quantize_config.json"
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -44,18 +59,12 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 def validate(name: str, qw: QuantizedWeight) -> None:
     """Raise :class:`LowbitError` when ``qw`` cannot be stored as v1 GPTQ."""
+    why = GPTQ().holds_tensor(name, qw.scheme, tuple(qw.codes.shape))
+    if why is not None:
+        raise LowbitError(name, why)
     check_weight(name, qw)
     s = qw.scheme
-    out_f, in_f = qw.codes.shape
-    if s.bits not in SUPPORTED_BITS:
-        raise LowbitError(name, f"GPTQ stores {', '.join(map(str, SUPPORTED_BITS))}-bit weights, not {s.bits}-bit")
-    if (in_f * s.bits) % 32:
-        raise LowbitError(name, f"GPTQ packs the {in_f} input columns into whole int32 words: needs in*bits divisible by 32 "
-                          f"(keep this layer in float or use compressed-tensors)")
-    if (out_f * s.bits) % 32:
-        raise LowbitError(name, f"GPTQ packs zero points of the {out_f} output rows into whole int32 words: "
-                          f"needs out*bits divisible by 32 (keep this layer in float or use compressed-tensors)")
-    if not s.symmetric and bool((qw.zero == 0).any()):
+    if not s.symmetric and qw.zero is not None and bool((qw.zero == 0).any()):
         n = int((qw.zero == 0).sum())
         raise LowbitError(name, f"{n} asymmetric zero point(s) equal 0, which the GPTQ v1 layout (zero - 1) cannot store; "
                           "use a symmetric scheme or the compressed-tensors / awq format")
@@ -76,7 +85,7 @@ def encode_weight(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         g_idx = (torch.arange(in_f) // qw.scheme.group_size).to(torch.int32)
     else:
         g_idx = torch.zeros(in_f, dtype=torch.int32)
-    zeros_v1 = (qw.zero.detach().cpu().round().to(torch.int64) - 1).t().contiguous()  # [G, out], >= 0 by validate
+    zeros_v1 = (zero_points(qw).detach().cpu().round().to(torch.int64) - 1).t().contiguous()  # [G, out], >= 0 by validate
     return {
         "qweight": pack(qw.codes.cpu().t().contiguous(), bits, dim=0, dtype=torch.int32).contiguous(),
         "qzeros": pack(zeros_v1, bits, dim=1, dtype=torch.int32).contiguous(),
@@ -186,30 +195,116 @@ def decode(
     used: set[str] = set()
     for qname in sorted(n for n in names if n.endswith(".qweight")):
         module = qname[: -len(".qweight")]
-        args = _module_args(module, qconfig)
-        if args is None or args["bits"] is None:
+        try:
+            args = _module_args(module, qconfig)
+            bits = None if args is None or args["bits"] is None else int(args["bits"])
+            gs = PER_CHANNEL if args is None or args["group_size"] is None else int(args["group_size"])
+        except (re.error, TypeError, ValueError, AttributeError) as exc:
+            raise LowbitError("config.json", f"GPTQ quantization_config cannot be applied to {module} "
+                              f"({type(exc).__name__}: {exc})") from None
+        if args is None or bits is None:
             raise LowbitError(module, "has a qweight but the GPTQ config does not quantize it")
-        bits = int(args["bits"])
-        qweight = get(qname)
-        scales = get(f"{module}.scales").float()
-        n_groups, out_f = scales.shape
-        in_f = qweight.shape[0] * 32 // bits
-        codes = unpack(qweight, bits, in_f, dim=0).t().contiguous()
-        zeros = unpack(get(f"{module}.qzeros"), bits, out_f, dim=1).float() + offset
-        gs = int(args["group_size"]) if args["group_size"] is not None else PER_CHANNEL
-        if gs > 0 and n_groups != in_f // gs:
-            raise LowbitError(module, f"scales have {n_groups} groups; group size {gs} over {in_f} columns needs {in_f // gs}")
-        zero = zeros.t().contiguous()
-        sym = bool(args["sym"]) and bool((zero == (1 << (bits - 1))).all())
-        scheme = QuantScheme(bits, gs if gs > 0 else PER_CHANNEL, sym)
+        if bits not in SUPPORTED_BITS:
+            raise LowbitError(module, f"GPTQ config says {bits}-bit; the layout holds "
+                              f"{', '.join(map(str, SUPPORTED_BITS))}-bit codes")
         gname = f"{module}.g_idx"
-        g_idx = get(gname).to(torch.int32) if gname in names else None
-        qw = QuantizedWeight(codes, scales.t().contiguous(), zero, scheme, g_idx)
-        if trivial_g_idx(qw):
-            qw.g_idx = None
+        with decoding(module):
+            qweight = get(qname)
+            scales = get(f"{module}.scales").float()
+            if qweight.dim() != 2 or scales.dim() != 2 or qweight.shape[1] != scales.shape[1]:
+                raise LowbitError(module, f"qweight {tuple(qweight.shape)} and scales {tuple(scales.shape)} do not "
+                                  "describe one [in, out] weight")
+            n_groups, out_f = scales.shape
+            in_f = qweight.shape[0] * 32 // bits
+            codes = unpack(qweight, bits, in_f, dim=0).t().contiguous()
+            if gs > 0 and n_groups != in_f // gs:
+                raise LowbitError(module, f"scales have {n_groups} groups; group size {gs} over {in_f} columns "
+                                  f"needs {in_f // gs}")
+            if gs <= 0 and n_groups != 1:
+                raise LowbitError(module, f"scales have {n_groups} groups; per channel needs 1")
+            qzeros = get(f"{module}.qzeros")
+            if qzeros.dim() != 2 or qzeros.shape[0] != n_groups or qzeros.shape[1] * 32 < out_f * bits:
+                raise LowbitError(f"{module}.qzeros", f"shape {tuple(qzeros.shape)}, expected "
+                                  f"{(n_groups, out_f * bits // 32)} (packed zero points)")
+            zeros = unpack(qzeros, bits, out_f, dim=1).float() + offset
+            zero = zeros.t().contiguous()
+            if zero.shape != (out_f, n_groups):
+                raise LowbitError(f"{module}.qzeros", f"holds {tuple(zero.shape)} zero points, expected "
+                                  f"{(out_f, n_groups)}")
+            sym = bool(args["sym"]) and bool((zero == (1 << (bits - 1))).all())
+            scheme = QuantScheme(bits, gs if gs > 0 else PER_CHANNEL, sym)
+            g_idx = get(gname).to(torch.int32) if gname in names else None
+            if g_idx is not None and g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+                raise LowbitError(gname, f"group indices must lie in [0, {n_groups})")
+            qw = QuantizedWeight(codes, scales.t().contiguous(), zero, scheme, g_idx)
+            if trivial_g_idx(qw):
+                qw.g_idx = None
         out[f"{module}.weight"] = qw
         used.update({qname, f"{module}.qzeros", f"{module}.scales", gname})
     return out, used
+
+
+@register
+class GPTQ(Format):
+    """AutoGPTQ / GPTQModel v1 layout (vLLM gptq / gptq_marlin, transformers): 2/3/4/8-bit integers"""
+
+    name = "gptq"
+    rank = 10
+
+    def holds(self, scheme: QuantScheme) -> str | None:
+        if scheme.type != "int":
+            return (f"gptq holds integer weights of {'/'.join(map(str, SUPPORTED_BITS))} bits, not "
+                    f"{scheme.describe_raw()} {scheme.float_format or scheme.codebook}")
+        if scheme.bits not in SUPPORTED_BITS:
+            return f"GPTQ stores {', '.join(map(str, SUPPORTED_BITS))}-bit weights, not {scheme.bits}-bit"
+        if scheme.granularity not in ("group", "channel", "tensor"):
+            return f"gptq holds per-channel or grouped weights, not {scheme.granularity} ones"
+        if scheme.dynamic:
+            return "weights are quantized once (static); a dynamic scheme applies to activations only"
+        if scheme.scale_format in ("e4m3", "e8m0"):
+            return f"gptq stores float16 scales, not {scheme.scale_format}"
+        return None
+
+    def holds_tensor(self, name: str, scheme: QuantScheme, shape: tuple[int, ...] | None = None) -> str | None:
+        why = super().holds_tensor(name, scheme, shape)
+        if why is None and shape is not None and len(shape) == 2:
+            out_f, in_f = shape
+            if (in_f * scheme.bits) % 32:
+                why = (f"GPTQ packs the {in_f} input columns into whole int32 words: needs in*bits divisible by 32 "
+                       f"(keep this layer in float or use compressed-tensors)")
+            elif (out_f * scheme.bits) % 32:
+                why = (f"GPTQ packs zero points of the {out_f} output rows into whole int32 words: "
+                       f"needs out*bits divisible by 32 (keep this layer in float or use compressed-tensors)")
+        return why
+
+    def detect(self, config: Mapping[str, Any], folder: Path) -> bool:
+        q = config.get("quantization_config")
+        if isinstance(q, Mapping):
+            return str(q.get("quant_method", "")).lower() == "gptq"
+        return (folder / QUANTIZE_CONFIG).is_file()
+
+    def read_config(self, folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(config.get("quantization_config"), dict):
+            return config
+        path = folder / QUANTIZE_CONFIG
+        try:
+            qconfig = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise LowbitError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(qconfig, dict):
+            raise LowbitError(path, "not a JSON object")
+        return {**config, "quantization_config": qconfig}
+
+    def encoder(self, config: Mapping[str, Any], linears: list[str], dtype: torch.dtype) -> Encoder:
+        return Encoder(linears)
+
+    def side_files(self, folder: Path, qconfig: Mapping[str, Any]) -> None:
+        write_json(folder / QUANTIZE_CONFIG, qconfig)
+
+    def decode(
+        self, get: Callable[[str], torch.Tensor], names: list[str], config: Mapping[str, Any]
+    ) -> tuple[dict[str, QuantizedWeight], set[str]]:
+        return decode(get, names, config)
 
 
 # ----------------------------------------------------------------------------- vLLM marlin
@@ -241,8 +336,3 @@ def marlin_issues(weights: Mapping[str, QuantizedWeight], tensor_parallel: int =
 
 MARLIN_WARNING = ("GPTQ checkpoint does not qualify for vLLM's fast gptq_marlin kernel; vLLM falls back to the "
                   "slower gptq kernel or refuses")
-
-
-def warn_if_not_marlin(weights: Mapping[str, QuantizedWeight]) -> list[str]:
-    """Emit one warning listing why ``gptq_marlin`` would not apply; returns the issues."""
-    return warn_issues(marlin_issues(weights), MARLIN_WARNING)

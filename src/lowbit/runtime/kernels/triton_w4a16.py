@@ -6,20 +6,42 @@ group index per input column), for 2, 4 and 8 bits, with or without act-order. E
 program computes a ``BLOCK_M x BLOCK_N`` output tile, unpacking a ``BLOCK_N x BLOCK_K``
 weight tile per step in registers, so the float weight is never written to memory.
 
-Only imported when a CUDA tensor reaches QuantLinear and Triton is installed; the CPU path
-and the tests that run without a GPU never need it.
+Registered as kernel ``triton-wna16``: it runs packed integer layers of 2, 4 or 8 bits on CUDA
+when Triton is installed, with 16- or 32-bit float inputs and no input quantization. Without
+Triton this module still imports (the kernels are then plain functions never called) and the
+kernel reports that it supports nothing.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
-import triton
-import triton.language as tl
+
+from ...errors import LowbitError
+from . import Kernel, register
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit: Any = triton.jit
+except ImportError:  # CPU-only installs: nothing here is ever called
+    triton = None
+    tl = None
+
+    def _jit(fn: Any) -> Any:
+        return fn
+
+
+if TYPE_CHECKING:
+    from ..qlinear import QuantLinear
 
 SUPPORTED_BITS = (2, 4, 8)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit
+@_jit
 def _wna16_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr,
     M, N, K, G,
@@ -58,7 +80,7 @@ def _wna16_kernel(
         tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=out_mask)
 
 
-@triton.jit
+@_jit
 def _wna16_grouped_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K, G, GROUP,
@@ -109,7 +131,7 @@ def wna16_linear(
     here, at the cost of a device sync, when ``None``); such weights use a faster kernel.
     """
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"the Triton kernel handles {SUPPORTED_BITS}-bit codes, not {bits}")
+        raise LowbitError(None, f"the Triton kernel handles {SUPPORTED_BITS}-bit codes, not {bits}")
     K = x.shape[-1]
     N = qweight.shape[0]
     x2 = x.reshape(-1, K).contiguous()
@@ -145,3 +167,28 @@ def wna16_linear(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
     )
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+@register
+class TritonWNA16(Kernel):
+    """Triton on CUDA: 2/4/8-bit packed integer weights dequantized in registers, float inputs"""
+
+    name = "triton-wna16"
+    priority = 10
+
+    def supports(self, layer: QuantLinear, device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        return (
+            triton is not None
+            and device.type == "cuda"
+            and layer.packed
+            and layer.scheme.bits in SUPPORTED_BITS
+            and layer.input_scheme is None
+            and layer.global_scale is None
+            and dtype in _DTYPES
+            and not layer.cache_weight  # a cached float weight makes the reference's matmul the faster one
+            and layer._cached is None
+        )
+
+    def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        return wna16_linear(x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, layer.scheme.bits, layer.bias,
+                            contiguous=layer.default_groups())

@@ -1,0 +1,106 @@
+"""Fake quantization of a linear layer's input activations (the reference of activation kernels).
+
+:func:`fake_quantize_input` rounds ``x`` to the grid its scheme describes and returns the float
+values a real W8A8 / FP8 kernel would multiply with, so the reference kernel (and so an
+evaluation) sees what activation quantization costs. Supported:
+
+* ``int`` (2-8 bits): symmetric, ``q = clamp(round(x / s), -2**(b-1), 2**(b-1) - 1)``, ``x' = q * s``
+  with ``s = absmax / (2**(b-1) - 1)``; asymmetric (dynamic only), ``s = (max - min) / (2**b - 1)``
+  over a range that includes 0, ``z = round(-min / s)``, ``x' = (clamp(round(x / s) + z, 0,
+  2**b - 1) - z) * s``;
+* ``float`` E4M3 / E5M2: ``x' = float8(clamp(x / s, -max, max)) * s`` with ``s = absmax / max``;
+* dynamic scales per ``token`` (each row of the last dimension), per ``group`` (``group_size``
+  consecutive features of a row) or per ``tensor``; static scales per ``tensor`` (the layer's
+  ``input_scale``, one value).
+
+A zero range gives a scale of 1 (the values are all zero). Anything else (FP4 activations,
+E4M3 / E8M0 scale formats, static asymmetric grids, per-channel activation scales) raises
+:class:`LowbitError` when the layer is built, not in the forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.scheme import QuantScheme
+from ..errors import LowbitError
+
+__all__ = ["check_input_scheme", "fake_quantize_input"]
+
+_FLOAT8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def check_input_scheme(scheme: QuantScheme) -> None:
+    """Raise :class:`LowbitError` when :func:`fake_quantize_input` cannot apply ``scheme``."""
+
+    def bad(problem: str) -> LowbitError:
+        return LowbitError(None, f"input activations {scheme.describe()}: {problem}")
+
+    if scheme.type == "codebook":
+        raise bad("codebook activations are not supported")
+    if scheme.type == "float" and scheme.float_format not in _FLOAT8:
+        raise bad(f"{scheme.float_format} activations are not supported yet (only e4m3 / e5m2)")
+    if scheme.scale_format in ("e4m3", "e8m0"):
+        raise bad(f"{scheme.scale_format} activation scales are not supported yet")
+    if scheme.dynamic == "local":
+        raise bad("dynamic local scales (NVFP4) are not supported yet")
+    if scheme.dynamic:
+        if scheme.granularity not in ("token", "group", "tensor"):
+            raise bad(f"dynamic activation scales are per token, group or tensor, not per {scheme.granularity}")
+    else:
+        if scheme.granularity != "tensor":
+            raise bad(f"static activation scales are per tensor, not per {scheme.granularity}")
+        if scheme.type == "int" and not scheme.symmetric:
+            raise bad("static asymmetric activations (a stored zero point) are not supported yet")
+
+
+def _absmax(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    if granularity == "tensor":
+        return x.abs().amax().reshape([1] * x.dim())
+    return x.abs().amax(dim=-1, keepdim=True)
+
+
+def _nonzero(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def fake_quantize_input(x: torch.Tensor, scheme: QuantScheme, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` rounded to ``scheme``'s grid and scaled back, in ``x``'s dtype (computed in float32).
+
+    ``input_scale`` is the static per-tensor scale (required when ``scheme`` is static).
+    """
+    check_input_scheme(scheme)
+    xf = x.float()
+    shape = xf.shape
+    granularity = scheme.granularity
+    if scheme.dynamic and granularity == "group":
+        k = shape[-1]
+        if k % scheme.group_size:
+            raise LowbitError(None, f"input activations {scheme.describe()}: group size {scheme.group_size} does not "
+                              f"divide the {k} input features")
+        xf = xf.reshape(*shape[:-1], k // scheme.group_size, scheme.group_size)
+    if not scheme.dynamic:
+        if input_scale is None:
+            raise LowbitError(None, f"input activations {scheme.describe()}: a static scheme needs input_scale")
+        scale: torch.Tensor | None = input_scale.float().reshape([1] * xf.dim()).to(xf.device)
+    else:
+        scale = None
+    if scheme.type == "float":
+        fmax = scheme.float_spec.max
+        s = scale if scale is not None else _nonzero(_absmax(xf, granularity) / fmax)
+        q = (xf / s).clamp(-fmax, fmax).to(_FLOAT8[scheme.float_format or ""]).float()
+        out = q * s
+    elif scheme.symmetric:
+        qpos = (1 << (scheme.bits - 1)) - 1
+        s = scale if scale is not None else _nonzero(_absmax(xf, granularity) / qpos)
+        out = torch.clamp(torch.round(xf / s), -qpos - 1, qpos) * s
+    else:  # asymmetric, dynamic
+        if granularity == "tensor":
+            lo, hi = xf.amin().clamp(max=0), xf.amax().clamp(min=0)
+        else:
+            lo = xf.amin(dim=-1, keepdim=True).clamp(max=0)
+            hi = xf.amax(dim=-1, keepdim=True).clamp(min=0)
+        s = _nonzero((hi - lo) / scheme.qmax)
+        z = torch.clamp(torch.round(-lo / s), 0, scheme.qmax)
+        out = (torch.clamp(torch.round(xf / s) + z, 0, scheme.qmax) - z) * s
+    return out.reshape(shape).to(x.dtype)
