@@ -64,7 +64,7 @@ class _PeakRSS:
 def bench_cpu(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from lowbit.core import QuantScheme
-    from lowbit.methods import quantize_model
+    from lowbit.pipeline import quantize_model
     from lowbit.models import Checkpoint, resolve
     from lowbit.models.calibration import CalibrationConfig
 

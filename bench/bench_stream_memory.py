@@ -89,13 +89,14 @@ def child(args: argparse.Namespace) -> None:
 
         from lowbit import formats
         from lowbit.core import QuantScheme
-        from lowbit.methods import quantize_model
+        from lowbit.pipeline import quantize_model
+        from lowbit.methods import METHODS
         from lowbit.models.calibration import CalibrationConfig, load_calibration
         from lowbit.models.loader import load_tokenizer
 
         calib = CalibrationConfig(n_samples=args.samples, seq_len=args.seq_len, batch_size=4, seed=0)
         peaks.enter("calib")  # building the calibration tokens alone (quantize_model does it again)
-        load_calibration(load_tokenizer(Path(args.model)), calib, "gptq")
+        load_calibration(load_tokenizer(Path(args.model)), calib, METHODS.get("gptq").calibration_default)
         peaks.enter("quantize")
         t0 = time.perf_counter()
         qm = quantize_model(args.model, "gptq", QuantScheme(4, 64, True), calib)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit.core import QuantScheme
-from lowbit.methods import quantize_model
+from lowbit.pipeline import quantize_model
 from lowbit.models.calibration import CalibrationConfig
 
 SCHEME = QuantScheme(4, 4, False)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 def prepare(args: argparse.Namespace) -> None:
     from lowbit.models import resolve
+    from lowbit.methods import METHODS
     from lowbit.models.calibration import CalibrationConfig, load_calibration
     from lowbit.models.loader import load_tokenizer
 
@@ -36,7 +37,7 @@ def prepare(args: argparse.Namespace) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cfg = CalibrationConfig(path=args.calib, n_samples=args.samples, seq_len=args.seq_len, seed=0)
-    data = load_calibration(load_tokenizer(src.hf_dir), cfg, "gptq", source=src)
+    data = load_calibration(load_tokenizer(src.hf_dir), cfg, METHODS.get("gptq").calibration_default, source=src)
     save_file({"input_ids": data.input_ids.contiguous()}, str(work / "calib.safetensors"))
     (work / "source.json").write_text(json.dumps({"hf_dir": str(src.hf_dir), "calib": args.calib,
                                                   "samples": args.samples, "seq_len": args.seq_len}))
@@ -84,7 +85,7 @@ def compare(args: argparse.Namespace) -> None:
     from lowbit.text import make_chunks
     from lowbit.text import model_adds_bos, tokenize
     from lowbit.formats import read_checkpoint
-    from lowbit.methods import quantize_model
+    from lowbit.pipeline import quantize_model
     from lowbit.core.quantized import QuantizedModel
     from lowbit.models import load
     from lowbit.models.calibration import CalibrationData

@@ -101,7 +101,8 @@ def main() -> None:
     from lowbit.core import QuantScheme
     from lowbit.text import make_chunks
     from lowbit.text import model_adds_bos, tokenize
-    from lowbit.methods import quantize_model
+    from lowbit.methods import METHODS
+    from lowbit.pipeline import quantize_model
     from lowbit.models import load, resolve
     from lowbit.models.calibration import CalibrationConfig
 
@@ -135,7 +136,7 @@ def main() -> None:
         default = m == "gptq_default"  # lowbit's GPTQ defaults (static act-order, MSE ranges)
         calib = CalibrationConfig(path=None if calib_name == "-" else calib_name, n_samples=args.n_samples,
                                   seq_len=args.seq_len, seed=0, batch_size=4)
-        resolved = calib.resolved(method)
+        resolved = calib.resolved(METHODS.get(method).calibration_default)
         if method != "rtn" and calib_name == "selfgen":  # sample (or read the cached samples) outside the timing
             from lowbit.models.calibration import CalibrationData
             from lowbit.models.selfgen import self_generated

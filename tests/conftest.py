@@ -8,10 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared"))
-STORIES = SHARED / "models" / "stories260K"
-WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+from paths import STORIES, WIKITEXT
 
 os.environ.setdefault("LOWBIT_NO_PROGRESS", "1")
 

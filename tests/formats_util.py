@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from paths import STORIES
 from lowbit.core.scheme import QuantScheme
 from lowbit.core.quantized import QuantizedWeight
 from lowbit.methods.rtn import rtn
 
-SRC = Path("/work/shared/models/stories260K")
+SRC = STORIES
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 needs_model = pytest.mark.skipif(not (SRC / "config.json").exists(), reason="stories260K test model not available")

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from paths import STORIES
+from lowbit.methods import METHODS
 from lowbit.errors import LowbitError
 from lowbit.models.calibration import CalibrationConfig, load_calibration
 from lowbit.text import pydoc_text
 
-STORIES = Path("/work/shared/models/stories260K")
+
 pytestmark = pytest.mark.skipif(not STORIES.exists(), reason="stories260K not available")
 
 
@@ -36,9 +38,9 @@ def test_text_windows_are_seeded(tok) -> None:
 
 
 def test_defaults_by_method(tok) -> None:
-    assert CalibrationConfig().resolved("gptq").n_samples == 128
-    assert CalibrationConfig().resolved("gptq").seq_len == 2048
-    assert CalibrationConfig().resolved("awq").seq_len == 512
+    assert CalibrationConfig().resolved(METHODS.get("gptq").calibration_default).n_samples == 128
+    assert CalibrationConfig().resolved(METHODS.get("gptq").calibration_default).seq_len == 2048
+    assert CalibrationConfig().resolved(METHODS.get("awq").calibration_default).seq_len == 512
 
 
 def test_text_file_and_default_text(tok, tmp_path: Path) -> None:

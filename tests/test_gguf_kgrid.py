@@ -11,13 +11,14 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
+from paths import STORIES as _STORIES
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.gguf.from_quantized import blocks_from_quantized, kquant_grid, quantized_to_gguf
 from lowbit.gguf.quants import dequantize, quantize
 from lowbit.methods.gptq import gptq_quantize
 
-STORIES = "/work/shared/models/stories260K"
+STORIES = str(_STORIES)
 SCHEME = QuantScheme(4, 32, False)
 
 

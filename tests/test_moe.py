@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from paths import STORIES
+from lowbit.methods import METHODS
 from lowbit.core import QuantScheme
 from lowbit.pipeline import make_handler, quantize_in_memory, quantize_model
 from lowbit.models.calibration import CalibrationConfig, load_calibration
 
-STORIES = Path("/work/shared/models/stories260K")
+
 pytestmark = pytest.mark.skipif(not STORIES.exists(), reason="stories260K tokenizer not available")
 SCHEME = QuantScheme(4, 16, False)
 CALIB = CalibrationConfig(n_samples=4, seq_len=32, batch_size=2, seed=0)
@@ -74,7 +76,7 @@ def test_moe_streaming_matches_in_memory(moe_dir: Path) -> None:
     assert set(info["expert_tokens"]) >= {f"mlp.experts.{e}.{projs[0]}" for e in range(N_EXPERTS)}
     assert sum(info["expert_tokens"][f"mlp.experts.{e}.{projs[0]}"] for e in range(N_EXPERTS)) == 4 * 32 * 2
     model = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
-    data = load_calibration(AutoTokenizer.from_pretrained(str(moe_dir)), CALIB, "gptq")
+    data = load_calibration(AutoTokenizer.from_pretrained(str(moe_dir)), CALIB, METHODS.get("gptq").calibration_default)
     ref = quantize_in_memory(model, data, make_handler("gptq", SCHEME, min_expert_tokens=1), batch_size=CALIB.batch_size)
     assert ref.weights.keys() == streamed.weights.keys()
     for k in names:

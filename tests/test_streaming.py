@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from paths import STORIES
+from lowbit.methods import METHODS
 from lowbit.core import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.pipeline import make_handler, quantize_in_memory, quantize_model
 from lowbit.models.calibration import CalibrationConfig, load_calibration
 
-STORIES = Path("/work/shared/models/stories260K")
+
 pytestmark = pytest.mark.skipif(not STORIES.exists(), reason="stories260K not available")
 
 CALIB = CalibrationConfig(n_samples=6, seq_len=48, batch_size=3, seed=1)
@@ -51,7 +53,7 @@ def test_streaming_matches_whole_model(method: str, act_order: bool) -> None:
     assert len(streamed.weights) == 5 * 7
     assert "model.embed_tokens.weight" not in streamed.weights and "lm_head.weight" not in streamed.weights
     model, tok = _load()
-    data = load_calibration(tok, CALIB, method)
+    data = load_calibration(tok, CALIB, METHODS.get(method).calibration_default)
     ref = quantize_in_memory(model, data, make_handler(method, SCHEME, act_order), batch_size=CALIB.batch_size)
     _same(streamed, ref)
 
@@ -166,7 +168,7 @@ def test_streaming_matches_whole_model_other_families(tmp_path: Path, kind: str,
     streamed = quantize_model(folder, method, scheme, CALIB)
     assert len(streamed.weights) == 2 * 7
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa").eval()
-    data = load_calibration(AutoTokenizer.from_pretrained(str(folder)), CALIB, method)
+    data = load_calibration(AutoTokenizer.from_pretrained(str(folder)), CALIB, METHODS.get(method).calibration_default)
     ref = quantize_in_memory(model, data, make_handler(method, scheme), batch_size=CALIB.batch_size)
     _same(streamed, ref)
 
@@ -178,7 +180,7 @@ def test_padded_jsonl_calibration_streaming(tmp_path: Path) -> None:
     lines = [{"messages": [{"role": "user", "content": f"Tell me about the cat number {i}." * (1 + i % 4)}]} for i in range(6)]
     p.write_text("\n".join(json.dumps(x) for x in lines))
     calib = CalibrationConfig(path=str(p), n_samples=6, seq_len=40, batch_size=3)
-    data = load_calibration(AutoTokenizer.from_pretrained(str(STORIES)), calib, "gptq")
+    data = load_calibration(AutoTokenizer.from_pretrained(str(STORIES)), calib, METHODS.get("gptq").calibration_default)
     assert data.attention_mask is not None and int(data.attention_mask.sum()) < 6 * 40
     streamed = quantize_model(STORIES, "gptq", SCHEME, calib)
     model, _ = _load()
@@ -200,7 +202,7 @@ def test_ready_calibration_ids_give_the_same_result_as_the_text_they_came_from()
 
     from lowbit.models.calibration import CalibrationData
 
-    data = load_calibration(AutoTokenizer.from_pretrained(str(STORIES)), CALIB, "gptq")
+    data = load_calibration(AutoTokenizer.from_pretrained(str(STORIES)), CALIB, METHODS.get("gptq").calibration_default)
     from_text = quantize_model(STORIES, "gptq", SCHEME, CALIB)
     from_ids = quantize_model(STORIES, "gptq", SCHEME, CalibrationData(data.input_ids.clone(), None, "ids"))
     assert set(from_text.weights) == set(from_ids.weights)

@@ -161,10 +161,10 @@ def quantize_model(
     calib = CalibrationConfig() if given is not None or calib is None else calib
     data: CalibrationData | None = given
     if handler.needs_inputs and data is None:
-        data = load_calibration(load_tokenizer(src.hf_dir), calib, method, source=src, device=device)
+        data = load_calibration(load_tokenizer(src.hf_dir), calib, m.calibration_default, source=src, device=device)
     calib_id: Any = None
     if m.calibrated:
-        calib_id = calib.resolved(method).describe() if given is None else {"ids_sha256": _ids_digest(given)}
+        calib_id = calib.resolved(m.calibration_default).describe() if given is None else {"ids_sha256": _ids_digest(given)}
     request = {"source": _source_identity(src.hf_dir), "calib": calib_id, "dtype": str(dtype)}
     sr = stream_quantize(
         config, ckpt, data, handler, device=device, dtype=dtype, batch_size=calib.batch_size,

@@ -25,6 +25,9 @@ import torch
 from lowbit.errors import LowbitError
 
 
+DEFAULT_SIZE = (128, 2048)  # samples x tokens when a caller names no method's defaults
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Where calibration text comes from and how much of it to use.
@@ -43,14 +46,10 @@ class CalibrationConfig:
     text: str | None = None
     batch_size: int = 8
 
-    def resolved(self, method: str | tuple[int, int]) -> CalibrationConfig:
-        """A copy with ``n_samples``/``seq_len`` filled from the method's defaults (a registered
-        method's name, or ``(n_samples, seq_len)``)."""
-        if isinstance(method, str):
-            from lowbit.methods import METHODS
-
-            method = METHODS.get(method, "--method").calibration_default
-        n, L = method
+    def resolved(self, defaults: tuple[int, int] = DEFAULT_SIZE) -> CalibrationConfig:
+        """A copy with ``n_samples``/``seq_len`` filled from ``defaults`` (a method's
+        ``calibration_default``)."""
+        n, L = defaults
         return CalibrationConfig(
             self.path, self.n_samples or n, self.seq_len or L, self.seed, self.chat_template, self.text, self.batch_size
         )
@@ -167,13 +166,15 @@ def _named(path: str | None) -> str | None:
 
 
 def load_calibration(
-    tokenizer: Any, cfg: CalibrationConfig, method: str = "gptq", source: Any = None, device: Any = None
+    tokenizer: Any, cfg: CalibrationConfig, defaults: tuple[int, int] = DEFAULT_SIZE, source: Any = None,
+    device: Any = None,
 ) -> CalibrationData:
-    """Tokenized calibration samples following ``cfg`` (defaults by ``method``).
+    """Tokenized calibration samples following ``cfg`` (sizes it leaves open from ``defaults``,
+    a method's ``calibration_default``).
 
     ``source`` (a model source) and ``device`` are needed by the ``selfgen`` set only.
     """
-    cfg = cfg.resolved(method)
+    cfg = cfg.resolved(defaults)
     n, L = int(cfg.n_samples or 0), int(cfg.seq_len or 0)
     if n <= 0 or L <= 0:
         raise LowbitError("calibration", f"n_samples and seq_len must be positive, got {n} x {L}")

@@ -138,7 +138,7 @@ def load_layer_weights(
                 raise LowbitError(f"layer {i}", f"{key}: checkpoint shape {tuple(t.shape)} != model {tuple(p.shape)}")
             p.copy_(t.to(device, dtype if p.is_floating_point() else p.dtype))
             if p.is_floating_point() and not torch.isfinite(p).all():
-                raise LowbitError(_file_of(ckpt, key), f"tensor {key} has NaN or Inf values")
+                raise LowbitError(_file_of(ckpt, key), f"layer {i}: tensor {key} has NaN or Inf values")
 
 
 def _load_experts(
