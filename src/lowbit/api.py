@@ -15,6 +15,7 @@ from .core.scheme import QuantScheme
 from .errors import LowbitError
 from .eval import chunk_bos, compare_models, default_text, folder_size, kl_divergence, perplexity, read_text, tokenize
 from .models import Checkpoint, load, resolve
+from .models.demo import DEFAULT_DEMO
 from .models.loader import read_config
 from .recipe import Recipe
 
@@ -167,7 +168,7 @@ DEMO_SETTINGS: tuple[tuple[str, QuantScheme, bool], ...] = (
 )
 
 
-def demo(model: str = "smollm2-135m", settings: EvalSettings | None = None,
+def demo(model: str = DEFAULT_DEMO, settings: EvalSettings | None = None,
          schemes: tuple[tuple[str, QuantScheme, bool], ...] = DEMO_SETTINGS) -> dict[str, Any]:
     """Quantize ``model`` at a few RTN settings and measure size, perplexity and KL-divergence.
 

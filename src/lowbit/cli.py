@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
 
     d = sub.add_parser("demo", help="quantize the built-in demo model at a few settings and compare")
-    d.add_argument("--model", default="smollm2-135m")
+    from .models.demo import DEFAULT_DEMO
+
+    d.add_argument("--model", default=DEFAULT_DEMO, help=f"model to quantize (default {DEFAULT_DEMO})")
     _eval_args(d)
     d.set_defaults(chunks=4)
     d.add_argument("--plot", help="also save a plot (PNG) of KL-divergence against bits per weight")

@@ -123,7 +123,7 @@ def parse_override(text: str, base: QuantScheme) -> tuple[str, QuantScheme | Non
             elif key in ("sym", "asym"):
                 scheme = replace(scheme, symmetric=key == "sym")
             else:
-                raise ValueError(f"unknown key {key!r}")
+                raise LowbitError(None, f"unknown key {key!r} (keys: bits, group, sym, asym)")
         except ValueError as exc:
             raise LowbitError(None, f"override {text!r}: {exc}") from None
     return pattern, scheme

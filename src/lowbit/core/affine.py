@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.errors import LowbitError
+
 from .scheme import QuantScheme
 
 
 def grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """View ``w`` as ``[rows, n_groups, group]`` following the scheme's granularity."""
     if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+        raise LowbitError(None, f"expected a 2-D weight, got shape {tuple(w.shape)}")
     out_f, in_f = w.shape
     if scheme.group_size == 0:
         return w.reshape(1, 1, out_f * in_f)

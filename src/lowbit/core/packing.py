@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.errors import LowbitError
+
 _WORD_BITS = {torch.int32: 32, torch.uint8: 8}
 
 
@@ -20,14 +22,14 @@ def _move_last(t: torch.Tensor, dim: int) -> torch.Tensor:
 def pack(q: torch.Tensor, bits: int, dim: int = -1, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """Pack codes in ``[0, 2**bits)`` along ``dim`` into words of ``dtype`` (int32 or uint8)."""
     if dtype not in _WORD_BITS:
-        raise ValueError(f"pack supports int32 and uint8 words, not {dtype}")
+        raise LowbitError(None, f"pack supports int32 and uint8 words, not {dtype}")
     word = _WORD_BITS[dtype]
     x = _move_last(q.to(torch.int64), dim)
     n = x.shape[-1]
     if (n * bits) % word:
-        raise ValueError(f"{n} codes of {bits} bits do not fill whole {word}-bit words")
+        raise LowbitError(None, f"{n} codes of {bits} bits do not fill whole {word}-bit words")
     if int(x.min()) < 0 or int(x.max()) >= (1 << bits):
-        raise ValueError(f"codes must lie in [0, {1 << bits}) to pack into {bits} bits")
+        raise LowbitError(None, f"codes must lie in [0, {1 << bits}) to pack into {bits} bits")
     lead = x.shape[:-1]
     if word % bits == 0:
         per = word // bits
@@ -45,12 +47,12 @@ def pack(q: torch.Tensor, bits: int, dim: int = -1, dtype: torch.dtype = torch.i
 def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
     """Inverse of :func:`pack`: ``n`` codes (int32) along ``dim``."""
     if packed.dtype not in _WORD_BITS:
-        raise ValueError(f"unpack supports int32 and uint8 words, not {packed.dtype}")
+        raise LowbitError(None, f"unpack supports int32 and uint8 words, not {packed.dtype}")
     word = _WORD_BITS[packed.dtype]
     x = _move_last(packed.to(torch.int64), dim) & ((1 << word) - 1)
     lead = x.shape[:-1]
     if x.shape[-1] * word < n * bits:
-        raise ValueError(f"{x.shape[-1]} words hold fewer than {n} codes of {bits} bits")
+        raise LowbitError(None, f"{x.shape[-1]} words hold fewer than {n} codes of {bits} bits")
     if word % bits == 0:
         per = word // bits
         shifts = torch.arange(per, device=x.device, dtype=torch.int64) * bits

@@ -8,7 +8,7 @@ it is decided by the method and format registries, not here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from lowbit.registry import Registry
 
@@ -24,11 +24,6 @@ class Preset:
     input_activations: QuantScheme | None = None
     kv_cache: QuantScheme | None = None
     description: str = ""
-
-    def with_weights(self, **changes: object) -> Preset:
-        """The same preset with some weight fields changed (``group_size=64``)."""
-        assert self.weights is not None
-        return replace(self, weights=replace(self.weights, **changes))  # type: ignore[arg-type]
 
     @property
     def weight_only(self) -> bool:
@@ -84,6 +79,3 @@ for _p in (
            description="bitsandbytes FP4 codebook, absmax per block of 64"),
 ):
     register_preset(_p)
-
-FP8_KV_CACHE = QuantScheme(group_size=0, **_FP8)  # type: ignore[arg-type]
-"""The KV-cache scheme of ``--kv-cache fp8``: E4M3 keys and values with static per-tensor scales."""

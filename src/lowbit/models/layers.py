@@ -31,10 +31,6 @@ class LayerInputs:
     kwargs: list[dict[str, Any]]
     masks: list[torch.Tensor | None]  # [b, L] bool of real tokens, None when unpadded
 
-    @property
-    def n_batches(self) -> int:
-        return len(self.hidden)
-
 
 @dataclass
 class LayerResult:
@@ -60,10 +56,6 @@ class LayerContext:
         """Run the layer (as it currently is) over every calibration batch."""
         return [run_layer(self.layer, h, kw) for h, kw in zip(self.inputs.hidden, self.inputs.kwargs)]
 
-    def forward_silent(self) -> None:
-        """Run the layer for its hooks' sake, dropping outputs."""
-        for h, kw in zip(self.inputs.hidden, self.inputs.kwargs):
-            run_layer(self.layer, h, kw)
 
 
 class LayerHandler(Protocol):

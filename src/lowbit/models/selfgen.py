@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lowbit.errors import LowbitError
+
 from .cache import cache_dir
 
 VERSION = 1
@@ -37,7 +39,7 @@ def _word_ids(tokenizer: Any) -> list[int]:
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     words = [i for i in range(n) if i not in special and tokenizer.decode([i]).strip().isalpha()]
     if not words:
-        raise ValueError("no ordinary word tokens found in the vocabulary")
+        raise LowbitError("selfgen", "no ordinary word tokens found in the vocabulary")
     return words
 
 
@@ -63,7 +65,7 @@ def sample_sequences(
     words = torch.tensor(_word_ids(tokenizer), device=device)
     prefix = 1 + (bos_id is not None)
     if seq_len <= prefix:
-        raise ValueError(f"seq_len {seq_len} is too short for self-generated samples")
+        raise LowbitError("selfgen", f"seq_len {seq_len} is too short for self-generated samples")
     out: list[torch.Tensor] = []
     for b0 in range(0, n_samples, batch_size):
         nb = min(batch_size, n_samples - b0)

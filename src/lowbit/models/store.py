@@ -83,9 +83,6 @@ class ScratchDir:
         self.path = Path(tempfile.mkdtemp(prefix=prefix))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path), True)
 
-    def cleanup(self) -> None:
-        self._cleanup()
-
 
 class _Stored(Mapping[str, Any]):
     """Read-only mapping of names to entries in result files; subclasses read one entry per access.
