@@ -1,8 +1,9 @@
 """lowbit's modules import each other as a DAG: no cycle anywhere in the package.
 
 The graph is read from the source with ``ast`` (every ``import``/``from`` statement, also those
-inside functions, so a lazy import that would close a cycle counts), over full module names
-(``lowbit.models.engine``); a package's ``__init__`` is the module of that package's name.
+inside functions, so a lazy import that would close a cycle counts; only ``if TYPE_CHECKING:``
+blocks, which never run, are left out), over full module names (``lowbit.models.engine``); a
+package's ``__init__`` is the module of that package's name.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in mods.items():
         pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
+                       for stmt in node.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]

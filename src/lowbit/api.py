@@ -73,8 +73,9 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
         if not to and method == "rtn":
             raise LowbitError(out, "--format gguf needs --to TYPE (e.g. Q4_K_M)")
         to = to or "Q4_0"  # calibrated codes: 4-bit blocks of 32
-        gguf_args = dict(imatrix_path=imatrix, tensor_types=list(tensor_types), overwrite=overwrite,
-                         output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type)
+        gguf_args: dict[str, Any] = dict(imatrix_path=imatrix, tensor_types=list(tensor_types), overwrite=overwrite,
+                                         output_tensor_type=output_tensor_type,
+                                         token_embedding_type=token_embedding_type)
         if method == "rtn":
             from .gguf.convert import quantize_to_gguf
 
@@ -120,8 +121,8 @@ def evaluate(model: Any, ref: Any = None, settings: EvalSettings | None = None) 
     loaded = load(model)
     text_name, tokens = _text_tokens(loaded.tokenizer, settings)
     bos = chunk_bos(loaded.tokenizer, tokens)
-    kwargs = dict(ctx=settings.ctx, batch_size=settings.batch_size, bos_id=bos,
-                  score_all=settings.score_all, max_chunks=settings.max_chunks)
+    kwargs: dict[str, Any] = dict(ctx=settings.ctx, batch_size=settings.batch_size, bos_id=bos,
+                                  score_all=settings.score_all, max_chunks=settings.max_chunks)
     result: dict[str, Any] = {"model": str(model), "text": text_name, "ctx": settings.ctx}
     if ref is None:
         result.update(perplexity(loaded.model, tokens, **kwargs).as_dict())

@@ -29,6 +29,7 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.methods import METHODS
 from lowbit.methods._common import Rules, scheme_lookup
+from lowbit.methods.registry import SchemeLookup
 from lowbit.models.calibration import CalibrationConfig, CalibrationData, load_calibration
 from lowbit.models.store import StoredTensors, StoredWeights, index_result_file
 from lowbit.recipe import Plan, Recipe, plan_for
@@ -37,13 +38,17 @@ if TYPE_CHECKING:
     from lowbit.models.engine import StreamResult
 
 
+W4_G128 = QuantScheme(4, 128, True)
+
+
 def make_handler(method: str, scheme: QuantScheme, act_order: bool | str | None = None, rules: Rules = None,
                  **options: Any) -> Any:
     """The layer handler of a registered method; ``options`` are the handler's fields (e.g. ``damp``).
 
     ``act_order`` (GPTQ only, see :func:`lowbit.methods.gptq.act_order_flags`) defaults to ``"static"``.
     """
-    return METHODS.get(method, "--method").handler(scheme, rules, act_order=act_order, **options)
+    return METHODS.get(method, "--method").handler(scheme, scheme_lookup(scheme, rules), act_order=act_order,
+                                                    **options)
 
 
 def check_plan(method: str, plan: Plan, format: str | None = None) -> None:  # noqa: A002
@@ -100,7 +105,7 @@ def _source_identity(hf_dir: Path) -> dict[str, Any]:
 def quantize_model(
     source: Any,
     method: str = "gptq",
-    scheme: QuantScheme = QuantScheme(4, 128, True),
+    scheme: QuantScheme = W4_G128,
     calib: CalibrationConfig | CalibrationData | None = None,
     act_order: bool | str | None = None,
     device: str | torch.device = "cpu",
@@ -151,23 +156,23 @@ def quantize_model(
             options.setdefault("mse_clip", True)
     elif m.supports(scheme):
         raise LowbitError(f"--method {method}", str(m.supports(scheme)))
-    lookup = plan if plan is not None else scheme_lookup(scheme, rules)
+    lookup: SchemeLookup = plan if plan is not None else scheme_lookup(scheme, rules)
     handler = m.handler(scheme, lookup, act_order=act_order, **options)
     config = AutoConfig.from_pretrained(str(src.hf_dir))
     adapter = get_adapter(config)
     outer = plan.outside(adapter.layers + ".") if plan is not None else {}
 
     given = calib if isinstance(calib, CalibrationData) else None
-    calib = CalibrationConfig() if given is not None or calib is None else calib
+    cfg = calib if isinstance(calib, CalibrationConfig) else CalibrationConfig()
     data: CalibrationData | None = given
     if handler.needs_inputs and data is None:
-        data = load_calibration(load_tokenizer(src.hf_dir), calib, m.calibration_default, source=src, device=device)
+        data = load_calibration(load_tokenizer(src.hf_dir), cfg, m.calibration_default, source=src, device=device)
     calib_id: Any = None
     if m.calibrated:
-        calib_id = calib.resolved(m.calibration_default).describe() if given is None else {"ids_sha256": _ids_digest(given)}
+        calib_id = cfg.resolved(m.calibration_default).describe() if given is None else {"ids_sha256": _ids_digest(given)}
     request = {"source": _source_identity(src.hf_dir), "calib": calib_id, "dtype": str(dtype)}
     sr = stream_quantize(
-        config, ckpt, data, handler, device=device, dtype=dtype, batch_size=calib.batch_size,
+        config, ckpt, data, handler, device=device, dtype=dtype, batch_size=cfg.batch_size,
         workdir=workdir, request=request, stop_after=stop_after, outer=outer,
     )
     weights, floats, info = _stored(sr)
@@ -207,7 +212,8 @@ def quantize_in_memory(
         kwargs: list[dict[str, Any]] = []
         masks: list[torch.Tensor | None] = []
 
-        def grab(_m: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        def grab(_m: nn.Module, args: tuple[Any, ...], kw: dict[str, Any],
+                 hidden: list[torch.Tensor] = hidden, kwargs: list[dict[str, Any]] = kwargs) -> None:
             hidden.append(args[0] if args else kw.pop("hidden_states"))
             kwargs.append(dict(kw))
             raise _Stop

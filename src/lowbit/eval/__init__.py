@@ -1,8 +1,8 @@
 """Measurement: perplexity, KL-divergence, top-1 agreement, size and speed."""
 
+from ..text import chunk_bos, default_text, model_adds_bos, read_text, tokenize
 from .perplexity import KLResult, PerplexityResult, compare_models, kl_divergence, perplexity
 from .size import SizeReport, folder_size
-from ..text import chunk_bos, default_text, model_adds_bos, read_text, tokenize
 
 __all__ = [
     "KLResult",

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import LowbitError
 from ..progress import bar
 from ..text import make_chunks
 

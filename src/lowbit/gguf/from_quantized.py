@@ -72,6 +72,8 @@ def _block_params(qw: QuantizedWeight, qt: T, where: str) -> tuple[torch.Tensor,
     """Per-block ``scale`` and ``zero`` (float32 ``[rows, n_blocks]``); raises where a block spans groups."""
     out_f, in_f = qw.codes.shape
     nb = in_f // BLOCK
+    if qw.zero is None:
+        raise LowbitError(where, f"GGUF {qt.name} blocks hold integer grids with zero points, not {qw.scheme.describe()}")
     if qw.scale.numel() == 1:
         s = qw.scale.float().reshape(1, 1).expand(out_f, nb)
         return s, qw.zero.float().reshape(1, 1).expand(out_f, nb)

@@ -262,6 +262,7 @@ class AWQHandler:
         searches: dict[str, Any] = {}
         for sg in groups:
             scheme = schemes[sg.linears[0]]
+            assert scheme is not None  # every linear of a group is quantized
             x = self._group_input(sg, xs, calls, ctx)
             if x is None or x.shape[0] == 0:
                 continue
@@ -292,7 +293,7 @@ class AWQHandler:
             res.float_overrides[name] = params[name].detach().cpu().clone()
         res.info["awq"] = searches
         if not groups:
-            warnings.warn(f"layer {ctx.index}: no AWQ scaling group applies; plain RTN with clipping")
+            warnings.warn(f"layer {ctx.index}: no AWQ scaling group applies; plain RTN with clipping", stacklevel=2)
         return res
 
     def _round(self, w: torch.Tensor, scheme: QuantScheme, x: torch.Tensor | None) -> QuantizedWeight:

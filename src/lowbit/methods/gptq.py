@@ -159,8 +159,10 @@ def gptq_quantize(
         for i in range(b1 - b0):
             j = b0 + i
             if gs <= 0:
+                assert static_scale is not None and static_zero is not None
                 s, z = static_scale[:, 0], static_zero[:, 0]
             elif static_groups:
+                assert static_scale is not None and static_zero is not None
                 g = col_group[j]
                 s, z = static_scale[:, g], static_zero[:, g]
             else:
@@ -317,7 +319,7 @@ class GPTQHandler:
         if fallbacks:
             warnings.warn(
                 f"layer {ctx.index}: {len(fallbacks)} expert weights saw fewer than {self.min_expert_tokens} "
-                "calibration tokens and were quantized with RTN"
+                "calibration tokens and were quantized with RTN", stacklevel=2,
             )
         if coverage:
             n_exp_slots = len(coverage)

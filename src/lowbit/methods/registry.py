@@ -44,7 +44,7 @@ class Method:
 
 METHODS: Registry[Method] = Registry("method", "lowbit.methods")
 
-M = TypeVar("M", bound=type)
+M = TypeVar("M", bound=type[Method])
 
 
 def register_method(cls: M) -> M:

@@ -24,7 +24,6 @@ import torch
 
 from lowbit.errors import LowbitError
 
-
 DEFAULT_SIZE = (128, 2048)  # samples x tokens when a caller names no method's defaults
 
 
@@ -193,8 +192,8 @@ def load_calibration(
 
         text = pydoc_text()
         return CalibrationData(_windows(_encode(tokenizer, text), n, L, cfg.seed, "pydoc_data.topics"), None, "pydoc_data.topics")
-    path = Path(cfg.path)
-    if not path.is_file():
+    path = Path(cfg.path or "")
+    if not cfg.path or not path.is_file():
         raise LowbitError(path, "calibration file not found")
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         return _from_jsonl(path, tokenizer, cfg)

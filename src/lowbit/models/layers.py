@@ -73,10 +73,11 @@ class LayerHandler(Protocol):
     def process(self, ctx: LayerContext) -> LayerResult: ...
 
     def quantize_linear(
-        self, name: str, w: torch.Tensor, scheme: QuantScheme, inputs: list[torch.Tensor] | None,
+        self, name: str, w: torch.Tensor, scheme: QuantScheme | None, inputs: list[torch.Tensor] | None,
         masks: list[torch.Tensor | None],
-    ) -> QuantizedWeight:
-        """Quantize one linear outside the decoder layers (``lm_head``) given its inputs, if any."""
+    ) -> QuantizedWeight | None:
+        """Quantize one linear outside the decoder layers (``lm_head``) given its inputs, if any;
+        ``None`` keeps it float (an observe-only handler, or a scheme the tensor cannot take)."""
         ...
 
     def fingerprint(self) -> dict[str, Any]: ...
@@ -110,7 +111,7 @@ def load_layer_weights(
     """Materialise ``layer`` (built on meta) on ``device`` with its weights from the checkpoint."""
     layer.to_empty(device=device)
     prefix = adapter.layer_prefix(i)
-    moe_experts = adapter.moe.experts if adapter.is_moe_layer(layer) else None
+    moe_experts = adapter.moe.experts if adapter.moe is not None and adapter.is_moe_layer(layer) else None
     with torch.no_grad():
         for name, p in list(layer.named_parameters()) + list(layer.named_buffers()):
             if moe_experts is not None and name.startswith(moe_experts + "."):

@@ -179,6 +179,7 @@ def load(source: str | Path | ModelSource, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu") -> LoadedModel:
     """Load any source as a float transformers model (quantized outputs are dequantized)."""
     src = resolve(source)
+    tensors: Any
     if src.kind == "quantized":
         from ..formats import read_checkpoint  # a lowbit or third-party quantized checkpoint
 

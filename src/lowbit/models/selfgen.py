@@ -102,23 +102,23 @@ def self_generated(source: Any, n_samples: int, seq_len: int, seed: int = 0, dev
     ``bos_id``: the token each sample starts with; ``"auto"`` takes the tokenizer's BOS when the
     tokenizer adds one to a text, as the model sees it in use.
     """
-    from lowbit.text import model_adds_bos
     from lowbit.progress import bar
+    from lowbit.text import model_adds_bos
 
     from .loader import load, load_tokenizer, resolve
 
     src = resolve(source)
     files = sorted(p for p in src.hf_dir.glob("*") if p.suffix in (".safetensors", ".bin", ".json"))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    batch_size = batch_size or (64 if device.type == "cuda" else 16)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch_size = batch_size or (64 if dev.type == "cuda" else 16)
     identity = {"model": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files], "dir": str(src.hf_dir.resolve()),
-                "n": n_samples, "len": seq_len, "seed": seed, "batch": batch_size, "device": device.type, "bos": bos_id}
+                "n": n_samples, "len": seq_len, "seed": seed, "batch": batch_size, "device": dev.type, "bos": bos_id}
     path = _cache_path(identity)
     if path.is_file():
         return load_file(str(path))["input_ids"]
     tok = load_tokenizer(src.hf_dir)
     bos = (tok.bos_token_id if model_adds_bos(tok) else None) if bos_id == "auto" else bos_id
-    lm = load(src, device=device)
+    lm = load(src, device=dev)
     progress = bar(n_samples, desc=f"sampling {n_samples} x {seq_len} calibration tokens from the model", unit="seq")
     done = [0]
 

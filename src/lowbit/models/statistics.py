@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 
 from .capture import input_hooks, token_mask_for
@@ -193,8 +194,8 @@ class StatisticsHandler:
             self.collected[full_weight_name(ctx.adapter, ctx.index, name)] = stat
         return LayerResult()
 
-    def quantize_linear(self, name: str, w: torch.Tensor, scheme: object, inputs: list[torch.Tensor] | None,
-                        masks: list[torch.Tensor | None]) -> None:
+    def quantize_linear(self, name: str, w: torch.Tensor, scheme: QuantScheme | None,
+                        inputs: list[torch.Tensor] | None, masks: list[torch.Tensor | None]) -> None:
         """A linear outside the layers (``lm_head``): observe its inputs, keep it float."""
         if inputs is not None:
             stat = self.make(w.shape[1], w.device)
