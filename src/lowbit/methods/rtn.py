@@ -48,14 +48,18 @@ class RTNHandler:
                 if keeps_float(scheme, w, full):
                     continue
                 assert scheme is not None
-                qw = rtn(w, scheme, self.mse_clip)
+                qw = self.round(w, scheme)
                 set_weight(ctx.adapter, ctx.layer, name, qw.dequantize(w.dtype))
                 res.weights[name] = qw.to("cpu")
         return res
 
     def quantize_linear(self, name: str, w: torch.Tensor, scheme: QuantScheme, inputs: list[torch.Tensor] | None,
                         masks: list[torch.Tensor | None]) -> QuantizedWeight | None:
-        return None if keeps_float(scheme, w, name) else rtn(w, scheme, self.mse_clip)
+        return None if keeps_float(scheme, w, name) else self.round(w, scheme)
+
+    def round(self, w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+        """One weight onto the grid (subclasses change only this: see ``methods/rtn_clip.py``)."""
+        return rtn(w, scheme, self.mse_clip)
 
 
 @register_method
