@@ -131,3 +131,19 @@ def test_cli_choices_come_from_the_registries() -> None:
         assert name in help_text
     for name in formats.FORMATS.names():
         assert name in help_text
+
+
+def test_tied_lm_head_rule_unties_and_unmatched_rules_warn(tmp_path: Path) -> None:
+    """stories260K ties lm_head to the embeddings: a rule for lm_head quantizes its own copy (the
+    checkpoint is untied), and a rule that matches nothing says so instead of doing nothing."""
+    from lowbit.models import load
+    from paths import STORIES
+
+    recipe = Recipe(scheme=QuantScheme(4, 4, True), overrides=((r"^lm_head\.", QuantScheme(8, -1, True)),
+                                                                (r"no_such_module", QuantScheme(8, -1, True))))
+    with pytest.warns(UserWarning, match="no_such_module.*matches no tensor"):
+        out = api.quantize(STORIES, tmp_path / "o", recipe=recipe)
+    assert formats.read(out)["lm_head.weight"].scheme.bits == 8
+    model = load(out).model
+    assert not model.config.tie_word_embeddings
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)

@@ -147,9 +147,15 @@ def quantize_model(
     m = METHODS.get(method, "--method")
     src = resolve(source)
     ckpt = Checkpoint(src.hf_dir)
+    config = AutoConfig.from_pretrained(str(src.hf_dir))
+    adapter = get_adapter(config)
     plan: Plan | None = None
     if recipe is not None:
-        plan = plan_for(recipe, {n: ckpt.shape(n) for n in ckpt.keys()}, where=src.spec)
+        shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
+        embed = f"{adapter.embed}.weight"
+        if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in shapes and embed in shapes:
+            shapes["lm_head.weight"] = shapes[embed]  # tied: a rule may still quantize lm_head (then untied)
+        plan = plan_for(recipe, shapes, where=src.spec)
         check_plan(method, plan, format)
         scheme = recipe.scheme
         if recipe.mse_clip and method == "rtn":
@@ -158,8 +164,6 @@ def quantize_model(
         raise LowbitError(f"--method {method}", str(m.supports(scheme)))
     lookup: SchemeLookup = plan if plan is not None else scheme_lookup(scheme, rules)
     handler = m.handler(scheme, lookup, act_order=act_order, **options)
-    config = AutoConfig.from_pretrained(str(src.hf_dir))
-    adapter = get_adapter(config)
     outer = plan.outside(adapter.layers + ".") if plan is not None else {}
 
     given = calib if isinstance(calib, CalibrationData) else None

@@ -9,6 +9,7 @@ in float.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -65,6 +66,9 @@ class Recipe:
             out[name] = scheme
         if not out:
             raise LowbitError(where, "no tensor matches the quantization rules")
+        for pattern, scheme in self.overrides:
+            if scheme is not None and not any(re.search(pattern, n) for n in shapes):
+                warnings.warn(f"{where}: override {pattern!r} matches no tensor of the model", stacklevel=2)
         return out
 
 
