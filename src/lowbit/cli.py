@@ -1,28 +1,68 @@
 """Command line: a thin layer over :mod:`lowbit.api`.
 
 Exit codes: 0 success, 1 bad input (a one-line ``lowbit: error: <file>: <problem>``),
-2 bad command-line usage, 3 an unexpected internal error (traceback with ``--debug``).
+2 bad command-line usage (``lowbit: error: <problem> (see lowbit <cmd> --help)``), 3 an
+unexpected internal error (traceback with ``--debug``), 130 interrupted (Ctrl-C), 128+N killed by
+signal N (SIGTERM, SIGHUP): outputs in progress are removed either way. Warnings are one line,
+``lowbit: warning: <problem>``.
+
+Nothing heavy is imported at start: ``--help``, usage errors, missing files and ``inspect`` of a
+GGUF file answer without importing torch (the choices of ``--method``/``--format``/``--scheme``
+are read from the plug-ins' source, see :func:`lowbit.registry.source_entries`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from typing import Any
+import warnings
+from pathlib import Path
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import LowbitError
+from .registry import help_line, source_entries
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
+#: registry -> (the package or module its plug-ins live in, the call that registers data entries)
+_REGISTRIES = {"method": ("lowbit.methods", None), "format": ("lowbit.formats", None),
+               "scheme": ("lowbit.core.presets", "Preset")}
+
+
+def registry_entries(kind: str) -> list[tuple[str, str, int]]:
+    """``(name, help, rank)`` of the ``kind`` registry's entries (``method``, ``format``, ``scheme``)
+    in the order the registry lists them, read from the plug-ins' source (no torch); the live
+    registry when the source cannot be read."""
+    found = source_entries(*_REGISTRIES[kind])
+    if not found:  # no source to read (a frozen install): load the registry itself
+        from .core.presets import PRESETS
+        from .formats import FORMATS
+        from .methods import METHODS
+
+        reg: Any = {"method": METHODS, "format": FORMATS, "scheme": PRESETS}[kind]
+        reg.load()
+        return [(reg._display[k], reg._help[k], getattr(e, "rank", 100)) for k, e in reg._entries.items()]
+    if kind == "format":  # FormatRegistry's order: by rank, then name
+        found.sort(key=lambda e: (e[2], e[0].lower()))
+    return found
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``lowbit: error: <problem> (see lowbit <cmd> --help)``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"lowbit: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
 
 def _add_scheme_args(p: argparse.ArgumentParser) -> None:
-    from .core.presets import PRESETS
-
-    p.add_argument("--scheme", metavar="PRESET", type=str.upper, choices=PRESETS.names(),
+    presets = registry_entries("scheme")
+    p.add_argument("--scheme", metavar="PRESET", type=str.upper, choices=[n for n, _, _ in presets],
                    help="a named scheme (--bits/--group-size/--sym/--asym change its weights): "
-                        + PRESETS.help_text())
+                        + help_line(presets))
     p.add_argument("--bits", type=int, default=None, help="integer bits, 1-8 (default 4)")
     p.add_argument("--group-size", type=int, default=None,
                    help="columns per scale; -1 per channel, 0 per tensor (default 128)")
@@ -47,7 +87,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
+    parser = Parser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -57,12 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="HF folder, .gguf file, hf:ORG/NAME or demo name (smollm2-135m, gemma3-270m)")
     q.add_argument("-o", "--output", required=True, help="output folder (HF formats) or .gguf file")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    from .formats import FORMATS
-    from .methods import METHODS
-
-    q.add_argument("--method", choices=METHODS.names(), default="rtn", help=METHODS.help_text())
-    formats_help = FORMATS.help_text() if hasattr(FORMATS, "help_text") else ", ".join(FORMATS)
-    q.add_argument("--format", choices=[*FORMATS, "gguf"], default=None,
+    methods, formats = registry_entries("method"), registry_entries("format")
+    q.add_argument("--method", choices=[n for n, _, _ in methods], default="rtn", help=help_line(methods))
+    formats_help = help_line(formats)
+    q.add_argument("--format", choices=[*(n for n, _, _ in formats), "gguf"], default=None,
                    help="output format (default compressed-tensors; gguf when --to is given): "
                         f"{formats_help}; gguf: llama.cpp's file (--to TYPE)")
     _add_scheme_args(q)
@@ -139,7 +177,20 @@ def _recipe(args: argparse.Namespace) -> Any:
                   group_fallback=args.group_fallback)
 
 
+def _check_inputs(*specs: str | None) -> None:
+    """Refuse missing models before anything heavy is imported (seconds of torch)."""
+    from .models.spec import check_spec
+
+    for spec in specs:
+        if spec is not None:
+            check_spec(spec)
+
+
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from .fileio import check_output_path
+
+    check_output_path(args.output, args.overwrite)
+    _check_inputs(args.model)
     from . import api
     from .methods import METHODS
 
@@ -172,18 +223,28 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    _check_inputs(args.model, args.ref)
     from .api import evaluate
 
     return evaluate(args.model, ref=args.ref, settings=_settings(args))
 
 
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    _check_inputs(args.path)
+    if Path(args.path).is_file():  # a GGUF file: its header, without torch
+        from .gguf.reader import inspect_gguf
+
+        return inspect_gguf(args.path)
     from .api import inspect
 
     return inspect(args.path)
 
 
 def cmd_imatrix(args: argparse.Namespace) -> dict[str, Any]:
+    from .fileio import check_output_path
+
+    check_output_path(args.output, args.overwrite)
+    _check_inputs(args.model)
     from .gguf.imatrix import compute_imatrix
 
     out = compute_imatrix(args.model, args.text, args.output, ctx=args.ctx, chunks=args.chunks,
@@ -192,6 +253,7 @@ def cmd_imatrix(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    _check_inputs(args.model)
     from .api import demo
 
     result = demo(args.model, _settings(args))
@@ -239,22 +301,55 @@ def _fmt(v: Any) -> str:
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "imatrix": cmd_imatrix, "demo": cmd_demo}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that outputs in progress are removed on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Warnings as one line, ``lowbit: warning: <message>``, without the source line that looks like a crash."""
+    text = " ".join(str(message).split())
+    print(f"lowbit: warning: {text}", file=file if file is not None else sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = ("--quiet", "--debug")  # global flags are accepted anywhere on the line
     args = parser.parse_args([a for a in argv if a in flags] + [a for a in argv if a not in flags])
-    if args.quiet:
-        from .progress import set_enabled
+    from . import progress
 
-        set_enabled(False)
+    progress.set_enabled(not args.quiet)
+    handlers: dict[int, Any] = {}
+    if hasattr(signal, "SIGHUP"):
+        try:
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                handlers[sig] = signal.signal(sig, _terminate)
+        except ValueError:  # not the main thread: leave the signals alone
+            pass
     try:
-        result = COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.showwarning = _show_warning
+            result = COMMANDS[args.command](args)
     except LowbitError as exc:
         if args.debug:
             raise
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except Terminated as exc:
+        print(f"lowbit: terminated ({exc.args[0]}); outputs in progress removed", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
@@ -264,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowbit: internal error: {exc.__class__.__name__}: {exc} (run with --debug for a traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        for signum, h in handlers.items():
+            signal.signal(signum, h)
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     else:

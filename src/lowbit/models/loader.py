@@ -22,6 +22,7 @@ from .checkpoint import Checkpoint
 from .demo import DEMOS, demo_gguf
 from .gguf_source import cache_key, convert_gguf_to_hf
 from .hub import hub_snapshot
+from .spec import check_spec
 
 SUPPORTED_MODEL_TYPES = MODEL_TYPES  # lowbit.models.architectures: the one table of supported families
 GGUF_MAGIC = b"GGUF"
@@ -85,10 +86,8 @@ def resolve(source: str | Path | ModelSource) -> ModelSource:
         return ModelSource(spec, "demo", _gguf_to_folder(gguf_path), gguf_path)
     if spec.startswith("hf:"):
         return ModelSource(spec, "hub", hub_snapshot(spec[3:]))
+    check_spec(spec)
     path = Path(spec).expanduser()
-    if not path.exists():
-        hint = f" (demo models: {', '.join(DEMOS)})" if "/" not in spec and "." not in spec else ""
-        raise LowbitError(path, f"no such file or folder{hint}")
     if path.is_dir():
         cfg = read_config(path)
         kind = "quantized" if "quantization_config" in cfg else "hf"
