@@ -317,26 +317,35 @@ def score_chunk(logits: np.ndarray, chunk: list[int], base_logp: np.ndarray | No
     return nll, kl, lp
 
 
-def make_skeleton(src_gguf, out, rows: int = 8, seed: int = 0, keep_tokenizer: bool = False) -> Path:
+def make_skeleton(src_gguf, out, rows: int | None = 8, seed: int = 0, keep_tokenizer: bool = False,
+                  layers: int | None = None) -> Path:
     """A small F32 GGUF with the metadata, tensor names and row lengths of ``src_gguf`` but only
     ``rows`` rows per matrix: llama.cpp's quantizer picks types from names and row lengths
     only, so the type map of a mix can be checked in milliseconds on large models.  The
     quantizer reads hyper-parameters but not the vocabulary, so tokenizer keys are dropped
-    unless ``keep_tokenizer``."""
+    unless ``keep_tokenizer``. Such a file contradicts its own metadata (lowbit refuses to
+    quantize it); ``rows=None, layers=N`` keeps every row and only the first N blocks instead
+    (``block_count`` = N): a valid model file."""
+    import re
+
     from gguf import GGMLQuantizationType as T
 
     from lowbit.gguf.reader import GGUFFile
     from lowbit.gguf.writer import KV, PlannedTensor, write_gguf
 
     f = GGUFFile(src_gguf)
-    kvs = [KV(k, vt, v, sub) for k, vt, v, sub in f.kv_entries()
+    arch = f.kv["general.architecture"]
+    kvs = [KV(k, vt, layers if layers is not None and k == f"{arch}.block_count" else v, sub)
+           for k, vt, v, sub in f.kv_entries()
            if k not in ("general.file_type", "general.quantization_version", "general.alignment")
            and (keep_tokenizer or not k.startswith("tokenizer."))]
-    arch = f.kv["general.architecture"]
     planned = []
     for t in f.tensors:
+        m = re.match(r"blk\.(\d+)\.", t.name)
+        if layers is not None and m and int(m.group(1)) >= layers:
+            continue
         shape = t.shape
-        if len(shape) >= 2:
+        if len(shape) >= 2 and rows is not None:
             shape = (*shape[:-2], min(rows, shape[-2]), shape[-1])
         planned.append(PlannedTensor(t.name, shape, T.F32))
     rng = np.random.default_rng(seed)

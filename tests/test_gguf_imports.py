@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "lowbit" / "gguf"
 
 # bottom to top; a module may import its own layer and those below
 LAYERS = [
-    {"names", "_base", "_blockops", "native"},
+    {"names", "_base", "_blockops", "native", "hparams", "llamacpp"},
     {"quants", "kquants", "iquants", "iq1quants", "iq2quants", "iq3quants", "tquants", "fp4quants",
      "mixes", "reader", "writer", "imatrix"},
     {"sources", "vocab", "plan"},

@@ -143,12 +143,14 @@ def quantize_model(
     from lowbit.models.adapters import get_adapter
     from lowbit.models.engine import stream_quantize
     from lowbit.models.loader import load_tokenizer
+    from lowbit.models.validate import check_checkpoint
 
     m = METHODS.get(method, "--method")
     src = resolve(source)
     ckpt = Checkpoint(src.hf_dir)
     config = AutoConfig.from_pretrained(str(src.hf_dir))
     adapter = get_adapter(config)
+    check_checkpoint(config, ckpt, src.gguf_path)  # names and shapes against the architecture, before any work
     plan: Plan | None = None
     if recipe is not None:
         shapes = {n: ckpt.shape(n) for n in ckpt.keys()}

@@ -15,7 +15,7 @@ write, the hyper-parameters the mixes need, and functions that read one tensor a
 
 from __future__ import annotations
 
-import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +56,17 @@ _SKIP_KEYS = ("general.file_type", "general.quantization_version", "general.alig
 def _gguf_source(path: Path) -> Source:
     """A GGUF file as a :class:`Source` (metadata copied, tensors memory-mapped)."""
     f = GGUFFile(path)
+    from ..models.gguf_source import hf_config
+    from ..models.validate import check_gguf_tensors
+
+    arch_v = f.kv.get("general.architecture")
+    if not isinstance(arch_v, str) or not arch_v:
+        raise LowbitError(path, "missing metadata key general.architecture (not a model file?)")
+    arch = arch_v
+    if find_gguf_arch(arch) is not None:  # a family lowbit knows: its metadata against the tensors, then
+        # the tensors against the architecture (other families are re-quantized as llama-quantize does)
+        check_gguf_tensors(hf_config(f, path), {t.name: t.shape for t in f.tensors}, arch, path)
     kvs = [KV(k, vt, v, sub) for k, vt, v, sub in f.kv_entries() if k not in _SKIP_KEYS]
-    arch = str(f.kv.get("general.architecture", ""))
     shapes = {t.name: t.shape for t in f.tensors}
     stypes = {t.name: t.type for t in f.tensors}
     hp = mixes.hparams_from_gguf_kv(f.kv, where=path)
@@ -114,13 +123,14 @@ def hf_to_gguf_layout(name: str, w: np.ndarray, arch: str, n_head: int, n_kv: in
 
 def _hf_source(hf_dir: Path) -> Source:
     """A Hugging Face folder as a :class:`Source` in llama.cpp's names, layout and metadata."""
+    from transformers import AutoConfig
+
     from ..models import Checkpoint
+    from ..models.checkpoint import read_json
+    from ..models.validate import check_checkpoint, validate_hf_config
 
     cfg_path = hf_dir / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LowbitError(cfg_path, f"cannot read config.json ({e})") from None
+    cfg = read_json(cfg_path, "config.json", strict=False)
     if not isinstance(cfg, dict):
         raise LowbitError(cfg_path, "config.json is not a JSON object")
     model_type = cfg.get("model_type", "")
@@ -128,6 +138,7 @@ def _hf_source(hf_dir: Path) -> Source:
         raise LowbitError(hf_dir, "multimodal gemma3 checkpoints are not supported for GGUF output; "
                           "use the text-only Gemma3ForCausalLM")
     family = by_model_type(model_type, hf_dir, gguf=True)
+    validate_hf_config(cfg, cfg_path)
     arch = a = str(family.gguf_arch)
     try:
         n_layer = int(cfg["num_hidden_layers"])
@@ -151,6 +162,10 @@ def _hf_source(hf_dir: Path) -> Source:
         raise LowbitError(hf_dir, f"rope scaling {rtype!r} is not supported for GGUF output yet")
     tied = bool(cfg.get("tie_word_embeddings", arch == "gemma3"))
     ck = Checkpoint(hf_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.from_pretrained(str(hf_dir))
+    check_checkpoint(config, ck)  # names and shapes against the architecture, before any work
 
     names: dict[str, str] = {}
     for k in ck.keys():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,12 @@ from safetensors.torch import save_file
 
 from ..errors import LowbitError
 from ..fileio import atomic_dir
+from ..gguf.hparams import validate_hparams
 from ..gguf.names import hf_tensor_name, unpermute_rotary
 from ..gguf.reader import GGUFFile
 from ..progress import track
 from .architectures import by_gguf_arch
+from .validate import check_gguf_tensors
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -32,43 +36,32 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def hf_config(reader: Any, path: Path) -> dict[str, Any]:
-    """A Hugging Face config.json dict from GGUF metadata."""
-    arch = _field(reader, "general.architecture")
-    family = by_gguf_arch(arch, path)
+    """A Hugging Face config.json dict from GGUF metadata, validated against the tensors first
+    (:func:`lowbit.gguf.hparams.validate_hparams`)."""
+    hp = validate_hparams(reader.kv, {t.name: t.shape for t in reader.tensors}, path)
+    family = by_gguf_arch(hp.arch, path)
     names = {t.name for t in reader.tensors}
-
-    def need(key: str) -> Any:
-        v = _field(reader, f"{arch}.{key}")
-        if v is None:
-            raise LowbitError(path, f"missing metadata key {arch}.{key}")
-        return v
-
-    embd = reader.by_name.get("token_embd.weight")
-    if embd is None:
-        raise LowbitError(path, "missing tensor token_embd.weight")
-    n_head = int(need("attention.head_count"))
-    hidden = int(need("embedding_length"))
+    hidden, n_head = hp.n_embd, hp.n_head
     cfg: dict[str, Any] = {
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": hp.n_ff,
+        "num_hidden_layers": hp.n_layer,
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
-        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
-        "vocab_size": int(embd.shape[0]),
+        "num_key_value_heads": hp.n_head_kv,
+        "rms_norm_eps": hp.eps,
+        "max_position_embeddings": hp.n_ctx,
+        "vocab_size": hp.n_vocab,
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
-    head_dim = _field(reader, f"{arch}.attention.key_length") or _field(reader, f"{arch}.rope.dimension_count")
-    if head_dim:
-        cfg["head_dim"] = int(head_dim)
-    theta = _field(reader, f"{arch}.rope.freq_base")
+    if hp.explicit_head_dim:
+        cfg["head_dim"] = hp.head_dim
+    theta = hp.rope_base
     cfg.update(model_type=family.model_types[0], architectures=[family.hf_class])
     if family.name == "gemma3":
-        cfg["sliding_window"] = int(_field(reader, "gemma3.attention.sliding_window", 4096))
+        cfg["sliding_window"] = hp.sliding_window
         cfg["query_pre_attn_scalar"] = cfg.get("head_dim", hidden // n_head)
         cfg["rope_theta"] = float(theta or 1_000_000.0)
     else:
@@ -79,22 +72,58 @@ def hf_config(reader: Any, path: Path) -> dict[str, Any]:
     return cfg
 
 
-def cache_key(path: Path) -> str:
-    """A key that changes when the file changes (name, size, first and last MiB)."""
+#: a file changed less than this long ago is hashed again next time (its timestamps may not show
+#: a change made within the same clock tick: git's "racily clean" rule)
+_SETTLED_NS = 2_000_000_000
+
+
+def _identity(path: Path) -> tuple[str, os.stat_result]:
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest(), st
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of the whole file, read once in 16 MiB chunks.
+
+    The digest is remembered in ``<cache>/digests`` under the file's identity (path, device,
+    inode, size, modification and change times), so an unchanged file is not read again; any
+    write changes the change time, so an edited file is hashed again."""
+    from .cache import cache_dir
+
+    memo_dir = cache_dir() / "digests"
+    ident, st = _identity(path)
+    memo = memo_dir / ident
+    try:
+        known = memo.read_text().strip()
+        if len(known) == 64:
+            return known
+    except OSError:
+        pass
     h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
     with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    after, st2 = _identity(path)
+    settled = time.time_ns() - max(st2.st_mtime_ns, st2.st_ctime_ns) > _SETTLED_NS
+    if after == ident and settled:  # unchanged while it was read, and not racily recent
+        try:
+            memo_dir.mkdir(parents=True, exist_ok=True)
+            tmp = memo_dir / f".{ident}.{os.getpid()}"
+            tmp.write_text(digest)
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # a read-only cache only costs hashing again
+    return digest
 
 
-def convert_gguf_to_hf(path: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF model into a Hugging Face folder (config, safetensors, tokenizer)."""
+def convert_gguf_to_hf(path: Path, out_dir: Path, sha256: str | None = None) -> Path:
+    """Dequantize a GGUF model into a Hugging Face folder (config, safetensors, tokenizer);
+    ``sha256``: the file's :func:`content_digest` when the caller has it."""
     reader = GGUFFile(path)  # bounded header validation, memory-mapped tensors
-    cfg = hf_config(reader, path)
+    cfg = hf_config(reader, path)  # metadata validated against the tensors
+    check_gguf_tensors(cfg, {t.name: t.shape for t in reader.tensors}, str(reader.kv["general.architecture"]), path)
     arch = _field(reader, "general.architecture")
     family = by_gguf_arch(arch, path)
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -117,7 +146,7 @@ def convert_gguf_to_hf(path: Path, out_dir: Path) -> Path:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": path.name})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         _save_tokenizer(path, tmp)
-        (tmp / "lowbit_source.json").write_text(json.dumps({"gguf": str(path), "key": cache_key(path)}))
+        (tmp / "lowbit_source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha256 or content_digest(path)}))
     return out_dir
 
 

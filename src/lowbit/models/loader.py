@@ -7,7 +7,6 @@ and fills it tensor by tensor from the lazy :class:`Checkpoint`.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,12 @@ import torch
 from ..errors import LowbitError
 from .architectures import MODEL_TYPES
 from .cache import cache_dir
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, read_json
 from .demo import DEMOS, demo_gguf
-from .gguf_source import cache_key, convert_gguf_to_hf
+from .gguf_source import content_digest, convert_gguf_to_hf
 from .hub import hub_snapshot
 from .spec import check_spec
+from .validate import check_checkpoint, validate_hf_config
 
 SUPPORTED_MODEL_TYPES = MODEL_TYPES  # lowbit.models.architectures: the one table of supported families
 GGUF_MAGIC = b"GGUF"
@@ -54,10 +54,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.exists():
         raise LowbitError(folder, "not a model folder (no config.json)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LowbitError(path, f"invalid JSON ({exc.__class__.__name__})") from None
+    cfg = read_json(path, "config.json", strict=False)
     if not isinstance(cfg, dict):
         raise LowbitError(path, "config.json is not a JSON object")
     return cfg
@@ -69,11 +66,16 @@ def is_gguf(path: Path) -> bool:
 
 
 def _gguf_to_folder(path: Path) -> Path:
-    out = cache_dir() / "models" / f"{path.stem}-{cache_key(path)}"
+    """The Hugging Face folder converted from a GGUF file, cached under the file's content digest
+    (a file changed anywhere, even at the same size, is converted again); reuse is announced."""
+    digest = content_digest(path)
+    out = cache_dir() / "models" / f"{path.stem}-{digest[:24]}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        warnings.warn(f"{path}: reusing its converted copy {out} (same content, sha256 {digest[:12]}...)",
+                      stacklevel=2)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    return convert_gguf_to_hf(path, out)
+    return convert_gguf_to_hf(path, out, sha256=digest)
 
 
 def resolve(source: str | Path | ModelSource) -> ModelSource:
@@ -85,11 +87,14 @@ def resolve(source: str | Path | ModelSource) -> ModelSource:
         gguf_path = demo_gguf(spec)
         return ModelSource(spec, "demo", _gguf_to_folder(gguf_path), gguf_path)
     if spec.startswith("hf:"):
-        return ModelSource(spec, "hub", hub_snapshot(spec[3:]))
+        folder = hub_snapshot(spec[3:])
+        validate_hf_config(read_config(folder), folder / "config.json")
+        return ModelSource(spec, "hub", folder)
     check_spec(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         cfg = read_config(path)
+        validate_hf_config(cfg, path / "config.json")  # values only; the tensors are checked where they are used
         kind = "quantized" if "quantization_config" in cfg else "hf"
         return ModelSource(spec, kind, path)
     if path.suffix == ".gguf" or is_gguf(path):
@@ -187,5 +192,7 @@ def load(source: str | Path | ModelSource, dtype: torch.dtype = torch.float32,
     else:
         tensors = Checkpoint(src.hf_dir)
     model = build_empty_model(src.hf_dir, dtype)
+    if isinstance(tensors, Checkpoint):  # names and shapes against the architecture, before reading any
+        check_checkpoint(model.config, tensors, src.gguf_path, model=model)
     fill_model(model, tensors, src.hf_dir, dtype, device)
     return LoadedModel(model, load_tokenizer(src.hf_dir), model.config, src)
