@@ -119,10 +119,12 @@ def gguf_digest(path: Path) -> str:
 
 # --- the cases -----------------------------------------------------------------------------------
 
-CALIB = ["--samples", "8", "--seq-len", "64", "--calib", "pydoc"]
+# IQ types whose torch encoders take tens of seconds here: pinned too, run with LOWBIT_SLOW_TESTS=1
+SLOW = {"gguf-iq2_s-imatrix", "gguf-iq1_s-imatrix", "gguf-iq1_m-imatrix", "gguf-iq2_xs-imatrix"}
 
 
-def cases(syn: str, imat: str, syn_f16: str) -> dict[str, list[str]]:
+def cases(syn: str, imat: str, syn_f16: str, calib: str) -> dict[str, list[str]]:
+    CALIB = ["--samples", "8", "--seq-len", "64", "--calib", calib]
     s = str(STORIES)
     out: dict[str, list[str]] = {
         # round-to-nearest, HF formats
@@ -177,6 +179,8 @@ def run_cases(workdir: Path, only: set[str] | None = None,
     warnings.simplefilter("ignore")
     workdir.mkdir(parents=True, exist_ok=True)
     syn = make_synthetic_llama(workdir / "syn")
+    calib = workdir / "calib.txt"  # a slice of WikiText-2: tokenized in a moment, unlike the 1 MB pydoc set
+    calib.write_text(WIKITEXT.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     digests: dict[str, str] = {}
     imat = workdir / "syn-imatrix.gguf"
     with contextlib.redirect_stdout(io.StringIO()):
@@ -190,8 +194,9 @@ def run_cases(workdir: Path, only: set[str] | None = None,
         rc = main(["--quiet", "quantize", str(syn), "--to", "F16", "-o", str(syn_f16)])
     if rc != 0:
         raise RuntimeError("F16 conversion failed")
-    for name, argv in cases(str(syn), str(imat), str(syn_f16)).items():
-        if only and name not in only:
+    slow = os.environ.get("LOWBIT_SLOW_TESTS") == "1"
+    for name, argv in cases(str(syn), str(imat), str(syn_f16), str(calib)).items():
+        if (only and name not in only) or (not only and name in SLOW and not slow):
             continue
         gguf = "--to" in argv or "gguf" in argv
         out = workdir / (name + (".gguf" if gguf else ""))

@@ -44,7 +44,7 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
              format: str | None = None, overwrite: bool = False, *, to: str | None = None,  # noqa: A002
              imatrix: str | Path | None = None, pure: bool = False, tensor_types: tuple[str, ...] | list[str] = (),
              output_tensor_type: str | None = None, token_embedding_type: str | None = None,
-             device: str = "cpu", **method_args: Any) -> Path:
+             device: str = "cpu", report: dict[str, Any] | None = None, **method_args: Any) -> Path:
     """Quantize ``source`` and write it to ``out``: the one entry point for every method and format.
 
     ``format``: a registered checkpoint format (``compressed-tensors``, ``gptq``, ``awq``...) or
@@ -56,7 +56,8 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
     ``Q4_1``, ``Q8_0``; ``Q4_K`` with GPTQ on llama.cpp's own grid), every tensor the type fits
     (``pure`` is implied), the same options applying to the tensors around them.
     ``method_args`` go to :func:`quantize_model` (calibration, ``act_order``, handler options).
-    An existing ``out`` is refused before any work unless ``overwrite``.
+    An existing ``out`` is refused before any work unless ``overwrite``. ``report`` (a dict, GGUF
+    outputs): filled with the tensors that fell back to other types and the real bits per weight.
     """
     from .fileio import check_output_path
     from .formats import FORMATS, save
@@ -75,7 +76,7 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
         to = to or "Q4_0"  # calibrated codes: 4-bit blocks of 32
         gguf_args: dict[str, Any] = dict(imatrix_path=imatrix, tensor_types=list(tensor_types), overwrite=overwrite,
                                          output_tensor_type=output_tensor_type,
-                                         token_embedding_type=token_embedding_type)
+                                         token_embedding_type=token_embedding_type, report=report)
         if method == "rtn":
             from .gguf.convert import quantize_to_gguf
 

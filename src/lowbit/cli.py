@@ -201,13 +201,16 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     elif args.act_order not in (None, "off"):
         raise LowbitError("--act-order", "applies to --method gptq only")
     fmt = args.format or ("gguf" if args.to else "compressed-tensors")
+    report: dict[str, Any] = {}
     out = api.quantize(args.model, args.output, method=args.method, recipe=_recipe(args), format=fmt,
                        overwrite=args.overwrite, to=args.to, imatrix=args.imatrix, pure=args.pure,
                        tensor_types=list(args.tensor_type), output_tensor_type=args.output_tensor_type,
-                       token_embedding_type=args.token_embedding_type, device=args.device, **method_args)
+                       token_embedding_type=args.token_embedding_type, device=args.device, report=report,
+                       **method_args)
     result: dict[str, Any] = {"output": str(out), "format": fmt, "method": args.method}
     if fmt == "gguf":
         result["type"] = args.to or "Q4_0"
+        result.update(report)  # fallbacks (tensors of another type than the mix promised), bits_per_weight
     else:
         from .eval import folder_size
 
