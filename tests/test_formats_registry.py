@@ -106,7 +106,7 @@ def test_save_refuses_what_a_format_cannot_hold_before_writing(tmp_path):
     g = torch.Generator().manual_seed(0)
     fp8 = {n: QuantizedWeight((torch.randn(qw.shape, generator=g) * 10).to(torch.float8_e4m3fn),
                               torch.rand(qw.shape[0], 1), None, FP8) for n, qw in list(weights.items())[:2]}
-    for fmt in FORMATS:
+    for fmt in [n for n in FORMATS if FORMATS.get(n).holds(FP8) is not None]:  # lowbit's own format holds any
         with pytest.raises(LowbitError, match="cannot hold 2 of 2"):
             formats.save(make_model(fp8), SRC, tmp_path / fmt, fmt)
         enc = FORMATS.get(fmt).encoder({}, [], torch.float32)  # an encoder refuses too, naming the tensor

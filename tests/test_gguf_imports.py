@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from test_imports import find_cycle
+
 PACKAGE = "lowbit.gguf"
 ROOT = Path(__file__).resolve().parents[1] / "src" / "lowbit" / "gguf"
 
@@ -55,32 +57,6 @@ def import_graph() -> dict[str, set[str]]:
     return {m: _imported(m, p, set(mods)) for m, p in mods.items()}
 
 
-def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(m: str) -> list[str] | None:
-        state[m] = 1
-        stack.append(m)
-        for d in sorted(graph[m]):
-            if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
-            if d not in state:
-                found = visit(d)
-                if found:
-                    return found
-        stack.pop()
-        state[m] = 2
-        return None
-
-    for m in sorted(graph):
-        if m not in state:
-            found = visit(m)
-            if found:
-                return found
-    return None
-
-
 def test_graph_is_read():
     g = import_graph()
     assert "quants" in g["writer"] and "sources" in g["convert"] and "convert" in g["from_quantized"]
@@ -89,7 +65,7 @@ def test_graph_is_read():
 
 
 def test_no_import_cycle():
-    cycle = _cycle(import_graph())
+    cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
@@ -99,8 +75,3 @@ def test_layers():
     assert set(rank) == set(g), f"modules missing from LAYERS: {sorted(set(g) - set(rank))}"
     bad = [f"{m} -> {d}" for m, deps in g.items() for d in deps if rank[d] > rank[m]]
     assert not bad, "imports of a higher layer: " + ", ".join(sorted(bad))
-
-
-def test_cycle_finder():
-    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 from .errors import LowbitError
 
 T = TypeVar("T")
+C = TypeVar("C", bound=type)
 
 
 class Registry(Generic[T]):
@@ -48,6 +49,14 @@ class Registry(Generic[T]):
         self._display[key] = name
         doc = help if help is not None else (getattr(entry, "__doc__", None) or "")
         self._help[key] = doc.strip().splitlines()[0] if doc.strip() else ""
+
+    def register_instance(self, cls: C) -> C:
+        """Class decorator: register one instance of ``cls`` under ``cls.name`` (help: its docstring)."""
+        name = getattr(cls, "name", "")
+        if not name:
+            raise RuntimeError(f"{self.kind} class {cls.__name__} has no name")
+        self.add(name, cls(), cls.__doc__)
+        return cls
 
     def load(self) -> None:
         """Import every module of the registry's package, so that each registers itself."""

@@ -146,10 +146,7 @@ F = TypeVar("F", bound=type[Format])
 
 def register(cls: F) -> F:
     """Class decorator: add one instance of a :class:`Format` subclass to :data:`FORMATS`."""
-    if not cls.name:
-        raise RuntimeError(f"format class {cls.__name__} has no name")
-    FORMATS.add(cls.name, cls(), cls.__doc__)
-    return cls
+    return FORMATS.register_instance(cls)
 
 
 # --------------------------------------------------------------------------------- planning

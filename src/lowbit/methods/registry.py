@@ -49,5 +49,4 @@ M = TypeVar("M", bound=type[Method])
 
 def register_method(cls: M) -> M:
     """Class decorator: register one instance of the :class:`Method` subclass under its ``name``."""
-    METHODS.add(cls.name, cls(), cls.__doc__)
-    return cls
+    return METHODS.register_instance(cls)

@@ -66,10 +66,7 @@ K = TypeVar("K", bound=type[Kernel])
 
 def register(cls: K) -> K:
     """Class decorator: add one instance of a :class:`Kernel` subclass to :data:`KERNELS`."""
-    if not cls.name:
-        raise RuntimeError(f"kernel class {cls.__name__} has no name")
-    KERNELS.add(cls.name, cls(), cls.__doc__)
-    return cls
+    return KERNELS.register_instance(cls)
 
 
 _ORDER: list[Kernel] = []
