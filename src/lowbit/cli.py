@@ -318,6 +318,11 @@ def _terminate(signum: int, _frame: Any) -> None:
     raise Terminated(signum)
 
 
+#: library warnings that say nothing to a user of lowbit (printed only with --debug): torch's note on
+#: a pickle protocol, printed before lowbit's own refusal of a ``.bin`` that needs unpickling
+_NOISE = (r"Detected pickle protocol",)
+
+
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     """Warnings as one line, ``lowbit: warning: <message>``, without the source line that looks like a crash."""
@@ -344,11 +349,16 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             if not args.debug:
                 warnings.showwarning = _show_warning
+                for noise in _NOISE:
+                    warnings.filterwarnings("ignore", message=noise)
             result = COMMANDS[args.command](args)
     except LowbitError as exc:
         if args.debug:
             raise
-        print(f"lowbit: error: {exc}", file=sys.stderr)
+        from .models.spec import user_path
+
+        where = user_path(exc.where)
+        print(f"lowbit: error: {where}: {exc.problem}" if where else f"lowbit: error: {exc.problem}", file=sys.stderr)
         return EXIT_INPUT
     except Terminated as exc:
         print(f"lowbit: terminated ({exc.args[0]}); outputs in progress removed", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,10 @@ def _first_scored(ctx: int, score_all: bool) -> int:
 
 @torch.inference_mode()
 def _logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Logits ``[b, ctx, vocab]`` of a batch of chunks: a torch model's forward, or a runtime
+    outside torch that gives them itself (``chunk_logits``: :class:`lowbit.gguf.llamacpp.Runner`)."""
+    if hasattr(model, "chunk_logits"):
+        return model.chunk_logits(batch)
     device = next(model.parameters()).device
     return model(input_ids=batch.to(device), use_cache=False).logits.float()
 
@@ -126,28 +131,106 @@ def compare_models(ref: torch.nn.Module, models: dict[str, torch.nn.Module], tok
                 t0 = time.perf_counter()
                 lp_q = F.log_softmax(_logits(model, batch)[:, first:-1].to(lp_ref.device), dim=-1)
                 seconds[key] += time.perf_counter() - t0
-                st = stats[key]
-                st["kl"].append((p_ref * (lp_ref - lp_q)).sum(-1).reshape(-1).cpu())
-                st["same"].append((top_ref == lp_q.argmax(-1)).reshape(-1).cpu())
-                st["nll"].append(-lp_q.gather(-1, target).reshape(-1).cpu())
+                _accumulate(stats[key], lp_ref, p_ref, top_ref, lp_q, target)
             pbar.update(batch.shape[0])
-    ppl_ref, _, mean_ref = _summarize(torch.cat(nll_ref))
-    results: dict[str, KLResult] = {}
-    for key, st in stats.items():
-        kl = torch.cat(st["kl"]).double().clamp_min(0)
-        ppl_q, _, mean_q = _summarize(torch.cat(st["nll"]))
-        results[key] = KLResult(
-            kl_mean=float(kl.mean()),
-            kl_median=float(kl.median()),
-            kl_p99=float(torch.quantile(kl.float(), 0.99)),
-            kl_max=float(kl.max()),
-            top1_agreement=float(torch.cat(st["same"]).float().mean()),
-            ppl_ref=ppl_ref,
-            ppl=ppl_q,
-            ppl_ratio=ppl_q / ppl_ref,
-            ln_ppl_ratio=mean_q - mean_ref,
-            n_tokens=kl.numel(),
-            seconds=seconds[key],
-            tokens_per_s=chunks.numel() / max(seconds[key], 1e-9),
-        )
-    return results
+    nll = torch.cat(nll_ref)
+    return {key: _kl_result(st, nll, chunks.numel(), seconds[key]) for key, st in stats.items()}
+
+
+def _accumulate(st: dict[str, list[torch.Tensor]], lp_ref: torch.Tensor, p_ref: torch.Tensor, top_ref: torch.Tensor,
+                lp_q: torch.Tensor, target: torch.Tensor) -> None:
+    """One batch's per-token KL(ref || q), top-1 agreement and q's NLL, appended to ``st``."""
+    st["kl"].append((p_ref * (lp_ref - lp_q)).sum(-1).reshape(-1).cpu())
+    st["same"].append((top_ref == lp_q.argmax(-1)).reshape(-1).cpu())
+    st["nll"].append(-lp_q.gather(-1, target).reshape(-1).cpu())
+
+
+def _kl_result(st: dict[str, list[torch.Tensor]], nll_ref: torch.Tensor, n_eval: int, seconds: float) -> KLResult:
+    ppl_ref, _, mean_ref = _summarize(nll_ref)
+    kl = torch.cat(st["kl"]).double().clamp_min(0)
+    ppl_q, _, mean_q = _summarize(torch.cat(st["nll"]))
+    return KLResult(
+        kl_mean=float(kl.mean()),
+        kl_median=float(kl.median()),
+        kl_p99=float(torch.quantile(kl.float(), 0.99)),
+        kl_max=float(kl.max()),
+        top1_agreement=float(torch.cat(st["same"]).float().mean()),
+        ppl_ref=ppl_ref,
+        ppl=ppl_q,
+        ppl_ratio=ppl_q / ppl_ref,
+        ln_ppl_ratio=mean_q - mean_ref,
+        n_tokens=kl.numel(),
+        seconds=seconds,
+        tokens_per_s=n_eval / max(seconds, 1e-9),
+    )
+
+
+@dataclass
+class ReferenceScores:
+    """A reference model's log-probabilities at every scored position, computed once (see
+    :func:`reference_scores`), so that models can be compared with it one at a time without the
+    reference in memory. Per batch, in memory or (``folder`` given) one safetensors file each."""
+
+    chunks: torch.Tensor
+    first: int
+    batch_size: int
+    nll: torch.Tensor
+    batches: list[torch.Tensor | Path] = field(default_factory=list)
+
+    def log_probs(self, k: int) -> torch.Tensor:
+        b = self.batches[k]
+        if isinstance(b, Path):
+            from safetensors.torch import load_file
+
+            return load_file(str(b))["lp"]
+        return b
+
+
+def reference_scores(ref: torch.nn.Module, tokens: torch.Tensor, ctx: int = 512, batch_size: int = 4,
+                     bos_id: int | None = None, score_all: bool = False, max_chunks: int | None = None,
+                     folder: str | Path | None = None, desc: str = "reference") -> ReferenceScores:
+    """Run ``ref`` once over the chunks of ``tokens`` and keep its log-probabilities (on disk under
+    ``folder`` when given: ``chunks x ctx/2 x vocab`` float32 can be large); :func:`score_against`
+    then gives the same numbers as :func:`compare_models`, one model at a time."""
+    chunks = make_chunks(tokens, ctx, bos_id, max_chunks)
+    first = _first_scored(ctx, score_all)
+    out = ReferenceScores(chunks, first, batch_size, torch.empty(0))
+    nll_ref: list[torch.Tensor] = []
+    with bar(chunks.shape[0], desc, unit="chunk") as pbar:
+        for k, i in enumerate(range(0, chunks.shape[0], batch_size)):
+            batch = chunks[i : i + batch_size]
+            lp_ref = F.log_softmax(_logits(ref, batch)[:, first:-1], dim=-1)
+            target = batch[:, first + 1 :].to(lp_ref.device)[..., None]
+            nll_ref.append(-lp_ref.gather(-1, target).reshape(-1).cpu())
+            if folder is not None:
+                from safetensors.torch import save_file
+
+                path = Path(folder) / f"reference-{k:05d}.safetensors"
+                save_file({"lp": lp_ref.cpu().contiguous()}, str(path))
+                out.batches.append(path)
+            else:
+                out.batches.append(lp_ref.cpu())
+            pbar.update(batch.shape[0])
+    out.nll = torch.cat(nll_ref)
+    return out
+
+
+def score_against(reference: ReferenceScores, model: torch.nn.Module, desc: str = "kl-divergence") -> KLResult:
+    """KL(ref || model), top-1 agreement and both perplexities against scores kept by :func:`reference_scores`."""
+    st: dict[str, list[torch.Tensor]] = {"kl": [], "same": [], "nll": []}
+    chunks, first, seconds = reference.chunks, reference.first, 0.0
+    device = next(model.parameters()).device
+    with bar(chunks.shape[0], desc, unit="chunk") as pbar:
+        for k, i in enumerate(range(0, chunks.shape[0], reference.batch_size)):
+            batch = chunks[i : i + reference.batch_size]
+            lp_ref = reference.log_probs(k).to(device)
+            p_ref = lp_ref.exp()
+            top_ref = lp_ref.argmax(-1)
+            target = batch[:, first + 1 :].to(lp_ref.device)[..., None]
+            t0 = time.perf_counter()
+            lp_q = F.log_softmax(_logits(model, batch)[:, first:-1].to(lp_ref.device), dim=-1)
+            seconds += time.perf_counter() - t0
+            _accumulate(st, lp_ref, p_ref, top_ref, lp_q, target)
+            del lp_ref, p_ref, lp_q
+            pbar.update(batch.shape[0])
+    return _kl_result(st, reference.nll, chunks.numel(), seconds)

@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint, read_json
 from .demo import DEMOS, demo_gguf
 from .gguf_source import content_digest, convert_gguf_to_hf
 from .hub import hub_snapshot
-from .spec import check_spec
+from .spec import check_spec, remember_conversion
 from .validate import check_checkpoint, validate_hf_config
 
 SUPPORTED_MODEL_TYPES = MODEL_TYPES  # lowbit.models.architectures: the one table of supported families
@@ -36,6 +36,10 @@ class ModelSource:
     kind: str  # "hf" | "gguf" | "hub" | "demo" | "quantized"
     hf_dir: Path
     gguf_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.gguf_path is not None:  # messages about the converted folder name the user's source
+            remember_conversion(self.hf_dir, self.spec)
 
     @property
     def quantization_config(self) -> dict[str, Any] | None:
