@@ -91,6 +91,7 @@ def test_requantize_warns_and_copies_same_type(stories_files, tmp_path):
         out = quantize_to_gguf(src, tmp_path / "re.gguf", "Q4_0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=r".*fell back from Q8_0 to F16")  # rows of 172: reported, not requantized
         same = quantize_to_gguf(src, tmp_path / "same.gguf", "Q8_0")  # every type equal: plain copy
     a, b = GGUFFile(src), GGUFFile(same)
     assert all(np.array_equal(a.data(t.name), b.data(t.name)) for t in a.tensors)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
@@ -27,8 +28,8 @@ from ..errors import LowbitError
 from ..fileio import atomic_file, check_output_path
 from ..progress import track
 from . import mixes
-from .imatrix import load_imatrix_values
-from .plan import check_encodable, check_imatrix, plan_source, plan_types
+from .imatrix import load_imatrix
+from .plan import bits_per_weight, check_encodable, check_imatrix, fallback_report, plan_source, plan_types
 from .sources import Source, open_source
 from .writer import KV, PlannedTensor, quantize_array, write_gguf
 
@@ -40,7 +41,7 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
                      tensor_types: list[str] | tuple[str, ...] = (), overwrite: bool = False,
                      values: Callable[[str, Source], np.ndarray | None] | None = None,
                      encoded: Callable[[PlannedTensor, Source], np.ndarray | None] | None = None,
-                     device: str | None = None) -> Path:
+                     device: str | None = None, report: dict | None = None) -> Path:
     """Write ``source`` as a GGUF file of ``mix`` at ``out_path``; returns the path.
 
     ``source``: anything ``lowbit.models.resolve`` accepts (HF folder, GGUF file, ...).
@@ -53,6 +54,9 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
     regex searched in the GGUF tensor name (first match wins), as ``llama-quantize
     --tensor-type``.  The file is written atomically; an existing one needs ``overwrite``.
     ``device``: where the block encoders run (``"cuda"``; default the CPU); same bytes.
+    Tensors whose rows the mix's type cannot hold fall back to another type, as in llama.cpp: one
+    warning per fallback class; ``report`` (a dict, filled when given) gets ``fallbacks`` (one
+    ``{from, to, tensors, row_lengths}`` per class) and the file's real ``bits_per_weight``.
 
     Hooks (used by :mod:`lowbit.gguf.from_quantized`): ``values(name, src)`` may return float32
     values (GGUF layout) replacing the source's for tensor ``name``; ``encoded(planned, src)``
@@ -62,9 +66,23 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
     out = check_output_path(out_path, overwrite)
     src = open_source(source)
     mixname = mixes.normalize_mix(mix)
-    imat = load_imatrix_values(imatrix_path) if imatrix_path is not None else None
-    types = plan_source(src, mixname, pure, output_tensor_type, token_embedding_type, tensor_types, imat is not None)
+    im_file, imat = None, None
+    if imatrix_path is not None:
+        im_file = load_imatrix(imatrix_path)[0]
+        imat = im_file.values()
+    fallbacks: dict[str, tuple[T, T]] = {}
+    types = plan_source(src, mixname, pure, output_tensor_type, token_embedding_type, tensor_types, imat is not None,
+                        fallbacks)
     check_encodable(types, src, mixname, out, imat is not None)
+    classes = fallback_report(fallbacks, src.shapes)
+    for c in classes:
+        rows = " or ".join(str(n) for n in c["row_lengths"])  # type: ignore[attr-defined]
+        block = GGML_QUANT_SIZES[T[str(c["from"])]][0]
+        warnings.warn(f"{out}: {c['tensors']} of {len(types)} tensors fell back from {c['from']} to {c['to']} "
+                      f"(rows of {rows} values do not fill {c['from']}'s blocks of {block})", stacklevel=2)
+    if report is not None:
+        report["fallbacks"] = classes
+        report["bits_per_weight"] = round(bits_per_weight(types, src.shapes), 4)
     requant = [n for n, t in types.items()
                if src.quantized_source and src.source_types[n] not in (T.F32, T.F16, T.BF16)
                and t != src.source_types[n] and t not in (T.F32, T.F16, T.BF16)]
@@ -81,9 +99,8 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
     kvs = list(src.kvs)
     kvs.append(KV("general.quantization_version", V.UINT32, 2))
     kvs.append(KV("general.file_type", V.UINT32, ftype))
-    if imat is not None:
-        kvs.append(KV("quantize.imatrix.file", V.STRING, str(imatrix_path)))
-        kvs.append(KV("quantize.imatrix.entries_count", V.UINT32, len(imat)))
+    if im_file is not None and imat is not None:
+        _set_provenance(kvs, str(imatrix_path), im_file.datasets, len(imat), im_file.chunk_count)
 
     def produce(t: PlannedTensor) -> np.ndarray:
         if encoded is not None:
@@ -115,6 +132,27 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
     with atomic_file(out, overwrite=overwrite) as tmp:
         write_gguf(tmp, src.arch, kvs, planned, produce, progress)
     return out
+
+
+def _c_string(s: str) -> bytes:
+    """``s`` as llama-quantize stores it: UTF-8, cut to 127 bytes (``strncpy`` into ``char[128]``)."""
+    return s.encode("utf-8")[:127]
+
+
+def _set_provenance(kvs: list[KV], imatrix_file: str, datasets: list[str], entries: int, chunks: int) -> None:
+    """The ``quantize.imatrix.*`` keys llama-quantize writes with an importance matrix, with its
+    types, values and order (tools/quantize/quantize.cpp: the file name and the first dataset as
+    strings of at most 127 bytes, the entry count and, when positive, the chunk count as UINT32);
+    like ``gguf_set_val_*``, a key the source already has is replaced and moved to the end."""
+    new = [KV("quantize.imatrix.file", V.STRING, _c_string(imatrix_file))]
+    if datasets:
+        new.append(KV("quantize.imatrix.dataset", V.STRING, _c_string(str(datasets[0]))))
+    new.append(KV("quantize.imatrix.entries_count", V.UINT32, abs(int(entries)) & 0xFFFFFFFF))
+    if chunks > 0:
+        new.append(KV("quantize.imatrix.chunks_count", V.UINT32, int(chunks) & 0xFFFFFFFF))
+    for kv in new:
+        kvs[:] = [k for k in kvs if k.key != kv.key]
+        kvs.append(kv)
 
 
 def convert_to_gguf(source, out_path, outtype: str = "F16", overwrite: bool = False) -> Path:

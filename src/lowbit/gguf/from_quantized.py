@@ -221,7 +221,8 @@ def _by_gguf_name(qm: QuantizedModel, arch: str) -> tuple[dict[str, str], dict[s
 
 def quantized_to_gguf(source, qm: QuantizedModel, out_path, qtype: str = "Q4_0", overwrite: bool = False,
                       token_embedding_type: str | None = None, output_tensor_type: str | None = None,
-                      imatrix_path=None, tensor_types: list[str] | tuple[str, ...] = ()) -> Path:
+                      imatrix_path=None, tensor_types: list[str] | tuple[str, ...] = (),
+                      report: dict | None = None) -> Path:
     """Write ``source`` as a pure ``qtype`` GGUF whose linear weights are ``qm``'s codes.
 
     ``imatrix_path`` and ``tensor_types`` (``PATTERN=TYPE``) apply as in :func:`quantize_to_gguf`
@@ -267,4 +268,5 @@ def quantized_to_gguf(source, qm: QuantizedModel, out_path, qtype: str = "Q4_0",
     mix = "Q4_K_M" if qt == T.Q4_K else qt.name  # with pure=True: Q4_K everywhere it fits
     return quantize_to_gguf(source, out_path, mix, pure=True, overwrite=overwrite,
                             token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
-                            imatrix_path=imatrix_path, tensor_types=tensor_types, values=values, encoded=encoded)
+                            imatrix_path=imatrix_path, tensor_types=tensor_types, values=values, encoded=encoded,
+                            report=report)

@@ -412,6 +412,7 @@ def tensor_types(
     mix: str,
     options: TypeOptions | None = None,
     source_types: Mapping[str, T] | None = None,
+    fallbacks: dict[str, tuple[T, T]] | None = None,
 ) -> dict[str, T]:
     """The type llama.cpp's quantizer would give each tensor.
 
@@ -419,6 +420,8 @@ def tensor_types(
     ``(n_expert, rows, cols)``).  ``source_types``: the type each tensor has in the input
     (default F32 for 1-D tensors and F16 otherwise, as in an F16 conversion); tensors the mix
     does not quantize keep it.  Returns ``name -> GGMLQuantizationType`` in llama.cpp's order.
+    ``fallbacks`` (filled when given): ``name -> (wanted, written)`` for every tensor whose rows
+    the wanted type's blocks do not divide (llama.cpp's "fallback quantization").
     """
     opts = options or TypeOptions()
     mix = normalize_mix(mix)
@@ -454,7 +457,9 @@ def tensor_types(
                     break
             if not manual and not opts.pure:
                 new = _mix_rule(st, new, name, shape[-1], mix, cat)
-            new = _fallback(new, shape[-1])
+            wanted, new = new, _fallback(new, shape[-1])
+            if fallbacks is not None and new != wanted:
+                fallbacks[name] = (wanted, new)
         out[name] = new
     return out
 

@@ -32,8 +32,9 @@ def plan_types(source, mix: str, *, pure: bool = False, output_tensor_type: str 
 
 def plan_source(src: Source, mix: str, pure: bool = False, output_tensor_type: str | None = None,
                 token_embedding_type: str | None = None, tensor_types: Sequence[str] = (),
-                has_imatrix: bool = False) -> dict[str, T]:
-    """GGUF name -> type of every tensor of ``src`` for ``mix`` (in llama.cpp's order)."""
+                has_imatrix: bool = False, fallbacks: dict[str, tuple[T, T]] | None = None) -> dict[str, T]:
+    """GGUF name -> type of every tensor of ``src`` for ``mix`` (in llama.cpp's order);
+    ``fallbacks`` (filled when given): the tensors whose wanted type could not hold their rows."""
     mix = mixes.normalize_mix(mix)
     if mix in mixes.FLOAT_MIXES:
         ft = mixes.DEFAULT_TYPE[mix]
@@ -48,7 +49,31 @@ def plan_source(src: Source, mix: str, pure: bool = False, output_tensor_type: s
         overrides=mixes.parse_overrides(tensor_types),
         has_imatrix=has_imatrix,
     )
-    return mixes.tensor_types(list(src.shapes.items()), src.hparams, mix, opts, src.source_types)
+    return mixes.tensor_types(list(src.shapes.items()), src.hparams, mix, opts, src.source_types, fallbacks)
+
+
+def fallback_report(fallbacks: Mapping[str, tuple[T, T]], shapes: Mapping[str, Sequence[int]],
+                    ) -> list[dict[str, object]]:
+    """One entry per fallback class (wanted type -> written type), as llama-quantize counts them:
+    ``{"from", "to", "tensors", "row_lengths"}``."""
+    classes: dict[tuple[T, T], list[str]] = {}
+    for name, pair in fallbacks.items():
+        classes.setdefault(pair, []).append(name)
+    return [{"from": w.name, "to": g.name, "tensors": len(names),
+             "row_lengths": sorted({int(shapes[n][-1]) for n in names})}
+            for (w, g), names in sorted(classes.items(), key=lambda kv: (-len(kv[1]), kv[0][0].name, kv[0][1].name))]
+
+
+def bits_per_weight(types: Mapping[str, T], shapes: Mapping[str, Sequence[int]]) -> float:
+    """Tensor bytes * 8 / weights of a planned file (what ``lowbit inspect`` reports of it)."""
+    from .writer import PlannedTensor
+
+    nbytes = n_el = 0
+    for name, t in types.items():
+        shape = tuple(int(d) for d in shapes[name])
+        nbytes += PlannedTensor(name, shape, t).nbytes
+        n_el += int(np.prod(shape, dtype=np.int64))
+    return 8.0 * nbytes / n_el if n_el else 0.0
 
 
 def check_encodable(types: Mapping[str, T], src: Source, mix: str, out: Path, has_imatrix: bool) -> None:

@@ -158,8 +158,8 @@ def _padded(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _string(s: str) -> bytes:
-    b = s.encode("utf-8")
+def _string(s: str | bytes) -> bytes:
+    b = s if isinstance(s, bytes) else s.encode("utf-8")
     return _U64.pack(len(b)) + b
 
 
@@ -180,7 +180,7 @@ def _infer_type(v: Any, key: str) -> V:
 def _value_bytes(vtype: V, value: Any, sub_type: V | None, key: str) -> bytes:
     vtype = V(vtype)
     if vtype == V.STRING:
-        return _string(str(value))
+        return _string(value if isinstance(value, bytes) else str(value))  # bytes: written as they are
     if vtype in _FMT:
         return struct.pack("<" + _FMT[vtype], value)
     if vtype != V.ARRAY:
