@@ -9,7 +9,7 @@ digests of the current code::
 
 What is hashed: every tensor (name, dtype, shape, bytes) of every safetensors file and the
 ``quantization_config`` of HF outputs; every tensor (name, type, shape, bytes) and every metadata
-key of GGUF outputs except those holding paths of this run (``quantize.imatrix.file``,
+key of GGUF outputs except those holding paths of this run (``quantize.imatrix.file``, ``.dataset``,
 ``imatrix.datasets``).
 """
 
@@ -33,7 +33,7 @@ STORIES = SHARED / "models" / "stories260K"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 # paths that name this run's files, not content
-VOLATILE_KEYS = {"quantize.imatrix.file", "imatrix.datasets"}
+VOLATILE_KEYS = {"quantize.imatrix.file", "quantize.imatrix.dataset", "imatrix.datasets"}
 
 
 def make_synthetic_llama(folder: Path) -> Path:

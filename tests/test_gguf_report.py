@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from paths import STORIES
 
 from lowbit.gguf import mixes
 from lowbit.gguf.reader import GGUFFile, inspect_gguf
-from paths import STORIES
 
 pytestmark = pytest.mark.skipif(not STORIES.exists(), reason="stories260K not available")
 

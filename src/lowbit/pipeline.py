@@ -143,12 +143,13 @@ def quantize_model(
     from lowbit.models.adapters import get_adapter
     from lowbit.models.engine import stream_quantize
     from lowbit.models.loader import load_tokenizer
-    from lowbit.models.validate import check_checkpoint
+    from lowbit.models.validate import check_checkpoint, config_errors
 
     m = METHODS.get(method, "--method")
     src = resolve(source)
     ckpt = Checkpoint(src.hf_dir)
-    config = AutoConfig.from_pretrained(str(src.hf_dir))
+    with config_errors(src.gguf_path or src.hf_dir / "config.json"):
+        config = AutoConfig.from_pretrained(str(src.hf_dir))
     adapter = get_adapter(config)
     check_checkpoint(config, ckpt, src.gguf_path)  # names and shapes against the architecture, before any work
     plan: Plan | None = None

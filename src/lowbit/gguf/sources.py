@@ -127,7 +127,7 @@ def _hf_source(hf_dir: Path) -> Source:
 
     from ..models import Checkpoint
     from ..models.checkpoint import read_json
-    from ..models.validate import check_checkpoint, validate_hf_config
+    from ..models.validate import check_checkpoint, config_errors, validate_hf_config
 
     cfg_path = hf_dir / "config.json"
     cfg = read_json(cfg_path, "config.json", strict=False)
@@ -162,7 +162,7 @@ def _hf_source(hf_dir: Path) -> Source:
         raise LowbitError(hf_dir, f"rope scaling {rtype!r} is not supported for GGUF output yet")
     tied = bool(cfg.get("tie_word_embeddings", arch == "gemma3"))
     ck = Checkpoint(hf_dir)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), config_errors(cfg_path):
         warnings.simplefilter("ignore")
         config = AutoConfig.from_pretrained(str(hf_dir))
     check_checkpoint(config, ck)  # names and shapes against the architecture, before any work

@@ -22,7 +22,7 @@ from .demo import DEMOS, demo_gguf
 from .gguf_source import content_digest, convert_gguf_to_hf
 from .hub import hub_snapshot
 from .spec import check_spec, remember_conversion
-from .validate import check_checkpoint, validate_hf_config
+from .validate import check_checkpoint, config_errors, validate_hf_config
 
 SUPPORTED_MODEL_TYPES = MODEL_TYPES  # lowbit.models.architectures: the one table of supported families
 GGUF_MAGIC = b"GGUF"
@@ -125,10 +125,11 @@ def build_empty_model(folder: Path, dtype: torch.dtype = torch.float32) -> torch
     cfg = read_config(folder)
     check_architecture(folder, cfg)
     cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    config = AutoConfig.for_model(**cfg)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    with config_errors(folder / "config.json"):  # a value transformers refuses: one line naming the file
+        config = AutoConfig.for_model(**cfg)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     return model.eval()
 
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,8 @@ def validate_hf_config(cfg: Mapping[str, Any], where: str | Path | None) -> None
     if heads % kv:
         raise LowbitError(where, f"num_key_value_heads = {kv} does not divide num_attention_heads = {heads}")
     head_dim = integer("head_dim", 1, MAX_WIDTH, required=False)
-    if head_dim is None and hidden % heads:
-        raise LowbitError(where, f"num_attention_heads = {heads} does not divide hidden_size = {hidden} "
-                                 "(and there is no head_dim)")
+    if hidden % heads:  # transformers' configs require it even with an explicit head_dim
+        raise LowbitError(where, f"num_attention_heads = {heads} does not divide hidden_size = {hidden}")
     if (head_dim or hidden // heads) % 2:
         raise LowbitError(where, f"the head dimension {head_dim or hidden // heads} is odd "
                                  "(rotary embeddings need an even one)")
@@ -90,10 +90,13 @@ def validate_hf_config(cfg: Mapping[str, Any], where: str | Path | None) -> None
     integer("max_position_embeddings", 1, MAX_CONTEXT, required=False)
     integer("sliding_window", 0, MAX_CONTEXT, required=False)
     for key in ("rms_norm_eps", "layer_norm_eps"):
-        if cfg.get(key) is not None:
+        if key in cfg:
             eps = number(key, cfg[key])
             if not math.isfinite(eps) or not 0.0 < eps < 1.0:
                 raise LowbitError(where, f"{key} = {eps} is not a small positive number (expected about 1e-6 to 1e-5)")
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise LowbitError(where, f"{key} = {cfg[key]!r} is not a JSON object")
     thetas = [("rope_theta", cfg.get("rope_theta"))]
     rp = cfg.get("rope_parameters")
     if isinstance(rp, dict):
@@ -121,6 +124,21 @@ def validate_hf_config(cfg: Mapping[str, Any], where: str | Path | None) -> None
             if not _is_int(tok) or tok < 0 or (vocab is not None and tok >= vocab):
                 raise LowbitError(where, f"{key} = {ids!r} is not a token id of the vocabulary "
                                          f"(0 to {vocab - 1 if vocab else '...'})")
+
+
+@contextmanager
+def config_errors(where: str | Path | None) -> Iterator[None]:
+    """Turn what transformers raises about a config it refuses (its own validators, values it
+    cannot use) into one :class:`LowbitError` naming ``where`` (the config.json or GGUF file)."""
+    try:
+        yield
+    except (LowbitError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - its validators raise their own types (huggingface_hub's StrictDataclassError)
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = (lines[-1] if lines else "")[:200]
+        raise LowbitError(where, f"transformers cannot use this config ({exc.__class__.__name__}"
+                                 f"{': ' + detail if detail else ''})") from None
 
 
 # --- tensors against the architecture -------------------------------------------------------------
@@ -258,7 +276,8 @@ def check_checkpoint(config: Any, ckpt: Any, where: str | Path | None = None, mo
             raise LowbitError(cfg_file, f"hidden_size = {config.hidden_size}, but {embed} has {cols[0]} columns")
         if rows != int(config.vocab_size):
             raise LowbitError(cfg_file, f"vocab_size = {config.vocab_size}, but {embed} has {rows} rows")
-    expected = expected_tensors(config, model)
+    with config_errors(cfg_file):
+        expected = expected_tensors(config, model)
 
     def file_of(name: str) -> Any:
         return where if where is not None else ckpt.file_of(name)
@@ -277,10 +296,10 @@ def check_gguf_tensors(cfg: Mapping[str, Any], shapes: Mapping[str, Sequence[int
 
     from ..gguf.names import gguf_tensor_name
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), config_errors(path):
         warnings.simplefilter("ignore")
         config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
-    hf = expected_tensors(config)
+        hf = expected_tensors(config)
     exp = Expected()
     for src, dst in ((hf.required, exp.required), (hf.optional, exp.optional)):
         for name, shape in src.items():
