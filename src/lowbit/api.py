@@ -98,11 +98,23 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
 
 @dataclass
 class EvalSettings:
+    """How :func:`evaluate` measures. ``runtime``: ``"lowbit"`` (the model dequantized into
+    transformers, float32 activations) or ``"llama.cpp"`` (GGUF files run by llama.cpp itself
+    through llama-cpp-python; PPL/KL computed by lowbit on its logits). ``emulate``:
+    ``"llama.cpp"`` rounds, in lowbit's runtime, the inputs of every linear of a GGUF file as
+    llama.cpp's CPU matmuls do for that weight's type (:mod:`lowbit.runtime.emulate`)."""
+
     text: str | Path | None = None
     ctx: int = 512
     max_chunks: int | None = None
     batch_size: int = 4
     score_all: bool = False
+    runtime: str = "lowbit"
+    emulate: str | None = None
+
+
+RUNTIMES = ("lowbit", "llama.cpp")
+EMULATIONS = ("llama.cpp",)
 
 
 def _text_tokens(tokenizer: Any, settings: EvalSettings) -> tuple[str, torch.Tensor]:
@@ -116,22 +128,81 @@ def _text_tokens(tokenizer: Any, settings: EvalSettings) -> tuple[str, torch.Ten
     return name, tokenize(tokenizer, text, where=name)
 
 
+def _gguf_file(spec: Any, flag: str) -> Path:
+    """The GGUF file of a source given as a ``.gguf`` path or a demo name (llama.cpp runs files)."""
+    from .models.demo import DEMOS, demo_gguf
+    from .models.loader import ModelSource, is_gguf
+
+    if isinstance(spec, ModelSource) and spec.gguf_path is not None:
+        return Path(spec.gguf_path)
+    if str(spec) in DEMOS:
+        return demo_gguf(str(spec))
+    p = Path(str(spec)).expanduser()
+    if p.is_file() and is_gguf(p):
+        return p
+    raise LowbitError(p, f"{flag}: llama.cpp runs GGUF files; write one first "
+                         f"(lowbit quantize {spec} --to F32 -o model-f32.gguf)")
+
+
+def _eval_model(spec: Any, settings: EvalSettings, first: int, role: str) -> tuple[Any, Any, Any, str]:
+    """(what produces the logits, its tokenizer, its ModelSource or None, its numerics) for ``spec``
+    under ``settings.runtime`` / ``settings.emulate``. ``role``: ``model`` or ``ref``."""
+    from .runtime.emulate import NUMERICS_EMULATED, NUMERICS_LOWBIT, install_gguf
+
+    if settings.runtime == "llama.cpp":
+        from .gguf.llamacpp import LlamaCppTokenizer, Runner, Vocab
+
+        path = _gguf_file(spec, "--runtime llama.cpp" if role == "model" else "--ref with --runtime llama.cpp")
+        runner = Runner(path, settings.ctx, first)
+        return runner, LlamaCppTokenizer(None, Vocab(path)), None, Runner.numerics
+    loaded = load(spec)
+    if settings.emulate == "llama.cpp":
+        gguf = loaded.source.gguf_path
+        if gguf is None:
+            if role == "model":
+                raise LowbitError(spec, "--emulate llama.cpp applies to GGUF files (each weight's GGML type decides "
+                                        "how llama.cpp rounds that matmul's input)")
+            install_gguf(loaded.model, None)  # float weights run as F32 in llama.cpp: only its F16 KV cache applies
+            return loaded.model, loaded.tokenizer, loaded.source, NUMERICS_EMULATED
+        install_gguf(loaded.model, gguf)
+        return loaded.model, loaded.tokenizer, loaded.source, NUMERICS_EMULATED
+    return loaded.model, loaded.tokenizer, loaded.source, NUMERICS_LOWBIT
+
+
 def evaluate(model: Any, ref: Any = None, settings: EvalSettings | None = None) -> dict[str, Any]:
-    """Perplexity of ``model`` (and KL-divergence against ``ref`` when given), plus its size."""
+    """Perplexity of ``model`` (and KL-divergence against ``ref`` when given), plus its size.
+
+    ``numerics`` in the result says what was measured: lowbit's runtime (dequantized weights,
+    float32 activations), the same with llama.cpp's activation rounding emulated, or llama.cpp's
+    own runtime; the reference runs the same way as the model."""
     settings = settings or EvalSettings()
-    loaded = load(model)
-    text_name, tokens = _text_tokens(loaded.tokenizer, settings)
-    bos = chunk_bos(loaded.tokenizer, tokens)
+    if settings.runtime not in RUNTIMES:
+        raise LowbitError("--runtime", f"unknown runtime {settings.runtime!r} (choose from {', '.join(RUNTIMES)})")
+    if settings.emulate is not None and settings.emulate not in EMULATIONS:
+        raise LowbitError("--emulate", f"unknown runtime to emulate {settings.emulate!r} (choose from {', '.join(EMULATIONS)})")
+    if settings.emulate is not None and settings.runtime != "lowbit":
+        raise LowbitError("--emulate", "emulation happens in lowbit's runtime; with --runtime llama.cpp llama.cpp itself runs")
+    first = 0 if settings.score_all else settings.ctx // 2
+    evaluated, tokenizer, source, numerics = _eval_model(model, settings, first, "model")
+    text_name, tokens = _text_tokens(tokenizer, settings)
+    bos = chunk_bos(tokenizer, tokens)
     kwargs: dict[str, Any] = dict(ctx=settings.ctx, batch_size=settings.batch_size, bos_id=bos,
                                   score_all=settings.score_all, max_chunks=settings.max_chunks)
-    result: dict[str, Any] = {"model": str(model), "text": text_name, "ctx": settings.ctx}
+    result: dict[str, Any] = {"model": str(model), "text": text_name, "ctx": settings.ctx,
+                              "runtime": settings.runtime, "numerics": numerics}
     if ref is None:
-        result.update(perplexity(loaded.model, tokens, **kwargs).as_dict())
+        result.update(perplexity(evaluated, tokens, **kwargs).as_dict())
     else:
-        ref_model = load(ref).model
+        ref_model, _, _, ref_numerics = _eval_model(ref, settings, first, "ref")
         result["ref"] = str(ref)
-        result.update(kl_divergence(ref_model, loaded.model, tokens, **kwargs).as_dict())
-    result["size"] = folder_size(loaded.source.hf_dir).as_dict() if loaded.source.kind in ("quantized", "hf") else None
+        if ref_numerics != numerics:
+            result["ref_numerics"] = ref_numerics
+        result.update(kl_divergence(ref_model, evaluated, tokens, **kwargs).as_dict())
+        if hasattr(ref_model, "close"):
+            ref_model.close()
+    if hasattr(evaluated, "close"):
+        evaluated.close()
+    result["size"] = folder_size(source.hf_dir).as_dict() if source is not None and source.kind in ("quantized", "hf") else None
     return result
 
 

@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="model or lowbit output to evaluate")
     e.add_argument("--ref", help="reference (unquantized) model for KL-divergence and top-1 agreement")
     _eval_args(e)
+    e.add_argument("--runtime", choices=["lowbit", "llama.cpp"], default="lowbit",
+                   help="lowbit (default): the model dequantized, float32 activations; llama.cpp: GGUF files "
+                        "(model and --ref) run by llama.cpp itself (llama-cpp-python), PPL/KL computed by lowbit")
+    e.add_argument("--emulate", choices=["llama.cpp"], default=None,
+                   help="llama.cpp: in lowbit's runtime, round each linear's input of a GGUF model as llama.cpp's "
+                        "CPU matmuls do (Q8_K for K/IQ types, Q8_0/Q8_1 for legacy types, F16 for F16 weights)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
 
     i = sub.add_parser("inspect", help="tensors, dtypes, quant types, bits per weight, architecture")
@@ -140,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", "--output", required=True)
     m.add_argument("--ctx", type=int, default=512)
     m.add_argument("--chunks", type=int, default=None)
+    m.add_argument("--emulate", choices=["llama.cpp", "none"], default=None,
+                   help="how the model runs while collecting: llama.cpp (default for GGUF files: each linear's "
+                        "input rounded as llama.cpp's CPU matmuls round it, as llama-imatrix sees the model) or "
+                        "none (float32 activations; the default for other sources)")
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--json", action="store_true")
 
@@ -222,7 +232,8 @@ def _settings(args: argparse.Namespace) -> Any:
     from .api import EvalSettings
 
     return EvalSettings(text=args.text, ctx=args.ctx, max_chunks=args.chunks, batch_size=args.batch_size,
-                        score_all=args.all_positions)
+                        score_all=args.all_positions, runtime=getattr(args, "runtime", "lowbit"),
+                        emulate=getattr(args, "emulate", None))
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,7 +262,7 @@ def cmd_imatrix(args: argparse.Namespace) -> dict[str, Any]:
     from .gguf.imatrix import compute_imatrix
 
     out = compute_imatrix(args.model, args.text, args.output, ctx=args.ctx, chunks=args.chunks,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, emulate=args.emulate)
     return {"output": str(out)}
 
 

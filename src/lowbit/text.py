@@ -4,6 +4,11 @@ Written once for every user of text: reading a file (UTF-8, non-empty), the defa
 text (WikiText-2 when found, else Python's own documentation), the ``pydoc`` calibration set,
 tokenizing with BOS the way llama.cpp does, and cutting ``ctx``-token chunks whose first token
 is BOS (llama-perplexity's and llama-imatrix's rule).
+
+:func:`encode` is the one text-to-ids call (evaluation, calibration and importance-matrix text
+all go through it). For a model that came from a GGUF file the tokenizer the loader gives
+(:func:`lowbit.models.loader.load_tokenizer`) is llama.cpp's own
+(:class:`lowbit.gguf.llamacpp.LlamaCppTokenizer`), so the ids are llama.cpp's.
 """
 
 from __future__ import annotations
@@ -65,10 +70,19 @@ def model_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def encode(tokenizer, text: str, parse_special: bool = False) -> list[int]:
+    """Token ids of ``text`` without BOS/EOS. ``parse_special``: control tokens written in the
+    text (``<|im_start|>``) become those tokens; llama.cpp's tools read text with it off, which a
+    llama.cpp tokenizer follows; transformers tokenizers always parse them."""
+    if parse_special and getattr(tokenizer, "llamacpp_vocab", None) is not None:  # a LlamaCppTokenizer
+        return list(tokenizer(text, add_special_tokens=False, parse_special=True)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def tokenize(tokenizer, text: str, where: str = "text", add_bos: bool | None = None) -> torch.Tensor:
     """Token ids of the whole text (1-D int64), with BOS at the start when the model uses it
     (``add_bos``: decided by the caller, e.g. from a GGUF's ``tokenizer.ggml.add_bos_token``)."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = encode(tokenizer, text)
     if add_bos is None:
         add_bos = model_adds_bos(tokenizer)
     if add_bos and getattr(tokenizer, "bos_token_id", None) is not None:

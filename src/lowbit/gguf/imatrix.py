@@ -12,11 +12,25 @@ count separately:
   int32 value count, float32 values = ``sum / count * ncall``; then int32 chunk count and
   int32 length + dataset file name.
 
-Names are GGUF tensor names (``blk.0.attn_q.weight``).  Collection mirrors llama-imatrix:
-the text is tokenized once (with BOS when the model adds one), cut into ``ctx``-token chunks
-whose first token is replaced by BOS, every token of a chunk counts, and only ``blk.*``
-weights are collected (not ``output.weight``).  MoE expert weights get one row of sums and
-one count per expert.
+Names are GGUF tensor names (``blk.0.attn_q.weight``).  Collection follows llama-imatrix
+(tools/imatrix/imatrix.cpp, with its defaults ``-b 2048 -ub 512``):
+
+* the text is tokenized once as llama.cpp tokenizes it (BOS first when the vocabulary adds one;
+  llama.cpp's own tokenizer for GGUF sources, :mod:`lowbit.gguf.llamacpp`) and cut into
+  ``ctx``-token chunks whose first token is replaced by BOS;
+* llama-imatrix decodes ``n_seq = 2048 // ctx`` chunks at a time as parallel sequences, which
+  llama.cpp splits into micro-batches of at most 512 tokens (an equal number from every
+  sequence when there are several); a matmul whose input has fewer than 16 rows is not
+  collected, so the tokens of a short micro-batch (e.g. 3 chunks of 512: three of 510 tokens,
+  then one of 6) are not counted (:func:`counted_tokens`);
+* only ``blk.*`` weights are collected (``output.weight`` with ``process_output``); counts add
+  the rows of every collected matmul; ``imatrix.chunk_count`` is the largest count divided by
+  ``ctx`` (llama-imatrix's ``m_last_chunk``);
+* the model runs as llama.cpp runs it: for a GGUF source each linear's input is rounded to its
+  weight type's activation format (:mod:`lowbit.runtime.emulate`; the statistics see the input
+  before rounding, as llama-imatrix's eval callback sees the F32 activations).
+
+MoE expert weights get one row of sums and one count per expert.
 """
 
 from __future__ import annotations
@@ -207,12 +221,47 @@ def load_imatrix_values(path: str | Path) -> dict[str, np.ndarray]:
 # computing
 
 
-def collect(source, chunks, arch: str, process_output: bool = False, device: str = "cpu") -> IMatrix:
+#: llama-imatrix's defaults: logical batch (``-b``), micro-batch (``-ub``), smallest collected matmul
+N_BATCH, N_UBATCH, MIN_ROWS = 2048, 512, 16
+
+
+def counted_tokens(n_chunks: int, ctx: int, n_batch: int = N_BATCH, n_ubatch: int = N_UBATCH,
+                   min_rows: int = MIN_ROWS):
+    """``[n_chunks, ctx]`` bool: the tokens llama-imatrix counts.
+
+    llama-imatrix decodes ``n_seq = max(1, n_batch // ctx)`` chunks per call, as parallel
+    sequences (one KV-cache stream each), in ``ceil(ctx / n_batch)`` calls per group of chunks.
+    llama.cpp cuts each call into micro-batches of ``floor(n_ubatch / g)`` tokens of each of the
+    ``g`` sequences at a time (``n_ubatch`` consecutive tokens when there is one), then what is
+    left of each (``llama_batch_allocr::split_equal`` / ``split_simple``). A matmul on fewer than
+    ``min_rows`` rows (tokens of the micro-batch) is not collected."""
+    import torch
+
+    keep = torch.ones(n_chunks, ctx, dtype=torch.bool)
+    n_seq = max(1, n_batch // ctx)
+    n_batch = min(n_batch, n_seq * ctx)
+    for g0 in range(0, n_chunks, n_seq):
+        g = min(n_seq, n_chunks - g0)
+        step = max(1, n_ubatch // g)
+        for start in range(0, ctx, n_batch):
+            end = min(ctx, start + n_batch)
+            for u in range(start, end, step):
+                length = min(step, end - u)
+                if g * length < min_rows:
+                    keep[g0 : g0 + g, u : u + length] = False
+    return keep
+
+
+def collect(source, chunks, arch: str, process_output: bool = False, device: str = "cpu",
+            emulate: str | None = None) -> IMatrix:
     """Sum of squared inputs and token counts of every linear weight of ``source`` (mapped to its
     GGUF name) over the token ``chunks`` (``[k, ctx]``), one decoder layer in memory at a time.
 
-    Each chunk runs through the layer engine as its own batch, as llama-imatrix evaluates one
-    chunk per pass; ``process_output`` also collects ``output.weight`` (the final norm's outputs).
+    Each chunk runs through the layer engine as its own batch; the tokens llama-imatrix would not
+    count (:func:`counted_tokens`) are left out of the statistics. ``process_output`` also
+    collects ``output.weight`` (the final norm's outputs). ``emulate``: ``"llama.cpp"`` rounds
+    each linear's input as llama.cpp does for the GGUF source's weight types, ``"none"`` keeps
+    float32, ``None`` (default) is ``"llama.cpp"`` for GGUF sources and ``"none"`` otherwise.
     """
     import torch
     from transformers import AutoConfig
@@ -224,12 +273,20 @@ def collect(source, chunks, arch: str, process_output: bool = False, device: str
 
     src = resolve(source)
     config = AutoConfig.from_pretrained(str(src.hf_dir))
-    handler = StatisticsHandler(lambda cols, dev: Importance(cols, dev), "importance")
-    data = CalibrationData(torch.as_tensor(chunks, dtype=torch.long), None, "imatrix text")
+    setup = _layer_setup(src, emulate)
+    if setup is not None:  # llama.cpp's F16 KV cache too
+        from ..runtime.emulate import register_f16_kv_attention
+
+        config._attn_implementation = register_f16_kv_attention()
+    handler = StatisticsHandler(lambda cols, dev: Importance(cols, dev), "importance", layer_setup=setup)
+    ids = torch.as_tensor(chunks, dtype=torch.long)
+    count = counted_tokens(int(ids.shape[0]), int(ids.shape[1]))
+    data = CalibrationData(ids, None, "imatrix text", count_mask=None if bool(count.all()) else count)
     outer = {"lm_head.weight": None} if process_output else None
     stream_quantize(config, Checkpoint(src.hf_dir), data, handler, device=device, batch_size=1, outer=outer,
                     desc="imatrix")
-    im = IMatrix(chunk_count=int(data.input_ids.shape[0]), chunk_size=int(data.input_ids.shape[1]))
+    ctx = int(ids.shape[1])
+    im = IMatrix(chunk_count=int(count.sum(1).sum()) // ctx, chunk_size=ctx)
     for hf_name in sorted(handler.collected):
         stat = handler.collected[hf_name]
         gname = "output.weight" if hf_name == "lm_head.weight" else gguf_tensor_name(hf_name, arch)
@@ -243,6 +300,36 @@ def collect(source, chunks, arch: str, process_output: bool = False, device: str
     return im
 
 
+def _layer_setup(src, emulate: str | None):
+    """The engine's per-layer set-up that rounds linear inputs as llama.cpp does for ``src``'s GGUF
+    weight types (None when not emulating)."""
+    if emulate is None:
+        emulate = "llama.cpp" if getattr(src, "gguf_path", None) is not None else "none"
+    if emulate == "none":
+        return None
+    if emulate != "llama.cpp":
+        raise LowbitError("--emulate", f"unknown runtime to emulate {emulate!r} (llama.cpp or none)")
+    if getattr(src, "gguf_path", None) is None:
+        raise LowbitError(src.spec, "--emulate llama.cpp applies to GGUF files (each weight's GGML type decides "
+                                    "how llama.cpp rounds that matmul's input)")
+    from ..models.layers import full_weight_name
+    from ..runtime.emulate import gguf_activation_formats, gguf_block_mins, install, uninstall
+
+    formats = gguf_activation_formats(src.gguf_path)
+    mins = gguf_block_mins(src.gguf_path)
+
+    def setup(ctx):
+        mods = {}
+        for rel, mod in ctx.layer.named_modules():
+            full = full_weight_name(ctx.adapter, ctx.index, rel) if rel else None
+            if full is not None:
+                mods[full[: -len(".weight")] if full.endswith(".weight") else full] = mod
+        changed = install(mods, {k: v for k, v in formats.items() if k in mods}, mins)
+        return lambda: uninstall(changed)
+
+    return setup
+
+
 def _gguf_arch(config, where=None) -> str:
     """The GGUF architecture whose tensor names an importance matrix of this model uses."""
     return str(by_model_type(getattr(config, "model_type", ""), where, gguf=True).gguf_arch)
@@ -253,6 +340,9 @@ def _add_bos(source, tokenizer) -> bool:
     HF tokenizer's behaviour."""
     from ..text import model_adds_bos
 
+    vocab = getattr(tokenizer, "llamacpp_vocab", None)
+    if vocab is not None:  # llama.cpp's own tokenizer of the file: its add_bos
+        return bool(vocab.add_bos)
     gp = getattr(source, "gguf_path", None)
     if gp:
         from .reader import validate_gguf
@@ -266,13 +356,16 @@ def _add_bos(source, tokenizer) -> bool:
 
 
 def compute_imatrix(source, text_path, out_path, ctx: int = 512, chunks: int | None = None,
-                    overwrite: bool = False, process_output: bool = False, device: str = "cpu") -> Path:
-    """Compute llama.cpp's importance matrix for ``source`` on the text in ``text_path``.
+                    overwrite: bool = False, process_output: bool = False, device: str = "cpu",
+                    emulate: str | None = None) -> Path:
+    """Compute llama.cpp's importance matrix for ``source`` on the text in ``text_path``, as
+    llama-imatrix computes it (see the module's docstring).
 
-    The text is tokenized once (BOS first when llama.cpp would add it) and cut into ``ctx``-token
-    chunks whose first token is BOS (llama-imatrix's rule, :func:`lowbit.text.make_chunks`);
-    ``chunks``: at most this many (default all). The model runs one decoder layer at a time
-    (:func:`collect`), so memory stays about one layer plus the chunks' activations.
+    The text is tokenized once (BOS first when llama.cpp would add it; llama.cpp's own tokenizer
+    for GGUF sources) and cut into ``ctx``-token chunks whose first token is BOS (llama-imatrix's
+    rule, :func:`lowbit.text.make_chunks`); ``chunks``: at most this many (default all). The
+    model runs one decoder layer at a time (:func:`collect`, ``emulate`` as there), so memory
+    stays about one layer plus the chunks' activations.
     Output format by suffix: ``.dat`` legacy, anything else GGUF."""
     from transformers import AutoConfig
 
@@ -285,13 +378,13 @@ def compute_imatrix(source, text_path, out_path, ctx: int = 512, chunks: int | N
     text = read_text(tp)
     ms = resolve(source)
     arch = _gguf_arch(AutoConfig.from_pretrained(str(ms.hf_dir)), source)
-    tok = load_tokenizer(ms.hf_dir)
+    tok = load_tokenizer(ms.hf_dir, ms.gguf_path)
     add_bos = _add_bos(ms, tok)
     tokens = tokenize(tok, text, where=str(tp), add_bos=add_bos)
     if tokens.numel() < ctx:
         raise LowbitError(tp, f"calibration text has {tokens.numel()} tokens, fewer than one chunk of {ctx}")
     token_chunks = make_chunks(tokens, ctx, tok.bos_token_id if add_bos else None, chunks)
-    im = collect(ms, token_chunks, arch, process_output, device=device)
+    im = collect(ms, token_chunks, arch, process_output, device=device, emulate=emulate)
     im.datasets = [str(tp)]
     return save_imatrix(im, out, overwrite=overwrite)
 

@@ -62,11 +62,16 @@ class CalibrationConfig:
 
 @dataclass
 class CalibrationData:
-    """``input_ids`` ``[N, L]`` (long) and ``attention_mask`` ``[N, L]`` (long; ``None`` if unpadded)."""
+    """``input_ids`` ``[N, L]`` (long) and ``attention_mask`` ``[N, L]`` (long; ``None`` if unpadded).
+
+    ``count_mask`` (``[N, L]`` bool, optional): the tokens that activation statistics count, when
+    that is not every attended token (llama-imatrix skips micro-batches of fewer than 16 tokens,
+    which the model still runs); ``None``: the attention mask decides."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     source: str
+    count_mask: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -83,10 +88,17 @@ class CalibrationData:
             out.append((ids, mask))
         return out
 
+    def statistics_masks(self, batch_size: int) -> list[torch.Tensor | None]:
+        """Per batch of :meth:`batches`, the tokens statistics count (``count_mask``, else the
+        attention mask; ``None``: all)."""
+        m = self.count_mask if self.count_mask is not None else self.attention_mask
+        return [None if m is None else m[b0 : b0 + batch_size] for b0 in range(0, self.input_ids.shape[0], batch_size)]
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return list(ids)
+
+def _encode(tokenizer: Any, text: str, parse_special: bool = False) -> list[int]:
+    from ..text import encode
+
+    return encode(tokenizer, text, parse_special)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -147,7 +159,7 @@ def _from_jsonl(path: Path, tokenizer: Any, cfg: CalibrationConfig) -> Calibrati
     ids = torch.full((n, L), pad, dtype=torch.long)
     mask = torch.zeros((n, L), dtype=torch.long)
     for row, k in enumerate(pick):
-        toks = _encode(tokenizer, texts[k])[:L]
+        toks = _encode(tokenizer, texts[k], parse_special=cfg.chat_template)[:L]
         if not toks:
             raise LowbitError(where, f"conversation {k + 1} tokenizes to nothing")
         ids[row, : len(toks)] = torch.tensor(toks)

@@ -124,11 +124,11 @@ def stream_quantize(
             raise LowbitError("calibration", "this method needs calibration data")
         materialise_outer(adapter, model, ckpt, device, dtype)
         hidden, masks = [], []
-        for ids, m in calib.batches(batch_size):
+        for (ids, m), sm in zip(calib.batches(batch_size), calib.statistics_masks(batch_size)):
             h, kws = capture_all_layer_args(adapter, model, ids.to(device), None if m is None else m.to(device))
             hidden.append(h)
             all_kwargs.append(kws)
-            masks.append(None if m is None else m.to(device).bool())
+            masks.append(None if sm is None else sm.to(device).bool())
         free_outer(adapter, model)
         inputs = LayerInputs(hidden, [kw[0] for kw in all_kwargs], masks)
 

@@ -173,15 +173,36 @@ def _materialize_buffers(model: torch.nn.Module, device: str | torch.device) -> 
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
 
 
-def load_tokenizer(folder: Path) -> Any:
+def load_tokenizer(folder: Path, gguf: Path | None = None) -> Any:
+    """The model's tokenizer. For a model that came from a GGUF file (``gguf``, else the file named
+    in the folder's ``lowbit_source.json``, which outputs quantized from it carry too) text is
+    tokenized by llama.cpp's own tokenizer of that file when llama-cpp-python is installed
+    (:func:`lowbit.gguf.llamacpp.gguf_tokenizer`), so token ids are llama.cpp's."""
     from transformers import AutoTokenizer
+
+    from ..gguf.llamacpp import gguf_tokenizer
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001
             raise LowbitError(folder, f"could not load the tokenizer ({exc.__class__.__name__})") from None
+    if gguf is None:
+        gguf = _source_gguf(folder)
+    return gguf_tokenizer(tok, gguf)
+
+
+def _source_gguf(folder: Path) -> Path | None:
+    """The GGUF file a converted folder (or an output quantized from one) came from, if recorded."""
+    import json
+
+    try:
+        rec = json.loads((Path(folder) / "lowbit_source.json").read_text())
+    except (OSError, ValueError):
+        return None
+    g = rec.get("gguf") if isinstance(rec, dict) else None
+    return Path(g) if isinstance(g, str) else None
 
 
 def load(source: str | Path | ModelSource, dtype: torch.dtype = torch.float32,
@@ -200,4 +221,4 @@ def load(source: str | Path | ModelSource, dtype: torch.dtype = torch.float32,
     if isinstance(tensors, Checkpoint):  # names and shapes against the architecture, before reading any
         check_checkpoint(model.config, tensors, src.gguf_path, model=model)
     fill_model(model, tensors, src.hf_dir, dtype, device)
-    return LoadedModel(model, load_tokenizer(src.hf_dir), model.config, src)
+    return LoadedModel(model, load_tokenizer(src.hf_dir, src.gguf_path), model.config, src)

@@ -178,15 +178,28 @@ class StatisticsHandler:
     propagate = "float"
     needs_inputs = True
 
-    def __init__(self, make: Callable[[int, torch.device], Statistic], kind: str) -> None:
+    def __init__(self, make: Callable[[int, torch.device], Statistic], kind: str,
+                 layer_setup: Callable[[LayerContext], Callable[[], None]] | None = None) -> None:
+        """``layer_setup(ctx)``: changes how each layer runs before it is observed (e.g. a
+        runtime's activation rounding, :mod:`lowbit.runtime.emulate`) and returns the undo; the
+        layer then also produces the next layer's inputs that way (undone before the next layer)."""
         self.make = make
         self.kind = kind
         self.collected: dict[str, Statistic] = {}
+        self.layer_setup = layer_setup
+        self._undo: Callable[[], None] | None = None
+        if layer_setup is not None:
+            self.propagate = "quantized"  # the engine runs the layer after process(), as set up
 
     def fingerprint(self) -> dict[str, str]:
-        return {"statistics": self.kind}
+        return {"statistics": self.kind, **({"layer_setup": "yes"} if self.layer_setup is not None else {})}
 
     def process(self, ctx: LayerContext) -> LayerResult:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+        if self.layer_setup is not None:
+            self._undo = self.layer_setup(ctx)
         names = [n for g in ctx.adapter.sequential_for(ctx.layer) for n in g]
         # one statistic per linear even where inputs are shared: each is written under its own name
         stats = observe(ctx, names, self.make, share=False)
