@@ -69,7 +69,8 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
             raise LowbitError(out, f"--to {to} is a GGUF type: it needs --format gguf (or no --format)")
         if fmt not in FORMATS:
             raise LowbitError(out, f"unknown format {fmt!r} (choose from {', '.join([*FORMATS, 'gguf'])})")
-    src = resolve(source)
+    # llama.cpp's types read a GGUF source as it is: no dequantized copy of it is made (or reused)
+    src = source if fmt == "gguf" and method == "rtn" else resolve(source)
     if fmt == "gguf":
         if not to and method == "rtn":
             raise LowbitError(out, "--format gguf needs --to TYPE (e.g. Q4_K_M)")
