@@ -311,13 +311,16 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     folder = Path(path)
     weights, floats, config = read_checkpoint(folder)
     dtype = dtype or model_dtype(config)
-    cfg = AutoConfig.from_pretrained(folder)
-    if getattr(cfg, "quantization_config", None) is not None:
-        cfg.quantization_config = None
-        with contextlib.suppress(AttributeError):
-            delattr(cfg, "quantization_config")
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    from ..models.validate import config_errors
+
+    with config_errors(folder / "config.json"):  # a config transformers refuses: one line naming it
+        cfg = AutoConfig.from_pretrained(folder)
+        if getattr(cfg, "quantization_config", None) is not None:
+            cfg.quantization_config = None
+            with contextlib.suppress(AttributeError):
+                delattr(cfg, "quantization_config")
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     floats = dict(floats)
     quantize_model_linears(model, weights, floats)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in floats.items()}
