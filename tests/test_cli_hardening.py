@@ -302,6 +302,7 @@ def test_pickled_bin_refused_without_torch_noise(capsys, stories_dir: Path, tmp_
 def test_errors_about_a_converted_gguf_name_the_users_file(capsys, monkeypatch, stories_dir: Path,
                                                            tmp_path: Path) -> None:
     """A problem found in the cache's conversion of a GGUF is reported against the user's file."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))  # no earlier conversion to reuse (that is announced)
     import lowbit.api as api
     from lowbit.errors import LowbitError
     from lowbit.models import resolve
