@@ -162,7 +162,11 @@ def _ggml_op_name():
 class LlamaRunner:
     """One llama.cpp model + context; ``logits(tokens)`` gives logits at every position."""
 
-    def __init__(self, path, n_ctx: int = 512, collect_imatrix: bool = False):
+    def __init__(self, path, n_ctx: int = 512, collect_imatrix: bool = False, n_seq: int = 1,
+                 n_ubatch: int | None = None):
+        """``n_seq > 1`` (with ``n_ubatch``) makes the context llama-imatrix / llama-perplexity make
+        for ``-c n_ctx -b n_seq*n_ctx -ub n_ubatch``: :meth:`decode_sequences` then decodes up to
+        ``n_seq`` chunks at once as parallel sequences, split into micro-batches by llama.cpp."""
         ll = _init()
         self.ll = ll
         mp = ll.llama_model_default_params()
@@ -173,9 +177,11 @@ class LlamaRunner:
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         cp = ll.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = n_ctx
-        cp.n_ubatch = n_ctx
+        cp.n_ctx = n_ctx * n_seq
+        cp.n_batch = n_ctx * n_seq
+        cp.n_ubatch = n_ubatch or n_ctx
+        cp.n_seq_max = n_seq
+        self.n_seq = n_seq
         cp.n_threads = N_THREADS
         cp.n_threads_batch = N_THREADS
         self.n_ctx = n_ctx
@@ -254,6 +260,31 @@ class LlamaRunner:
         finally:
             ll.llama_batch_free(batch)
 
+    def decode_sequences(self, chunks: list[list[int]]) -> None:
+        """Decode up to ``n_seq`` chunks in one batch, chunk ``s`` as sequence ``s`` from position 0
+        (every position an output), as llama-imatrix decodes a group of chunks."""
+        ll = self.ll
+        assert len(chunks) <= self.n_seq
+        n = sum(len(c) for c in chunks)
+        ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
+        batch = ll.llama_batch_init(n, 0, self.n_seq)
+        try:
+            batch.n_tokens = n
+            k = 0
+            for s, c in enumerate(chunks):
+                for i, tok in enumerate(c):
+                    batch.token[k] = tok
+                    batch.pos[k] = i
+                    batch.n_seq_id[k] = 1
+                    batch.seq_id[k][0] = s
+                    batch.logits[k] = True
+                    k += 1
+            rc = ll.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc})")
+        finally:
+            ll.llama_batch_free(batch)
+
     def generate(self, tokens: list[int], n: int) -> list[int]:
         out = list(tokens)
         for _ in range(n):
@@ -281,6 +312,18 @@ class LlamaRunner:
 
     def __exit__(self, *a):
         self.close()
+
+
+def llama_imatrix(path, chunks: list[list[int]], n_ctx: int, n_batch: int = 2048, n_ubatch: int = 512) -> dict:
+    """llama-imatrix's statistics (name -> [sum of squares (float64), rows counted]) of ``chunks``:
+    its context (``n_seq = n_batch // n_ctx`` parallel sequences, micro-batches of ``n_ubatch``),
+    its grouping of chunks, its eval-callback rule (``MUL_MAT`` on ``blk.*`` weights, at least 16
+    rows of F32 activations)."""
+    n_seq = max(1, n_batch // n_ctx)
+    with LlamaRunner(path, n_ctx=n_ctx, collect_imatrix=True, n_seq=n_seq, n_ubatch=n_ubatch) as r:
+        for i in range(0, len(chunks), n_seq):
+            r.decode_sequences(chunks[i:i + n_seq])
+        return r.stats
 
 
 def chunks_of(tokens: list[int], n_ctx: int, n_chunks: int | None, bos: int | None) -> list[list[int]]:

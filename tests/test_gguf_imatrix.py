@@ -179,3 +179,43 @@ def test_compute_and_quantize_with_imatrix_equals_llamacpp(stories_f32, tmp_path
         a, b = gguf_tensor_bytes(ours), gguf_tensor_bytes(theirs)
         assert a.keys() == b.keys()
         assert [k for k in a if a[k] != b[k]] == [], mix
+
+
+def test_counted_tokens_follow_llama_imatrix_micro_batches():
+    """llama-imatrix (-b 2048 -ub 512) decodes 2048 // ctx chunks at once; llama.cpp splits them into
+    micro-batches of an equal share of 512 tokens per sequence; matmuls under 16 rows are skipped."""
+    from lowbit.gguf.imatrix import counted_tokens
+
+    k = counted_tokens(51, 512)  # 12 groups of 4 (128 tokens each per micro-batch), then 3: 170+170+170+2
+    assert int(k.sum()) == 26106 and (~k).nonzero().tolist() == [[c, p] for c in (48, 49, 50) for p in (510, 511)]
+    assert bool(counted_tokens(52, 512).all())  # groups of 4 and 2 divide 512
+    assert bool(counted_tokens(8, 64).all())  # one group of 8: 64 tokens each, 512 rows
+    assert int(counted_tokens(3, 520, n_batch=520).sum()) == 3 * 512  # one sequence: 512 + 8 (skipped)
+    assert int(counted_tokens(5, 128).sum()) == 5 * 128  # 512 // 5 = 102: 510 + 130 rows
+
+
+@pytest.mark.llamacpp
+def test_imatrix_equals_llama_imatrix(stories_f32, tmp_path):
+    """compute_imatrix on a GGUF file (llama.cpp's tokenizer, llama-imatrix's grouping of chunks and
+    micro-batch rule, llama.cpp's F16 KV cache) against llama.cpp run as llama-imatrix runs it:
+    3 chunks of 512 (one group: 170 + 170 + 170 + 2 tokens each, the 6-row micro-batch skipped),
+    counts equal, values within 1e-3 relative."""
+    pytest.importorskip("llama_cpp")
+    from gguf_util import WIKI, LlamaRunner, chunks_of, llama_imatrix
+
+    from lowbit.gguf.imatrix import compute_imatrix
+
+    text = tmp_path / "text.txt"
+    text.write_text(Path(WIKI).read_text()[:30000] if Path(WIKI).exists() else "Once upon a time. " * 1500)
+    with LlamaRunner(stories_f32, n_ctx=64) as r:
+        toks = r.tokenize(text.read_text(), True)
+        bos = r.bos if r.add_bos else None
+    chunks = chunks_of(toks, 512, 3, bos)
+    assert len(chunks) == 3
+    stats = llama_imatrix(stories_f32, chunks, 512)
+    im, _ = load_imatrix(compute_imatrix(stories_f32, text, tmp_path / "im.gguf", ctx=512, chunks=3))
+    assert set(im.sums) == set(stats) and len(stats) == 5 * 7
+    assert all(im.counts[k][0] == stats[k][1] == 3 * 512 - 6 for k in stats)
+    assert im.chunk_count == 2  # (3 * 512 - 6) // 512, llama-imatrix's m_last_chunk
+    rd = relative_difference(im.values(), {k: v[0] / v[1] for k, v in stats.items()})
+    assert max(rd.values()) < 1e-3, sorted(rd.items(), key=lambda kv: -kv[1])[:3]
