@@ -242,3 +242,16 @@ def test_cli_reports_numerics_and_refuses_bad_combinations(stories_ggufs, tmp_pa
     assert "GGUF" in capsys.readouterr().err
     assert main(["--quiet", "eval", str(STORIES), "--text", str(text), "--chunks", "2", "--emulate", "llama.cpp"]) == 1
     assert "GGUF" in capsys.readouterr().err
+
+
+def test_numerics_note_when_a_checkpoint_quantizes_activations():
+    """HF checkpoints: the activation quantization a checkpoint declares and lowbit does not apply is named."""
+    from types import SimpleNamespace
+
+    from lowbit.api import _unapplied_activations
+
+    fp8 = {"config_groups": {"group_0": {"input_activations": {"type": "float", "num_bits": 8, "strategy": "token"}}}}
+    assert "float8 token" in _unapplied_activations(SimpleNamespace(kind="quantized", quantization_config=fp8))
+    w4 = {"config_groups": {"group_0": {"input_activations": None}}}
+    assert _unapplied_activations(SimpleNamespace(kind="quantized", quantization_config=w4)) == ""
+    assert _unapplied_activations(SimpleNamespace(kind="hf", quantization_config=None)) == ""

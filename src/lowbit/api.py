@@ -167,7 +167,21 @@ def _eval_model(spec: Any, settings: EvalSettings, first: int, role: str) -> tup
             return loaded.model, loaded.tokenizer, loaded.source, NUMERICS_EMULATED
         install_gguf(loaded.model, gguf)
         return loaded.model, loaded.tokenizer, loaded.source, NUMERICS_EMULATED
-    return loaded.model, loaded.tokenizer, loaded.source, NUMERICS_LOWBIT
+    return loaded.model, loaded.tokenizer, loaded.source, NUMERICS_LOWBIT + _unapplied_activations(loaded.source)
+
+
+def _unapplied_activations(source: Any) -> str:
+    """A note when a checkpoint declares activation quantization (compressed-tensors
+    ``input_activations``) that lowbit's evaluation does not apply."""
+    qcfg = source.quantization_config if source.kind == "quantized" else None
+    groups = (qcfg or {}).get("config_groups") or {}
+    acts = [g["input_activations"] for g in groups.values() if isinstance(g, dict) and g.get("input_activations")]
+    if not acts:
+        return ""
+    a = acts[0] if isinstance(acts[0], dict) else {}
+    desc = f"{a.get('type', '?')}{a.get('num_bits', '')} {a.get('strategy', '')}".strip()
+    return (f"; NOTE: the checkpoint's runtime also quantizes input activations ({desc}), which this "
+            "evaluation does not apply")
 
 
 def evaluate(model: Any, ref: Any = None, settings: EvalSettings | None = None) -> dict[str, Any]:
@@ -249,13 +263,15 @@ def demo(model: str = DEFAULT_DEMO, settings: EvalSettings | None = None,
     Each setting is written as a compressed-tensors checkpoint and loaded back, so the numbers
     describe the files, not an in-memory shortcut. The reference runs once for all settings and
     its log-probabilities are kept (on disk), so that memory holds one model at a time: the
-    reference, then each quantized model in turn, freed before the next is loaded.
+    reference, then each quantized model in turn (packed, as :func:`lowbit.runtime.qlinear.load_quantized`
+    runs it: the same logits as the model dequantized), freed before the next is loaded.
     """
     import gc
 
     from .eval.perplexity import reference_scores, score_against
     from .memory import trim
     from .progress import track
+    from .runtime.qlinear import load_quantized
 
     settings = settings or EvalSettings(max_chunks=4)
     src = resolve(model)
@@ -279,9 +295,12 @@ def demo(model: str = DEFAULT_DEMO, settings: EvalSettings | None = None,
             t0 = time.perf_counter()
             quantize(src, out, recipe=Recipe(scheme=scheme, mse_clip=clip, group_fallback=True))
             seconds = time.perf_counter() - t0
+            trim()
             size = folder_size(out)
             extra[label] = {"bytes": size.file_bytes, "bpw": size.bpw_quantized, "quantize_s": seconds}
-            qmodel = load(out).model
+            trim()
+            qmodel, _ = load_quantized(out)  # packed weights, dequantized one linear at a time (same logits)
+            trim()
             results[label] = score_against(reference, qmodel, desc=f"kl-divergence {label}")
             del qmodel
             gc.collect()

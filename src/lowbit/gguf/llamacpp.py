@@ -159,11 +159,20 @@ class LlamaCppTokenizer:
     def eos_token_id(self) -> int | None:
         return self._vocab.eos
 
-    def __call__(self, text: str, add_special_tokens: bool = True, parse_special: bool = False,
-                 **_: Any) -> dict[str, list[int]]:
-        if not isinstance(text, str):
-            raise TypeError("LlamaCppTokenizer tokenizes one string at a time")
-        return {"input_ids": self._vocab.tokenize(text, add_special_tokens, parse_special)}
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True, parse_special: bool = False,
+                 return_tensors: str | None = None, **_: Any) -> Any:
+        """Like a transformers tokenizer's call (a ``BatchEncoding`` with ``input_ids`` and
+        ``attention_mask``; ``return_tensors="pt"`` gives ``[batch, n]`` tensors), ids from llama.cpp."""
+        from transformers import BatchEncoding
+
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self._vocab.tokenize(t, add_special_tokens, parse_special) for t in texts]
+        if return_tensors is not None and len({len(i) for i in ids}) > 1:
+            raise ValueError("LlamaCppTokenizer does not pad: tokenize texts of different lengths one at a time")
+        data: dict[str, Any] = {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}
+        if isinstance(text, str) and return_tensors is None:
+            data = {k: v[0] for k, v in data.items()}
+        return BatchEncoding(data, tensor_type=return_tensors)
 
     def __len__(self) -> int:
         return self._vocab.n_tokens if self._hf is None else len(self._hf)
@@ -183,16 +192,20 @@ def gguf_tokenizer(hf: Any, gguf: str | Path | None) -> Any:
     may differ from llama.cpp's."""
     if gguf is None or not Path(gguf).is_file():
         return hf
-    if not available():
-        key = str(gguf)
-        if key not in _warned:
-            _warned.add(key)
-            import warnings
+    why = f"install llama-cpp-python: {INSTALL_HINT}"
+    if available():
+        try:
+            return LlamaCppTokenizer(hf, Vocab(gguf))
+        except LowbitError as exc:
+            why = exc.problem
+    key = str(gguf)
+    if key not in _warned:
+        _warned.add(key)
+        import warnings
 
-            warnings.warn(f"{gguf}: tokenizing with the transformers tokenizer converted from the GGUF; token ids "
-                          f"may differ from llama.cpp's (install llama-cpp-python: {INSTALL_HINT})", stacklevel=2)
-        return hf
-    return LlamaCppTokenizer(hf, Vocab(gguf))
+        warnings.warn(f"{gguf}: tokenizing with the transformers tokenizer converted from the GGUF; token ids "
+                      f"may differ from llama.cpp's ({why})", stacklevel=2)
+    return hf
 
 
 # ---------------------------------------------------------------------------------------------

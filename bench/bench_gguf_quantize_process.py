@@ -1,0 +1,72 @@
+"""GGUF quantization as a user runs it: the whole ``lowbit quantize`` process against the whole
+``llama-quantize`` process, same input file, same type, same thread count; bytes compared.
+
+The time is wall-clock from process start to exit (lowbit's includes importing torch), the best
+of ``--repeat`` runs each; ``ratio`` = lowbit / llama-quantize. ``llama-quantize`` is built from the
+llama-cpp-python sdist's vendored llama.cpp (see bench/llamacpp_agreement.py for the commands;
+``cmake --build build --target llama-quantize``).
+
+    python bench/bench_gguf_quantize_process.py --llama-bin .../build/bin [--model smollm2-135m]
+        [--types Q4_0 Q8_0 Q4_K_M Q6_K IQ4_XS] [--threads 2] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+DEFAULT_TYPES = ["Q4_0", "Q8_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS"]
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+    return dt
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llama-bin", required=True, help="folder with llama-quantize")
+    ap.add_argument("--model", default="smollm2-135m", help="a source lowbit reads; written once as an F16 GGUF")
+    ap.add_argument("--types", nargs="+", default=DEFAULT_TYPES)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--work", default="/tmp/lowbit-quantize-process")
+    a = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    f16 = work / "model-F16.gguf"
+    if not f16.exists():
+        from lowbit.gguf.convert import quantize_to_gguf
+
+        quantize_to_gguf(a.model, f16, "F16")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from gguf_util import gguf_tensor_bytes
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "LOWBIT_THREADS": str(a.threads)}
+    load = os.getloadavg()[0]
+    print(f"{a.model} as F16 GGUF ({f16.stat().st_size / 1e6:.0f} MB), threads {a.threads}, best of {a.repeat}, "
+          f"load average {load:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'type':8s} {'lowbit s':>9s} {'llama s':>8s} {'ratio':>6s}  bytes equal")
+    for t in a.types:
+        ours, theirs = work / f"lowbit-{t}.gguf", work / f"llama-{t}.gguf"
+        lb = [sys.executable, "-m", "lowbit.cli", "--quiet", "quantize", str(f16), "--to", t, "-o", str(ours), "--overwrite"]
+        ll = [str(Path(a.llama_bin) / "llama-quantize"), str(f16), str(theirs), t, str(a.threads)]
+        t_lb = min(timed(lb, env) for _ in range(a.repeat))
+        t_ll = min(timed(ll, env) for _ in range(a.repeat))
+        x, y = gguf_tensor_bytes(ours), gguf_tensor_bytes(theirs)
+        same = sum(x[k] == y.get(k) for k in x)
+        print(f"{t:8s} {t_lb:9.2f} {t_ll:8.2f} {t_lb / t_ll:6.2f}  {same}/{len(y)} tensors", flush=True)
+
+
+if __name__ == "__main__":
+    main()
