@@ -255,3 +255,20 @@ def test_numerics_note_when_a_checkpoint_quantizes_activations():
     w4 = {"config_groups": {"group_0": {"input_activations": None}}}
     assert _unapplied_activations(SimpleNamespace(kind="quantized", quantization_config=w4)) == ""
     assert _unapplied_activations(SimpleNamespace(kind="hf", quantization_config=None)) == ""
+
+
+def test_gelu_table_equals_ggmls(ggml):
+    """Gemma-3's GEGLU: lowbit's F16 GELU table against the one ggml fills (ggml_table_gelu_f16)."""
+    from lowbit.runtime.emulate import GeluFP16
+
+    _, cpu = ggml
+    theirs = np.frombuffer(bytes((ctypes.c_uint16 * 65536).in_dll(cpu, "ggml_table_gelu_f16")), dtype=np.float16)
+    ours = GeluFP16.table().numpy().astype(np.float16)
+    x = np.arange(65536).astype(np.uint16).view(np.float16).astype(np.float32)
+    used = np.isfinite(x) & (np.abs(x) < 10)  # outside, ggml does not read the table
+    differ = np.nonzero(used & (ours.view(np.uint16) != theirs.view(np.uint16)))[0]
+    assert len(differ) <= 2
+    steps = np.abs(ours[differ].astype(np.float32) - theirs[differ].astype(np.float32)) / np.spacing(np.abs(theirs[differ]))
+    assert (steps <= 1).all()
+    y = GeluFP16()(torch.tensor([-12.0, -10.0, 0.5, 9.99, 10.0, 30.0]))
+    assert y[0] == 0 and y[1] == 0 and y[4] == 10 and y[5] == 30

@@ -26,6 +26,9 @@ for prompt batches (micro-batches of 64 tokens or more per sequence, as llama-pe
 llama-imatrix run) reads them back to F32 and computes in F32. :data:`ATTN_F16_KV` is a
 transformers attention function that rounds keys and values to F16 the same way before SDPA.
 
+Gemma-3's GEGLU runs through ggml's F16 table (``GGML_GELU_FP16``, ggml-cpu/vec.h): for
+``-10 < x < 10``, ``gelu(x) = fp16(gelu_tanh(fp16(x)))``; :class:`GeluFP16` does the same.
+
 What is not emulated: Q8_1's block sum is stored as F16 (``s = fp16(d * sum(q))``) and the
 Q4_1/Q5_1 dot product uses it for the minimum term, which a fake-quantized input (exact
 ``d * sum(q)``) cannot reproduce; the order of float summation; the attention kernel for
@@ -234,6 +237,37 @@ def gguf_block_mins(gguf_path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+class GeluFP16(nn.Module):
+    """ggml's tanh-GELU through its F16 lookup table (``ggml_vec_geglu_f32``/``ggml_vec_gelu_f32``
+    with ``GGML_GELU_FP16``): ``0`` below -10, ``x`` above 10, else ``fp16(gelu(fp16(x)))``."""
+
+    _table: torch.Tensor | None = None
+
+    @classmethod
+    def table(cls) -> torch.Tensor:
+        if cls._table is None:
+            f = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+            inner = (0.7978845608028654 * f) * (1.0 + (0.044715 * f) * f)
+            # ggml_gelu_f32 in float32, tanhf correctly rounded (glibc's): 1 of the 65536 entries differs
+            # from ggml's table here (its compiler contracts a multiply-add), none by more than one F16 step
+            g = (0.5 * f) * (1.0 + torch.tanh(inner.double()).float())
+            t = torch.empty(1 << 16, dtype=torch.float32)
+            t[(torch.arange(-(1 << 15), 1 << 15) & 0xFFFF)] = g.to(torch.float16).float()
+            cls._table = t
+        return cls._table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        idx = xf.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+        y = self.table().to(xf.device)[idx]
+        y = torch.where(xf >= 10.0, xf, torch.where(xf <= -10.0, torch.zeros_like(xf), y))
+        return y.to(x.dtype)
+
+
+def _is_tanh_gelu(act: Any) -> bool:
+    return type(act).__name__ in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUPytorchTanh")
+
+
 def _emulated_forward(module: nn.Linear, fmt: str, mins: torch.Tensor | None) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = F.linear(round_activations(x, fmt), module.weight, module.bias)
@@ -251,6 +285,12 @@ def install(modules: Mapping[str, nn.Module], formats: Mapping[str, str],
     ``mins`` (:func:`gguf_block_mins`) adds Q8_1's block-sum rounding for Q4_1 / Q5_1 weights.
     Returns the modules changed, for :func:`uninstall`."""
     changed = []
+    for mod in modules.values():  # GEGLU through ggml's F16 table (Gemma-3's MLP)
+        act = getattr(mod, "act_fn", None)
+        if isinstance(act, nn.Module) and _is_tanh_gelu(act) and "_lowbit_act_fn" not in mod.__dict__:
+            mod.__dict__["_lowbit_act_fn"] = act
+            mod.act_fn = GeluFP16()
+            changed.append(mod)
     for name, fmt in formats.items():
         mod = modules.get(name)
         if mod is None or fmt == "f32":
@@ -267,6 +307,8 @@ def uninstall(modules: list[nn.Module]) -> None:
     for mod in modules:
         if "forward" in mod.__dict__:
             del mod.forward
+        if "_lowbit_act_fn" in mod.__dict__:
+            mod.act_fn = mod.__dict__.pop("_lowbit_act_fn")
 
 
 def install_model(model: nn.Module, formats: Mapping[str, str],
