@@ -169,21 +169,23 @@ def _kl_result(st: dict[str, list[torch.Tensor]], nll_ref: torch.Tensor, n_eval:
 class ReferenceScores:
     """A reference model's log-probabilities at every scored position, computed once (see
     :func:`reference_scores`), so that models can be compared with it one at a time without the
-    reference in memory. Per batch, in memory or (``folder`` given) one safetensors file each."""
+    reference in memory. Per chunk, in memory or (``folder`` given) one raw float32 file each."""
 
     chunks: torch.Tensor
     first: int
     batch_size: int
     nll: torch.Tensor
+    vocab: int = 0
     batches: list[torch.Tensor | Path] = field(default_factory=list)
 
     def log_probs(self, k: int) -> torch.Tensor:
+        """Chunk ``k``'s log-probabilities ``[positions, vocab]``, a fresh tensor the caller may overwrite."""
         b = self.batches[k]
         if isinstance(b, Path):
-            from safetensors.torch import load_file
+            import numpy as np
 
-            return load_file(str(b))["lp"]
-        return b
+            return torch.from_numpy(np.fromfile(b, dtype=np.float32)).reshape(-1, self.vocab)
+        return b.clone()
 
 
 def reference_scores(ref: torch.nn.Module, tokens: torch.Tensor, ctx: int = 512, batch_size: int = 4,
@@ -197,40 +199,53 @@ def reference_scores(ref: torch.nn.Module, tokens: torch.Tensor, ctx: int = 512,
     out = ReferenceScores(chunks, first, batch_size, torch.empty(0))
     nll_ref: list[torch.Tensor] = []
     with bar(chunks.shape[0], desc, unit="chunk") as pbar:
-        for k, i in enumerate(range(0, chunks.shape[0], batch_size)):
+        for i in range(0, chunks.shape[0], batch_size):
             batch = chunks[i : i + batch_size]
-            lp_ref = F.log_softmax(_logits(ref, batch)[:, first:-1], dim=-1)
-            target = batch[:, first + 1 :].to(lp_ref.device)[..., None]
-            nll_ref.append(-lp_ref.gather(-1, target).reshape(-1).cpu())
-            if folder is not None:
-                from safetensors.torch import save_file
-
-                path = Path(folder) / f"reference-{k:05d}.safetensors"
-                save_file({"lp": lp_ref.cpu().contiguous()}, str(path))
-                out.batches.append(path)
-            else:
-                out.batches.append(lp_ref.cpu())
+            logits = _logits(ref, batch)  # the batch runs as compare_models runs it: the same logits
+            for j in range(batch.shape[0]):  # then one chunk at a time (softmax is per position)
+                lp_ref = F.log_softmax(logits[j, first:-1], dim=-1)
+                target = batch[j, first + 1 :].to(lp_ref.device)[..., None]
+                nll_ref.append(-lp_ref.gather(-1, target).reshape(-1).cpu())
+                out.vocab = lp_ref.shape[-1]
+                if folder is not None:  # written as it is in memory: no serialised copy
+                    path = Path(folder) / f"reference-{i + j:05d}.f32"
+                    lp_ref.cpu().contiguous().numpy().tofile(path)
+                    out.batches.append(path)
+                else:
+                    out.batches.append(lp_ref.cpu())
+                del lp_ref
+            del logits
             pbar.update(batch.shape[0])
     out.nll = torch.cat(nll_ref)
     return out
 
 
 def score_against(reference: ReferenceScores, model: torch.nn.Module, desc: str = "kl-divergence") -> KLResult:
-    """KL(ref || model), top-1 agreement and both perplexities against scores kept by :func:`reference_scores`."""
+    """KL(ref || model), top-1 agreement and both perplexities against scores kept by :func:`reference_scores`.
+
+    The same numbers as :func:`compare_models` (the model runs the same batches; the per-position
+    operations are the same on the same values), in less memory: after each batch's logits the
+    comparison goes one chunk at a time, the reference's log-probabilities are read per chunk and
+    ``p_ref * (lp_ref - lp_q)`` reuses buffers (multiplication commutes exactly).
+    """
     st: dict[str, list[torch.Tensor]] = {"kl": [], "same": [], "nll": []}
     chunks, first, seconds = reference.chunks, reference.first, 0.0
-    device = next(model.parameters()).device
     with bar(chunks.shape[0], desc, unit="chunk") as pbar:
-        for k, i in enumerate(range(0, chunks.shape[0], reference.batch_size)):
+        for i in range(0, chunks.shape[0], reference.batch_size):
             batch = chunks[i : i + reference.batch_size]
-            lp_ref = reference.log_probs(k).to(device)
-            p_ref = lp_ref.exp()
-            top_ref = lp_ref.argmax(-1)
-            target = batch[:, first + 1 :].to(lp_ref.device)[..., None]
             t0 = time.perf_counter()
-            lp_q = F.log_softmax(_logits(model, batch)[:, first:-1].to(lp_ref.device), dim=-1)
+            logits = _logits(model, batch)
             seconds += time.perf_counter() - t0
-            _accumulate(st, lp_ref, p_ref, top_ref, lp_q, target)
-            del lp_ref, p_ref, lp_q
+            for j in range(batch.shape[0]):
+                lp_q = F.log_softmax(logits[j, first:-1], dim=-1)
+                lp_ref = reference.log_probs(i + j).to(lp_q.device)
+                target = batch[j, first + 1 :].to(lp_q.device)[..., None]
+                st["same"].append((lp_ref.argmax(-1) == lp_q.argmax(-1)).reshape(-1).cpu())
+                st["nll"].append(-lp_q.gather(-1, target).reshape(-1).cpu())
+                diff = lp_ref - lp_q
+                del lp_q
+                st["kl"].append(diff.mul_(lp_ref.exp_()).sum(-1).reshape(-1).cpu())  # p_ref * (lp_ref - lp_q)
+                del lp_ref, diff
+            del logits
             pbar.update(batch.shape[0])
     return _kl_result(st, reference.nll, chunks.numel(), seconds)

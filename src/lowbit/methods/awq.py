@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.core import compute_qparams, dequantize, quantize
-from lowbit.core.affine import grouped
+from lowbit.core import compute_qparams, quantize
+from lowbit.core.affine import grouped, qparams_from_range
 from lowbit.core.quantized import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
@@ -39,9 +39,23 @@ from .registry import Method, register_method
 
 
 def fake_quant(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """``w`` rounded to the scheme's grid (optionally with per-group range shrink ``clip``)."""
-    scale, zero = compute_qparams(w, scheme, clip)
-    return dequantize(quantize(w, scale, zero, scheme), scale, zero, scheme).to(w.dtype)
+    """``w`` rounded to the scheme's grid (optionally with per-group range shrink ``clip``).
+
+    The same values as ``dequantize(quantize(w, *compute_qparams(w, scheme, clip)))``, computed on
+    the grouped view with broadcast scales, in place (no expanded copies of scale and zero point,
+    no integer round trip: the codes are exact small integers either way).
+    """
+    g = grouped(w.float(), scheme)
+    return _fake_quant_grouped(g, *qparams_from_range(g.amin(dim=-1) * clip, g.amax(dim=-1) * clip, scheme),
+                               scheme).reshape(w.shape).to(w.dtype)
+
+
+def _fake_quant_grouped(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``(clamp(round(g / scale) + zero, 0, qmax) - zero) * scale`` on ``[rows, groups, group]`` values."""
+    s, z = scale[..., None], zero[..., None]
+    q = g / s
+    q.round_().add_(z).clamp_(0, scheme.qmax)
+    return q.sub_(z).mul_(s)
 
 
 def weight_channel_mean(ws: list[torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
@@ -71,18 +85,23 @@ def search_clip_for_output(
     sch = scheme if scheme.group_size > 0 else QuantScheme(scheme.bits, -1, scheme.symmetric)
     ng = sch.n_groups(in_f)
     gs = in_f // ng
-    xg = x.reshape(x.shape[0], ng, gs)  # [n, ng, gs]
+    # Each group's products are one batched matrix product over the groups, [ng, rows, gs] @ [ng, gs, n]
+    # (what einsum("ogk,ngk->ogn") runs), with the tokens' side laid out once for every call.
+    xt = x.reshape(x.shape[0], ng, gs).permute(1, 2, 0).contiguous()  # [ng, gs, n]
     best = torch.ones(out_f, ng, device=w.device)
     for r0 in range(0, out_f, rows_per_chunk):
         wc = w[r0 : r0 + rows_per_chunk]
         wg = wc.reshape(wc.shape[0], ng, gs)
-        ref = torch.einsum("ogk,ngk->ogn", wg, xg)
+        ref = torch.bmm(wg.transpose(0, 1), xt)  # [ng, rows, n]
         best_err = torch.full((wc.shape[0], ng), float("inf"), device=w.device)
+        g = grouped(wc, sch)  # the range of each group, found once for every shrink factor
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         for k in range(int(max_shrink * n_grid)):
             factor = 1.0 - k / n_grid
             clip = torch.full((wc.shape[0], ng), factor, device=w.device)
-            q = fake_quant(wc, sch, clip).reshape(wc.shape[0], ng, gs)
-            err = (torch.einsum("ogk,ngk->ogn", q, xg) - ref).pow(2).mean(-1)
+            q = _fake_quant_grouped(g, *qparams_from_range(lo * clip, hi * clip, sch), sch).reshape(wc.shape[0], ng, gs)
+            d = torch.bmm(q.transpose(0, 1), xt).sub_(ref)
+            err = d.mul_(d).mean(-1).t()  # mean squared output error per [row, group]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best[r0 : r0 + rows_per_chunk] = torch.where(better, clip, best[r0 : r0 + rows_per_chunk])

@@ -322,7 +322,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     floats = dict(floats)
-    quantize_model_linears(model, weights, floats)
+    for name in sorted(weights):  # one layer at a time: each decoded weight is freed once packed
+        quantize_model_linears(model, {name: weights.pop(name)}, floats)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in floats.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
