@@ -75,13 +75,48 @@ def test_gptq_lm_head_beats_rtn_on_its_own_inputs(syn: Path, tmp_path: Path) -> 
     assert err_g < err_r
 
 
-def test_format_limits_refused_before_calibration(syn: Path, tmp_path: Path) -> None:
-    """AWQ's layout holds asymmetric 4-bit only: refused at planning, before the calibration file is read."""
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_format_limits_refused_before_calibration(syn: Path, tmp_path: Path, monkeypatch, method: str) -> None:
+    """AWQ's layout holds asymmetric 4-bit only: refused at planning, before the calibration file is
+    read, in well under a second, with every offending tensor and the ways out in one error."""
+    import time
+
+    import lowbit.pipeline as pipeline
+
     missing = tmp_path / "no-such-calibration.txt"
-    with pytest.raises(LowbitError) as e:
-        api.quantize(syn, tmp_path / "out", method="gptq", recipe=Recipe(scheme=QuantScheme(3, 64, True)),
-                     format="awq", calib=str(missing))
-    assert "calibration" not in str(e.value) and not (tmp_path / "out").exists()
+    calib = {"calib": str(missing)} if method != "rtn" else {}
+
+    def refuse() -> str:
+        with pytest.raises(LowbitError) as e:
+            api.quantize(syn, tmp_path / "out", method=method, recipe=Recipe(scheme=QuantScheme(3, 64, True)),
+                         format="awq", **calib)
+        return str(e.value)
+
+    refuse()  # imports and the source's first look happen once per process
+    monkeypatch.setattr(pipeline, "load_calibration", lambda *a, **k: pytest.fail("calibration was loaded"))
+    t0 = time.perf_counter()
+    err = refuse()
+    assert time.perf_counter() - t0 < 1.0
+    assert "calibration" not in err and not (tmp_path / "out").exists()
+    assert "cannot hold 14 of 14" in err
+    for linear in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert f"model.layers.{{0-1}}.{'self_attn' if linear[0] in 'qkvo' else 'mlp'}.{linear}.weight" in err
+    assert "--keep PATTERN" in err and "--group-size N or -1" in err and "--format gptq" in err
+
+
+def test_format_shape_limits_refused_before_calibration(tmp_path: Path, monkeypatch) -> None:
+    """Shape rules too (GPTQ packs whole int32 words: 172 columns x 3 bits do not fit): refused with
+    the plan, not by the writer after calibrating."""
+    import lowbit.pipeline as pipeline
+    from paths import STORIES
+
+    if not STORIES.exists():
+        pytest.skip("stories260K not available")
+    monkeypatch.setattr(pipeline, "load_calibration", lambda *a, **k: pytest.fail("calibration was loaded"))
+    with pytest.raises(LowbitError, match="gptq format cannot hold 15 of 35") as e:
+        api.quantize(STORIES, tmp_path / "out", method="gptq", recipe=Recipe(scheme=QuantScheme(3, -1, True)),
+                     format="gptq", calib=str(tmp_path / "missing.txt"))
+    assert "model.layers.{0-4}.mlp.down_proj.weight" in str(e.value) and "--format compressed-tensors" in str(e.value)
 
 
 def test_existing_output_refused_before_any_work(syn: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ Writing is the formats' business (:func:`lowbit.formats.save`, the GGUF writer).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,8 +52,11 @@ def make_handler(method: str, scheme: QuantScheme, act_order: bool | str | None 
                                                     **options)
 
 
-def check_plan(method: str, plan: Plan, format: str | None = None) -> None:  # noqa: A002
-    """Refuse, before any work, schemes the method cannot produce or the format cannot hold."""
+def check_plan(method: str, plan: Plan, format: str | None = None,  # noqa: A002
+               shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Refuse, before any work, schemes the method cannot produce or the format cannot hold;
+    with the tensors' ``shapes`` the format's shape rules too (whole packed words, packed rows),
+    so that nothing the writer would refuse after calibration is let through."""
     m = METHODS.get(method, "--method")
     for name, scheme in plan.schemes.items():
         reason = m.supports(scheme)
@@ -63,7 +67,8 @@ def check_plan(method: str, plan: Plan, format: str | None = None) -> None:  # n
 
         check = getattr(formats, "check_holds", None)
         if check is not None:
-            check(dict(plan.schemes), format)
+            check(dict(plan.schemes), format,
+                  {n: tuple(shapes[n]) for n in plan.schemes if n in shapes} if shapes is not None else None)
 
 
 def _stored(sr: StreamResult) -> tuple[StoredWeights, StoredTensors, dict[str, Any]]:
@@ -159,7 +164,7 @@ def quantize_model(
         if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in shapes and embed in shapes:
             shapes["lm_head.weight"] = shapes[embed]  # tied: a rule may still quantize lm_head (then untied)
         plan = plan_for(recipe, shapes, where=src.spec)
-        check_plan(method, plan, format)
+        check_plan(method, plan, format, shapes)
         scheme = recipe.scheme
         if recipe.mse_clip and method == "rtn":
             options.setdefault("mse_clip", True)

@@ -22,6 +22,7 @@ before any calibration runs, with one error that lists every tensor the format c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
@@ -151,8 +152,6 @@ def register(cls: F) -> F:
 
 # --------------------------------------------------------------------------------- planning
 
-MAX_LISTED = 10
-
 
 def _holder(fmt: str | Holder) -> Holder:
     if isinstance(fmt, str):
@@ -179,6 +178,34 @@ def cannot_hold(
     return out
 
 
+def _ranges(ints: list[int]) -> str:
+    """``0-3,5,7-9`` for ``[0, 1, 2, 3, 5, 7, 8, 9]``."""
+    parts: list[str] = []
+    for i in sorted(set(ints)):
+        if parts and "-" in parts[-1] and int(parts[-1].split("-")[1]) == i - 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{i}"
+        elif parts and "-" not in parts[-1] and int(parts[-1]) == i - 1:
+            parts[-1] = f"{parts[-1]}-{i}"
+        else:
+            parts.append(str(i))
+    return ",".join(parts)
+
+
+def compact_names(names: list[str]) -> list[str]:
+    """Every name, those differing only in their layer number written once:
+    ``model.layers.{0-29}.mlp.down_proj.weight``."""
+    groups: dict[str, list[int]] = {}
+    singles: list[str] = []
+    for n in names:
+        m = re.search(r"\.(\d+)\.", n)
+        if m is None:
+            singles.append(n)
+            continue
+        groups.setdefault(f"{n[: m.start()]}.{{}}.{n[m.end():]}", []).append(int(m.group(1)))
+    out = [t.replace("{}", str(ix[0]) if len(ix) == 1 else "{" + _ranges(ix) + "}", 1) for t, ix in groups.items()]
+    return out + singles
+
+
 def check_holds(
     plan: Mapping[str, QuantScheme], fmt: str | Holder, shapes: Mapping[str, tuple[int, ...]] | None = None
 ) -> None:
@@ -187,8 +214,9 @@ def check_holds(
     ``plan`` maps weight names to the scheme they will be quantized with; ``fmt`` is a registered
     format's name or any object with ``name`` and ``holds(scheme)`` (and optionally
     ``holds_tensor(name, scheme, shape)``); ``shapes`` (``[out, in]`` per name, optional) lets the
-    shape rules apply too (GPTQ's whole int32 words, AWQ's 8 packed rows). The message lists up to
-    ten tensors with their reason, counts the rest, and gives the ways out: keep them in float,
+    shape rules apply too (GPTQ's whole int32 words, AWQ's 8 packed rows). The message lists every
+    tensor, grouped by reason (names that differ only in their layer number written once, as
+    ``model.layers.{0-29}.mlp.down_proj.weight``), and gives the ways out: keep them in float,
     another group size or per channel, or a format that holds them all.
     """
     holder = _holder(fmt)
@@ -199,10 +227,10 @@ def check_holds(
         raise LowbitError(None, f"the {holder.name} format cannot hold this plan: {whole}")
     if not bad:
         return
-    items = list(bad.items())
-    listed = "; ".join(f"{n} ({plan[n].describe()}): {why}" for n, why in items[:MAX_LISTED])
-    if len(items) > MAX_LISTED:
-        listed += f"; and {len(items) - MAX_LISTED} more"
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for n, why in bad.items():
+        by_reason.setdefault((why, plan[n].describe()), []).append(n)
+    listed = "; ".join(f"{why} [{scheme}]: {', '.join(compact_names(names))}" for (why, scheme), names in by_reason.items())
     options = ["keep them in float (--keep PATTERN)",
                "another bit width, group size or per channel (--bits, --group-size N or -1, --override PATTERN=SPEC)"]
     others = [n for n, f in FORMATS.items() if n != holder.name
