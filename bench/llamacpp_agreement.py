@@ -66,13 +66,18 @@ def _wikitext() -> Path:
 # --- llama.cpp's tools ------------------------------------------------------------------------------
 
 
-def run_tool(cmd: list[str], log: Path) -> str:
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    log.write_text(" ".join(cmd) + "\n" + p.stdout + p.stderr)
-    if p.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}), see {log}")
-    return p.stdout + p.stderr + f"\n__seconds {time.perf_counter() - t0:.1f}\n"
+def run_tool(cmd: list[str], log: Path, expect: str = "") -> str:
+    """Run one of llama.cpp's tools; its output must contain ``expect`` (one retry: on a shared
+    machine a run was once seen to stop early with status 0)."""
+    for _ in range(2):
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        log.write_text(" ".join(cmd) + "\n" + p.stdout + p.stderr)
+        if p.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} failed ({p.returncode}), see {log}")
+        if expect in p.stdout + p.stderr:
+            return p.stdout + p.stderr + f"\n__seconds {time.perf_counter() - t0:.1f}\n"
+    raise RuntimeError(f"{cmd[0]} stopped before {expect!r}, see {log}")
 
 
 def _num(pattern: str, text: str) -> float:
@@ -87,9 +92,10 @@ def llama_perplexity(bin_dir: Path, ref: Path, q: Path, text: Path, ctx: int, ch
     base = work / f"{text.stem}-base.kld"
     exe = str(bin_dir / "llama-perplexity")
     out_b = run_tool([exe, "-m", str(ref), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads),
-                      "--kl-divergence-base", str(base)], work / f"{text.stem}-ppl-base.log")
+                      "--kl-divergence-base", str(base)], work / f"{text.stem}-ppl-base.log", "Final estimate")
     out_q = run_tool([exe, "-m", str(q), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads),
-                      "--kl-divergence-base", str(base), "--kl-divergence"], work / f"{text.stem}-ppl-kl.log")
+                      "--kl-divergence-base", str(base), "--kl-divergence"], work / f"{text.stem}-ppl-kl.log",
+                     "Same top p")
     return {"ppl_ref": _num(r"Final estimate: PPL = ([0-9.]+)", out_b),
             "ppl": _num(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out_q),
             "ppl_ref_kl_mode": _num(r"Mean PPL\(base\)\s*:\s*([0-9.]+)", out_q),
@@ -288,12 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/lowbit-llamacpp-agreement")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--previous", nargs="*", default=[],
+                    help="output files of earlier runs: their rows (JSON lines) join the table")
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     os.environ.setdefault("LOWBIT_NO_PROGRESS", "1")
     torch.set_num_threads(a.threads)
     bin_dir, work = Path(a.llama_bin), Path(a.work)
-    rows = []
+    rows = [json.loads(line) for f in a.previous for line in Path(f).read_text().splitlines() if line.startswith("{")]
     for model in a.models:
         mw = work / model
         f32, q = prepare(model, a.quant, mw)

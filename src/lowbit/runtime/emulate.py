@@ -29,11 +29,16 @@ transformers attention function that rounds keys and values to F16 the same way 
 Gemma-3's GEGLU runs through ggml's F16 table (``GGML_GELU_FP16``, ggml-cpu/vec.h): for
 ``-10 < x < 10``, ``gelu(x) = fp16(gelu_tanh(fp16(x)))``; :class:`GeluFP16` does the same.
 
-What is not emulated: Q8_1's block sum is stored as F16 (``s = fp16(d * sum(q))``) and the
-Q4_1/Q5_1 dot product uses it for the minimum term, which a fake-quantized input (exact
-``d * sum(q)``) cannot reproduce; the order of float summation; the attention kernel for
-short micro-batches (under 64 tokens per sequence: F16 queries and F16 accumulation). For
-llama.cpp's exact numbers run llama.cpp (``lowbit eval --runtime llama.cpp``).
+Q8_1 also stores each block's sum as F16 (``s = fp16(d * sum(q))``) and the Q4_1/Q5_1 dot
+product multiplies it by the weight block's minimum: :func:`q8_1_sum_error` with the weights'
+block minimums (:func:`gguf_block_mins`) adds that rounding too.
+
+What is not emulated: the order of float summation and llama.cpp's own float functions (norms,
+RoPE, softmax, SiLU); a difference of one ulp moves a value across a rounding boundary now and
+then, and that difference grows through the layers, so logits are not llama.cpp's bit for bit
+(their statistics are); the attention kernel for short micro-batches (under 64 tokens per
+sequence: F16 queries and F16 accumulation). For llama.cpp's exact numbers run llama.cpp
+(``lowbit eval --runtime llama.cpp``).
 
 :func:`gguf_activation_formats` maps every linear of a model loaded from a GGUF file to its
 weight's activation format; :func:`emulate_llamacpp` installs the rounding on those linears
