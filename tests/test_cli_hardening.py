@@ -279,6 +279,26 @@ def test_usage_errors_are_one_line(capsys, stories_dir: Path, tmp_path: Path) ->
         assert "usage:" not in err
 
 
+def test_internal_errors_and_interrupts_keep_the_style(capsys, monkeypatch, tmp_path: Path) -> None:
+    import lowbit.cli as cli
+
+    def boom(args):
+        raise RuntimeError("something broke")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    gguf_file = str(tiny_gguf(tmp_path / "t.gguf"))
+    monkeypatch.setitem(cli.COMMANDS, "inspect", boom)
+    code, _, err = run(capsys, "inspect", gguf_file)
+    assert code == cli.EXIT_INTERNAL
+    assert err.splitlines() == ["lowbit: error: internal error: RuntimeError: something broke "
+                                "(run with --debug for a traceback)"]
+    monkeypatch.setitem(cli.COMMANDS, "inspect", interrupted)
+    code, _, err = run(capsys, "inspect", gguf_file)
+    assert code == 130 and err.startswith("lowbit: error: interrupted")
+
+
 def test_pickled_bin_refused_without_torch_noise(capsys, stories_dir: Path, tmp_path: Path) -> None:
     import shutil
 

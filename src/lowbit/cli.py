@@ -372,15 +372,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowbit: error: {where}: {exc.problem}" if where else f"lowbit: error: {exc.problem}", file=sys.stderr)
         return EXIT_INPUT
     except Terminated as exc:
-        print(f"lowbit: terminated ({exc.args[0]}); outputs in progress removed", file=sys.stderr)
+        print(f"lowbit: error: terminated by {exc.args[0]}; outputs in progress removed", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("lowbit: interrupted", file=sys.stderr)
+        print("lowbit: error: interrupted; outputs in progress removed", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
         if args.debug:
             raise
-        print(f"lowbit: internal error: {exc.__class__.__name__}: {exc} (run with --debug for a traceback)",
+        print(f"lowbit: error: internal error: {exc.__class__.__name__}: {exc} (run with --debug for a traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
     finally:
