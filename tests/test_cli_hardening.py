@@ -177,6 +177,33 @@ def test_progress_lines_when_stderr_is_a_pipe(stories_dir: Path, wikitext: Path,
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 
+def test_terminal_without_width_gets_lines_not_an_invisible_bar(tmp_path: Path) -> None:
+    """Some remote shells give a pseudo-terminal that reports 0 columns, where tqdm draws nothing."""
+    import pty
+
+    master, slave = pty.openpty()  # a new pty has no size (0 x 0)
+    code = ("from lowbit.progress import bar\n"
+            "b = bar(3, 'step', 'chunk')\n"
+            "[b.update(1) for _ in range(3)]\n"
+            "b.close()\n")
+    proc = subprocess.run([sys.executable, "-c", code], stderr=slave, stdout=subprocess.DEVNULL,
+                          env=_env(LOWBIT_PROGRESS_INTERVAL="0"), timeout=60)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.returncode == 0
+    text = out.decode(errors="replace")
+    assert "lowbit: step: 1/3 chunk" in text and "lowbit: step: 3/3 chunk in" in text, text
+
+
 def test_line_progress_is_periodic(monkeypatch) -> None:
     import io
 

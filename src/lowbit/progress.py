@@ -1,7 +1,8 @@
 """Progress of long steps on stderr: bars on a terminal, periodic one-line reports elsewhere.
 
 On a terminal each step draws a tqdm bar (elapsed, rate, ETA). When stderr is not a terminal
-(``lowbit demo > log 2>&1``, CI, nohup) a bar would be noise, so each step prints one line every
+(``lowbit demo > log 2>&1``, CI, nohup), or is one that reports no width (a pseudo-terminal of some
+remote shells, where tqdm draws nothing), each step prints one line every
 ``LOWBIT_PROGRESS_INTERVAL`` seconds (default 10; also while a single item takes long) and one
 when it ends::
 
@@ -159,12 +160,19 @@ class LineProgress(_Silent):
         self._write(f"{done} {self.unit} in {_duration(elapsed)}" + (f" ({rate})" if rate else ""))
 
 
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def bar(total: int | None, desc: str, unit: str = "it") -> Any:
     """A progress object for ``total`` items (``update(n)``, ``close()``, a context manager): a tqdm
     bar on a terminal, :class:`LineProgress` otherwise, nothing when silenced."""
     if _silenced():
         return _Silent()
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() or _columns() <= 0:  # a terminal of no width draws no bar (tqdm prints nothing)
         return LineProgress(total, desc, unit)
     from tqdm.auto import tqdm
 
