@@ -109,6 +109,28 @@ def test_stale_partials_of_a_killed_run_are_removed(tmp_path: Path) -> None:
     assert live.exists() and other.exists()
 
 
+def test_stale_work_folders_of_a_killed_run_are_removed(tmp_path: Path, monkeypatch) -> None:
+    """Per-layer results live in <tmp>/lowbit-layers-<pid>.<random> (gigabytes for a big model): a run
+    killed outright leaves it, the next one removes it."""
+    import tempfile
+
+    from lowbit.fileio import scratch_dir
+    from lowbit.models.store import ScratchDir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"lowbit-layers-{dead.pid}.abcd1234"
+    stale.mkdir()
+    (stale / "layer_00000.safetensors").write_bytes(b"x")
+    live = scratch_dir("lowbit-layers-")  # this process: kept
+    other = tmp_path / "lowbit-layers-notapid"  # not ours to judge: kept
+    other.mkdir()
+    s = ScratchDir("lowbit-layers-")
+    assert s.path.name.startswith(f"lowbit-layers-{os.getpid()}.")
+    assert not stale.exists() and live.exists() and other.exists()
+
+
 # --- 9: permissions ----------------------------------------------------------------------------------
 
 

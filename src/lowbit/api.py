@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -269,6 +268,7 @@ def demo(model: str = DEFAULT_DEMO, settings: EvalSettings | None = None,
     import gc
 
     from .eval.perplexity import reference_scores, score_against
+    from .fileio import scratch
     from .memory import trim
     from .progress import track
     from .runtime.qlinear import load_quantized
@@ -283,7 +283,7 @@ def demo(model: str = DEFAULT_DEMO, settings: EvalSettings | None = None,
     rows = []
     results: dict[str, Any] = {}
     extra: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
+    with scratch("lowbit-demo-") as tmp:  # <tmp>/lowbit-demo-<pid>.<random>: a killed demo's is removed by the next
         reference = reference_scores(ref.model, tokens, ctx=settings.ctx, batch_size=settings.batch_size,
                                      bos_id=bos, score_all=settings.score_all, max_chunks=settings.max_chunks,
                                      folder=tmp, desc="reference (float)")

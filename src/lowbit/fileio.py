@@ -2,7 +2,8 @@
 
 Temporaries are named ``.<output name>.<pid>.<random>.partial``: a run killed without a chance to
 clean up (``kill -9``, a power cut) leaves one behind, and the next run writing the same output
-removes those whose process is gone. What is published gets the permissions of an ordinary new
+removes those whose process is gone (on this machine: the pid is checked here). Work folders in the
+system's temporary directory (:func:`scratch_dir`) are named and cleaned up the same way. What is published gets the permissions of an ordinary new
 file (``0666``/``0777`` less the umask), not the ``0600``/``0700`` of :mod:`tempfile`.
 """
 
@@ -101,6 +102,33 @@ def remove_stale_partials(out: Path) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new folder ``<tmp>/<prefix><pid>.<random>`` for work files; the caller removes it. Folders
+    of the same ``prefix`` whose process is gone (killed outright, so nothing removed them) are
+    removed first: per-layer results of a big model can be gigabytes."""
+    base = Path(tempfile.gettempdir())
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.[a-z0-9_]{8}")
+    try:
+        entries = [p for p in base.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        entries = []
+    for p in entries:
+        m = pattern.fullmatch(p.name)
+        if m is not None and not _pid_alive(int(m.group(1))) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}."))
+
+
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """:func:`scratch_dir` as a context: the folder is removed on the way out, whatever happens."""
+    path = scratch_dir(prefix)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _tmp_prefix(out: Path) -> str:

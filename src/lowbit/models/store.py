@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 
 from lowbit.core.quantized import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
+from lowbit.fileio import scratch_dir
 
 
 def write_result_file(
@@ -80,7 +80,7 @@ class ScratchDir:
     """A temporary folder (under the system temp dir) deleted when this object is garbage or at exit."""
 
     def __init__(self, prefix: str = "lowbit-") -> None:
-        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self.path = scratch_dir(prefix)  # <tmp>/<prefix><pid>.<random>: a killed run's is removed by the next
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path), True)
 
 
