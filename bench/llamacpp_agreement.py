@@ -67,9 +67,10 @@ def _wikitext() -> Path:
 
 
 def run_tool(cmd: list[str], log: Path, expect: str = "") -> str:
-    """Run one of llama.cpp's tools; its output must contain ``expect`` (one retry: on a shared
-    machine a run was once seen to stop early with status 0)."""
-    for _ in range(2):
+    """Run one of llama.cpp's tools; its output must contain ``expect``. The tools log through a
+    thread that can lose the last lines at exit (about one run in three here, status 0), so a run
+    missing them is repeated, up to 6 times."""
+    for _ in range(6):
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
         log.write_text(" ".join(cmd) + "\n" + p.stdout + p.stderr)
@@ -95,7 +96,7 @@ def llama_perplexity(bin_dir: Path, ref: Path, q: Path, text: Path, ctx: int, ch
                       "--kl-divergence-base", str(base)], work / f"{text.stem}-ppl-base.log", "Final estimate")
     out_q = run_tool([exe, "-m", str(q), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads),
                       "--kl-divergence-base", str(base), "--kl-divergence"], work / f"{text.stem}-ppl-kl.log",
-                     "Same top p")
+                     "Same top p:")
     return {"ppl_ref": _num(r"Final estimate: PPL = ([0-9.]+)", out_b),
             "ppl": _num(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out_q),
             "ppl_ref_kl_mode": _num(r"Mean PPL\(base\)\s*:\s*([0-9.]+)", out_q),
