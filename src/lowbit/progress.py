@@ -68,7 +68,7 @@ class _Silent:
     def update(self, n: float = 1) -> None:
         self.n += n
 
-    def close(self) -> None:
+    def close(self, report: bool = True) -> None:
         pass
 
     def set_description(self, desc: str) -> None:
@@ -148,12 +148,17 @@ class LineProgress(_Silent):
     def set_description(self, desc: str) -> None:
         self.desc = desc
 
-    def close(self) -> None:
+    def __exit__(self, *exc: object) -> None:
+        self.close(report=exc[0] is None)  # a step cut short by an error says nothing more: the error speaks
+
+    def close(self, report: bool = True) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         self._stop.set()
+        if not report:
+            return
         elapsed = time.monotonic() - self.start
         done = f"{self.n:g}/{self.total}" if self.total is not None else f"{self.n:g}"
         rate = _rate(self.n, elapsed, self.unit)
