@@ -306,6 +306,15 @@ def test_help_choices_read_from_source_match_the_registries() -> None:
             assert sorted(read) == sorted(live)
 
 
+def test_help_choices_fall_back_to_the_registries_without_source(monkeypatch) -> None:
+    import lowbit.cli as cli
+
+    read = {kind: [(n, h) for n, h, _ in registry_entries(kind)] for kind in ("method", "format", "scheme")}
+    monkeypatch.setattr(cli, "source_entries", lambda *a: [])
+    for kind, entries in read.items():
+        assert sorted((n, h) for n, h, _ in cli.registry_entries(kind)) == sorted(entries)
+
+
 # --- 15: one message style ---------------------------------------------------------------------------
 
 
