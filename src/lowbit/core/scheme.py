@@ -76,6 +76,9 @@ class QuantScheme:
     scale_format: str | None = None  # None: the model's float type
     float_format: str | None = None  # type "float": e4m3 / e5m2 / e2m1 (default by bits)
     codebook: str | None = None  # type "codebook": its name (nf4, fp4, learned)
+    # A weight scheme's companion: how the layer's input activations are quantized (W8A8, FP8,
+    # NVFP4...), written into the checkpoint's config; None: weight-only.
+    activations: QuantScheme | None = None
 
     def __post_init__(self) -> None:
         def bad(problem: str) -> LowbitError:
@@ -113,6 +116,8 @@ class QuantScheme:
             raise bad(f"dynamic must be False, True or 'local', got {self.dynamic!r}")
         if (self.type == "codebook") != (self.codebook is not None):
             raise bad("a codebook type needs a codebook name, and only it")
+        if self.activations is not None and self.activations.activations is not None:
+            raise bad("an activation scheme has no activation scheme of its own")
 
     # --- the grid ---------------------------------------------------------------------------
 
@@ -170,6 +175,8 @@ class QuantScheme:
             text += " dynamic" if self.dynamic is True else " dynamic-local"
         if self.scale_format:
             text += f" scale:{self.scale_format}"
+        if self.activations is not None:
+            text += f", activations {self.activations.describe()}"
         return text
 
     # --- serialisation ------------------------------------------------------------------------
@@ -179,6 +186,10 @@ class QuantScheme:
         d = asdict(self)
         if d["block"] is not None:
             d["block"] = list(d["block"])
+        if self.activations is None:
+            del d["activations"]  # weight-only dicts stay as they were before activations existed
+        else:
+            d["activations"] = self.activations.to_dict()
         return d
 
     @classmethod
@@ -190,6 +201,8 @@ class QuantScheme:
         kw = {k: v for k, v in d.items() if k in known}
         if kw.get("block") is not None:
             kw["block"] = tuple(kw["block"])
+        if kw.get("activations") is not None:
+            kw["activations"] = cls.from_dict(kw["activations"])
         return cls(**kw)
 
     def to_quantization_args(self) -> dict[str, Any]:
