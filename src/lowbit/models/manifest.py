@@ -59,6 +59,33 @@ def read_manifest(workdir: Path, digest: str) -> int:
     return done
 
 
+def finished_layers(workdir: Path, digest: str, n_layers: int) -> set[int]:
+    """The layers of this exact request whose result files are in ``workdir`` (each is written
+    atomically, so a file present is complete, whichever process wrote it and whenever it was
+    killed). Results of another request (or of no manifest at all) are removed: none is mixed in."""
+    path = workdir / "manifest.json"
+    man: Any = None
+    if path.exists():
+        try:
+            man = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            man = None
+    if not isinstance(man, dict) or man.get("hash") != digest:
+        if isinstance(man, dict):
+            warnings.warn(f"{workdir}: results of a different request found; starting over", stacklevel=3)
+        clear_results(workdir)
+        return set()
+    return {i for i in range(n_layers) if layer_path(workdir, i).exists()}
+
+
+def clear_results(workdir: Path) -> None:
+    """Remove the result files (and their temporaries) of an earlier run from ``workdir``."""
+    for p in list(workdir.glob("layer_*.safetensors")) + list(workdir.glob("layer_*.partial")):
+        p.unlink(missing_ok=True)
+    for p in (outer_path(workdir), outer_path(workdir).with_suffix(".partial")):
+        p.unlink(missing_ok=True)
+
+
 def write_manifest(workdir: Path, digest: str, done: int, n_layers: int, request: dict[str, Any]) -> None:
     path = workdir / "manifest.json"
     tmp = path.with_suffix(".partial")

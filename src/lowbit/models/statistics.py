@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from lowbit import distributed as dist
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 
@@ -155,6 +156,9 @@ def observe(
         if early_stop and len(called) == len(names):
             raise _AllSeen
 
+    if dist.inputs_sharded():
+        _observe_sharded(ctx, names, early_stop, collect, seen, called, cur_mask)
+        return stats
     with input_hooks(ctx.adapter, ctx.layer, names, collect):
         for h, kw, m in zip(ctx.inputs.hidden, ctx.inputs.kwargs, ctx.inputs.masks):
             seen.clear()
@@ -165,6 +169,52 @@ def observe(
             except _AllSeen:
                 pass
     return stats
+
+
+def _observe_sharded(ctx: LayerContext, names: list[str], early_stop: bool, collect: Callable[[str, torch.Tensor], None],
+                     seen: dict, called: set[str], cur_mask: list[torch.Tensor | None]) -> None:
+    """:func:`observe` when each process holds its round-robin share of the batches
+    (:mod:`lowbit.distributed`): in round ``k`` every rank runs its ``k``-th batch recording the
+    linears' inputs, the recordings are gathered, and every rank adds them in one-process batch
+    order (global batch ``k * N + rank``), so each statistic is the same bytes as in one process."""
+    local = list(zip(ctx.inputs.hidden, ctx.inputs.kwargs, ctx.inputs.masks))
+    rounds = max(dist.gather(len(local)))
+    calls: list[tuple[str, torch.Tensor]] = []
+    kept: dict[int, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        called.add(name)
+        if id(x) not in kept:  # one copy of a tensor several linears read (identity kept for ``share``)
+            kept[id(x)] = x.detach().to("cpu", copy=True)
+        calls.append((name, kept[id(x)]))
+        if early_stop and len(called) == len(names):
+            raise _AllSeen
+
+    for k in range(rounds):
+        mine: tuple[torch.Tensor | None, list[tuple[str, torch.Tensor]]] | None = None
+        if k < len(local):
+            h, kw, m = local[k]
+            calls, kept = [], {}
+            called.clear()
+            with input_hooks(ctx.adapter, ctx.layer, names, record):
+                try:
+                    run_layer(ctx.layer, h, kw)
+                except _AllSeen:
+                    pass
+            mine = (None if m is None else m.cpu(), calls)
+        for batch in dist.gather(mine):
+            if batch is None:
+                continue
+            m, batch_calls = batch
+            seen.clear()
+            called.clear()
+            cur_mask[0] = None if m is None else m.to(ctx.device)
+            moved: dict[int, torch.Tensor] = {}
+            try:
+                for name, x in batch_calls:
+                    collect(name, moved.setdefault(id(x), x.to(ctx.device)))
+            except _AllSeen:
+                pass
 
 
 class StatisticsHandler:

@@ -14,6 +14,7 @@ a temporary folder deleted once no mapping uses it any more (or at interpreter e
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 
 from lowbit.core.quantized import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
+from lowbit.errors import LowbitError
 from lowbit.fileio import scratch_dir
 
 
@@ -48,8 +50,23 @@ def write_result_file(
         {n: qw.scheme.to_dict() for n, qw in weights.items()}
     )}
     tmp = path.with_suffix(".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        if no_space_left(exc):
+            raise LowbitError(path.parent, "no space left on device for the per-layer results "
+                                           "(free some space, or pass a work folder on another disk)") from None
+        raise
+
+
+def no_space_left(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk is full (``OSError`` ENOSPC, or safetensors' error around it)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    text = str(exc)
+    return "No space left on device" in text or f"os error {errno.ENOSPC}" in text
 
 
 def index_result_file(path: Path) -> tuple[dict[str, QuantScheme], list[str], dict[str, Any]]:
