@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", nargs="?", const="dynamic", default=None, choices=["static", "dynamic", "off"],
                    help="GPTQ: visit columns by decreasing Hessian diagonal. static (default): groups fixed up "
                         "front, no g_idx; dynamic (the bare flag): groups in visiting order with a g_idx; off")
+    q.add_argument("--smoothing", metavar="STRENGTH", default=None,
+                   help="SmoothQuant methods (smoothquant+rtn, smoothquant+gptq): the strength alpha in [0, 1] "
+                        "(default 0.5, as llm-compressor) or auto (chosen per layer by the layer's output error)")
     q.add_argument("--device", default="cpu", help="cpu or cuda: where calibration and GGUF block encoding run")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true", help="machine-readable output")
@@ -210,6 +213,10 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                        "act_order": args.act_order, "seed": args.seed}
     elif args.act_order not in (None, "off"):
         raise LowbitError("--act-order", "applies to --method gptq only")
+    if args.smoothing is not None:
+        if "smoothing" not in METHODS.get(args.method, "--method").options:
+            raise LowbitError("--smoothing", f"applies to the SmoothQuant methods, not --method {args.method}")
+        method_args["smoothing"] = args.smoothing
     fmt = args.format or ("gguf" if args.to else "compressed-tensors")
     report: dict[str, Any] = {}
     out = api.quantize(args.model, args.output, method=args.method, recipe=_recipe(args), format=fmt,

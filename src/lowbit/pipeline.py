@@ -172,6 +172,9 @@ def quantize_model(
         raise LowbitError(f"--method {method}", str(m.supports(scheme)))
     lookup: SchemeLookup = plan if plan is not None else scheme_lookup(scheme, rules)
     handler = m.handler(scheme, lookup, act_order=act_order, **options)
+    check_model = getattr(handler, "check_model", None)
+    if check_model is not None:  # what the method needs of the architecture (SmoothQuant's mappings), before calibrating
+        check_model(adapter)
     outer = plan.outside(adapter.layers + ".") if plan is not None else {}
 
     given = calib if isinstance(calib, CalibrationData) else None

@@ -4,7 +4,8 @@ An :class:`Adapter` names (relative to the model or to one decoder layer) everyt
 streaming engine and the calibrated methods need: where the decoder layers, embeddings, final
 norm and rotary embedding live; the sequential groups of linear layers inside a layer (each
 group's inputs depend on the previous group's outputs); the AWQ scaling groups (an op whose
-output feeds some linears, so a per-channel scale can be folded into it); and, for
+output feeds some linears, so a per-channel scale can be folded into it); the SmoothQuant
+smoothing mappings (the norms whose outputs feed linears; attention only in MoE layers); and, for
 mixture-of-experts layers, where the experts and the router are.
 """
 
@@ -69,6 +70,8 @@ class Adapter:
     rotary: str | None = "model.rotary_emb"
     sequential: tuple[tuple[str, ...], ...] = ()
     scale_groups: tuple[ScaleGroup, ...] = ()
+    #: SmoothQuant mappings: a norm and the linears reading its output (empty: cannot be smoothed)
+    smooth_groups: tuple[ScaleGroup, ...] = ()
     norm_plus_one: bool = False
     moe: MoESpec | None = None
     notes: str = ""
@@ -123,6 +126,17 @@ class Adapter:
             out.extend(self._moe_scale_groups(layer))
         return out
 
+    def smooth_groups_for(self, layer: nn.Module) -> list[ScaleGroup]:
+        """SmoothQuant mappings valid for this layer: those whose norm and linears all exist
+        (in a MoE layer the MLP mapping is absent: experts are routed, only attention is smoothed)."""
+        out = []
+        for sg in self.smooth_groups:
+            if get_submodule(layer, sg.prev) is None:
+                continue
+            if all(isinstance(get_submodule(layer, n), nn.Linear) for n in sg.linears):
+                out.append(sg)
+        return out
+
     def _moe_scale_groups(self, layer: nn.Module) -> list[ScaleGroup]:
         moe = self.moe
         assert moe is not None
@@ -162,10 +176,17 @@ def _dense_groups(post_norm: str, kind: str) -> tuple[ScaleGroup, ...]:
     )
 
 
+def _smooth_groups(post_norm: str | None, kind: str) -> tuple[ScaleGroup, ...]:
+    """SmoothQuant's mappings: input norm -> q/k/v and (dense MLPs) the MLP's norm -> gate/up."""
+    attn = (ScaleGroup("input_layernorm", kind, _ATTN[0], "self_attn"),)
+    return attn if post_norm is None else attn + (ScaleGroup(post_norm, kind, _MLP[0], "mlp"),)
+
+
 LLAMA = Adapter(
     family="llama",
     sequential=_ATTN + _MLP,
     scale_groups=_dense_groups("post_attention_layernorm", "norm"),
+    smooth_groups=_smooth_groups("post_attention_layernorm", "norm"),
     notes="llama, mistral, qwen2 and qwen3 share this layout (qwen3 adds q/k norms inside attention)",
 )
 
@@ -173,6 +194,7 @@ GEMMA3 = Adapter(
     family="gemma3",
     sequential=_ATTN + _MLP,
     scale_groups=_dense_groups("pre_feedforward_layernorm", "norm_plus_one"),
+    smooth_groups=_smooth_groups("pre_feedforward_layernorm", "norm_plus_one"),
     norm_plus_one=True,
     notes=(
         "norms compute n(x) * (1 + w); the MLP reads pre_feedforward_layernorm "
@@ -184,6 +206,7 @@ QWEN2_MOE = Adapter(
     family="qwen2_moe",
     sequential=_ATTN + _MLP,
     scale_groups=_dense_groups("post_attention_layernorm", "norm"),
+    smooth_groups=_smooth_groups(None, "norm"),
     moe=MoESpec(
         shared_gate_up=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
         shared_down=("mlp.shared_expert.down_proj",),
@@ -196,6 +219,7 @@ MIXTRAL = Adapter(
     family="mixtral",
     sequential=_ATTN + _MLP,
     scale_groups=_dense_groups("post_attention_layernorm", "norm"),
+    smooth_groups=_smooth_groups(None, "norm"),
     moe=MoESpec(proj_names=("w1", "w3", "w2")),
     notes="on disk experts are block_sparse_moe.experts.E.w1/w3/w2; transformers renames them to mlp.experts",
 )
