@@ -184,6 +184,12 @@ def _recipe(args: argparse.Namespace) -> Any:
         base = p.weights
     changes = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size),
                                  ("symmetric", args.symmetric)) if v is not None}
+    if args.symmetric is None and getattr(args, "method", None):  # a method with one grid (hqq: asymmetric)
+        from .methods import METHODS
+
+        fixed = getattr(METHODS.get(args.method, "--method"), "symmetric", None)
+        if fixed is not None:
+            changes["symmetric"] = fixed
     scheme = replace(base, **changes)
     overrides = [(p, None) for p in args.keep] + [parse_override(o, scheme) for o in args.override]
     return Recipe(scheme=scheme, overrides=tuple(overrides), mse_clip=args.mse_clip,

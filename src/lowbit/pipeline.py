@@ -165,6 +165,8 @@ def quantize_model(
             shapes["lm_head.weight"] = shapes[embed]  # tied: a rule may still quantize lm_head (then untied)
         plan = plan_for(recipe, shapes, where=src.spec)
         check_plan(method, plan, format, shapes)
+        if format is not None and getattr(m, "wants_format", False):  # HQQ: float or integer zero points
+            options.setdefault("format", format)
         scheme = recipe.scheme
         if recipe.mse_clip and method == "rtn":
             options.setdefault("mse_clip", True)
