@@ -164,7 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(chunks=4)
     d.add_argument("--plot", help="also save a plot (PNG) of KL-divergence against bits per weight")
     d.add_argument("--json", action="store_true")
+    _add_decision_commands(sub)
     return parser
+
+
+def _add_decision_commands(sub: Any) -> None:
+    """compare, generate, diagnose, recommend: the commands that help choose a scheme."""
+    c = sub.add_parser("compare", help="quantize with several schemes, evaluate each, write an HTML/Markdown report")
+    c.add_argument("model", help="model to quantize (HF folder, .gguf, hf:ORG/NAME or demo name)")
+    c.add_argument("--schemes", required=True, help="comma-separated: GGUF mixes (Q4_K_M, IQ4_XS...) and "
+                   "PRESET[-METHOD] (W4A16-gptq, W4A16-awq, W8A16...; method rtn when none is given)")
+    c.add_argument("-o", "--output", required=True, help="report folder (an existing one is resumed)")
+    _eval_args(c)
+    c.set_defaults(chunks=8)
+    c.add_argument("--calib", help="calibration text for calibrated methods (file, pydoc or selfgen)")
+    c.add_argument("--samples", type=int, default=None, help="calibration samples")
+    c.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sample")
+    c.add_argument("--keep-models", action="store_true", help="keep the quantized models under OUTPUT/work")
+    c.add_argument("--in-process", action="store_true", help="run every scheme in this process (peak memory "
+                   "is then the whole run's)")
+    c.add_argument("--json", action="store_true")
 
 
 def _recipe(args: argparse.Namespace) -> Any:
@@ -292,6 +311,9 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_human(command: str, result: dict[str, Any], args: argparse.Namespace) -> None:
+    if command in _HUMAN:
+        print(_HUMAN[command](result))
+        return
     if command == "demo":
         from .api import format_table
 
@@ -326,6 +348,27 @@ def _fmt(v: Any) -> str:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "imatrix": cmd_imatrix, "demo": cmd_demo}
+
+
+def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
+    _check_inputs(args.model)
+    from .eval.compare import compare, parse_schemes
+
+    parse_schemes(args.schemes)  # every scheme checked before any work
+    return compare(args.model, args.schemes, args.output, text=args.text, ctx=args.ctx, max_chunks=args.chunks,
+                   batch_size=args.batch_size, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
+                   isolate=not args.in_process, keep_models=args.keep_models)
+
+
+def _compare_text(result: dict[str, Any]) -> str:
+    from .eval.report import compare_markdown
+
+    body = [line for line in compare_markdown(result).splitlines() if not line.startswith("![")]
+    return "\n".join([*body, *(f"wrote {f}" for f in result["files"])])
+
+
+COMMANDS["compare"] = cmd_compare
+_HUMAN: dict[str, Any] = {"compare": _compare_text}
 
 
 class Terminated(KeyboardInterrupt):
