@@ -8,7 +8,7 @@ it is decided by the method and format registries, not here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lowbit.registry import Registry
 
@@ -28,6 +28,13 @@ class Preset:
     @property
     def weight_only(self) -> bool:
         return self.input_activations is None
+
+    @property
+    def scheme(self) -> QuantScheme | None:
+        """The weight scheme carrying the input-activation scheme (what a recipe quantizes with)."""
+        if self.weights is None or self.input_activations is None:
+            return self.weights
+        return replace(self.weights, activations=self.input_activations)
 
 
 PRESETS: Registry[Preset] = Registry("scheme")
@@ -73,9 +80,15 @@ for _p in (
     Preset("MXFP4", QuantScheme(4, 32, True, type="float", scale_format="e8m0"),
            QuantScheme(4, 32, True, type="float", scale_format="e8m0", dynamic=True),
            description="FP4 E2M1 weights and activations, E8M0 scales per 32"),
-    Preset("NF4", QuantScheme(4, 64, True, type="codebook", codebook="nf4"),
-           description="bitsandbytes NormalFloat4 codebook, absmax per block of 64"),
-    Preset("FP4", QuantScheme(4, 64, True, type="codebook", codebook="fp4"),
-           description="bitsandbytes FP4 codebook, absmax per block of 64"),
+    Preset("NF4", QuantScheme(4, 64, True, type="codebook", codebook="nf4", strategy="flat"),
+           description="bitsandbytes NormalFloat4 codebook, absmax per flat block of 64 (--method bnb)"),
+    Preset("FP4", QuantScheme(4, 64, True, type="codebook", codebook="fp4", strategy="flat"),
+           description="bitsandbytes FP4 codebook, absmax per flat block of 64 (--method bnb)"),
+    Preset("NF4_DQ", QuantScheme(4, 64, True, type="codebook", codebook="nf4", strategy="flat", scale_format="nested8"),
+           description="NF4 with double quantization: absmax as 8-bit codes per 256 (QLoRA; --method bnb)"),
+    Preset("FP4_DQ", QuantScheme(4, 64, True, type="codebook", codebook="fp4", strategy="flat", scale_format="nested8"),
+           description="FP4 with double quantization: absmax as 8-bit codes per 256 (--method bnb)"),
+    Preset("LLM_INT8", QuantScheme(8, -1, True),
+           description="int8 weights per row, absmax scales (bitsandbytes LLM.int8 with --method bnb)"),
 ):
     register_preset(_p)

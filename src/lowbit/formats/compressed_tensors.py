@@ -15,6 +15,17 @@ Layout of one quantized linear ``<m>`` (weight ``[out, in]``, ``G`` groups per r
 ``format: pack-quantized``, one config group per distinct scheme and an ``ignore`` list of
 the linear layers left in float (e.g. ``lm_head``).
 
+Weights that come with activation quantization, and float weights, use the layouts llm-compressor
+gives them (one ``format`` per config group; the top-level ``format`` is ``mixed-precision`` when
+they differ):
+
+* ``int-quantized`` (8-bit integer weights with input activations, W8A8): ``<m>.weight`` int8
+  ``[out, in]`` (signed codes), ``<m>.weight_scale`` model dtype ``[out, 1]`` (``[1]`` per tensor);
+* ``float-quantized`` (FP8 E4M3): ``<m>.weight`` float8_e4m3fn, ``<m>.weight_scale`` model dtype,
+  ``[1]`` per tensor, ``[out, 1]`` per channel, ``[ceil(out/128), ceil(in/128)]`` per 128x128 block;
+* static activations add ``<m>.input_scale`` model dtype ``[1]``; their QuantizationArgs (and the
+  weights') are written with every key compressed-tensors 0.19 writes, as llm-compressor 0.14 does.
+
 Act-order with ``g_idx`` is written with ``actorder: "group"`` (what vLLM's WNA16 scheme
 reads); compressed-tensors 0.15+ refuses that value, so transformers with a current
 compressed-tensors cannot load such a file (a warning says so). Without act-order the
@@ -27,6 +38,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +71,8 @@ def validate(name: str, qw: QuantizedWeight) -> None:
     why = CompressedTensors().holds_tensor(name, qw.scheme, tuple(qw.codes.shape))
     if why is not None:
         raise LowbitError(name, why)
-    check_weight(name, qw)
+    if layout(qw.scheme) in (FORMAT, "int-quantized"):
+        check_weight(name, qw)
 
 
 def weight_args(scheme: QuantScheme, actorder: bool) -> dict[str, Any]:
@@ -80,6 +93,47 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = codes.shape[1]
     words = -(-n * bits // 32)
     return pack(pad_columns(codes, 32), bits, dim=1, dtype=torch.int32)[:, :words].contiguous()
+
+
+def layout(scheme: QuantScheme) -> str:
+    """The compressed-tensors format of weights of ``scheme`` (what ``infer_module_format`` picks)."""
+    if scheme.type == "float":
+        if scheme.bits == 8:
+            return "float-quantized"
+        return "nvfp4-pack-quantized" if scheme.scale_format == "e4m3" else "mxfp4-pack-quantized"
+    if scheme.type == "int" and scheme.bits == 8 and scheme.activations is not None:
+        return "int-quantized"
+    return FORMAT
+
+
+def full_args(scheme: QuantScheme, weights: bool) -> dict[str, Any]:
+    """QuantizationArgs with every key, as compressed-tensors 0.19 serialises them (llm-compressor 0.14)."""
+    args = scheme.to_quantization_args()
+    args["scale_dtype"] = args.get("scale_dtype")
+    args["zp_dtype"] = None
+    if weights:
+        args["observer"] = "memoryless_minmax"
+    else:
+        args["observer"] = None if scheme.dynamic is True else "static_minmax"
+    if args["strategy"] in ("token", "tensor", "channel", "block"):
+        args["group_size"] = None
+    return args
+
+
+def encode_unpacked(qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``int-quantized`` / ``float-quantized`` tensors of one module (local names)."""
+    if qw.scheme.type == "int":
+        assert qw.zero is not None
+        codes = qw.codes.to(torch.int32) - qw.scheme.mid
+        weight = codes.to(torch.int8)
+    else:
+        weight = qw.codes.to(torch.float8_e4m3fn)
+    scale = qw.scale.detach().cpu().to(dtype)
+    t = {"weight": weight.cpu().contiguous(),
+         "weight_scale": (scale.reshape(1) if qw.scheme.granularity == "tensor" else scale).contiguous()}
+    if "input_scale" in qw.extra:
+        t["input_scale"] = qw.extra["input_scale"].detach().cpu().to(dtype).reshape(1).contiguous()
+    return t
 
 
 def encode_weight(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], bool]:
@@ -108,7 +162,7 @@ class Encoder:
     def __init__(self, dtype: torch.dtype, linears: list[str]) -> None:
         self.dtype = dtype
         self.linears = linears
-        self.groups: dict[str, tuple[dict[str, Any], list[str]]] = {}  # weights args (as JSON) -> (args, modules)
+        self.groups: dict[str, tuple[dict[str, Any], list[str]]] = {}  # group (as JSON) -> (group, modules)
         self.actorder = False
         self.vllm_issues: list[str] = []
 
@@ -116,11 +170,18 @@ class Encoder:
         """Validate and encode one weight: its tensors under full names (``<module>.weight_packed`` ...)."""
         validate(name, qw)
         module = module_of(name)
-        local, actorder = encode_weight(qw, self.dtype)
-        args = weight_args(per_channel(qw).scheme, actorder)
-        self.groups.setdefault(json.dumps(args, sort_keys=True), (args, []))[1].append(module)
-        self.actorder |= actorder
-        self.vllm_issues += vllm_issues({name: qw})
+        kind = layout(qw.scheme)
+        if kind == FORMAT:
+            local, actorder = encode_weight(qw, self.dtype)
+            args = weight_args(per_channel(qw).scheme, actorder)
+            self.actorder |= actorder
+            self.vllm_issues += vllm_issues({name: qw})
+        else:
+            local, args = encode_unpacked(qw, self.dtype), full_args(qw.scheme, True)
+        acts = qw.scheme.activations
+        group = {"format": kind, "weights": args,
+                 "input_activations": None if acts is None else full_args(acts, False)}
+        self.groups.setdefault(json.dumps(group, sort_keys=True), (group, []))[1].append(module)
         return {f"{module}.{k}": v for k, v in local.items()}
 
     def config(self) -> dict[str, Any]:
@@ -141,17 +202,18 @@ def _quantization_config(groups: list[tuple[dict[str, Any], list[str]]], linears
     ignore = sorted(m for m in linears if m not in quantized)
     single = len(groups) == 1
     config_groups = {}
-    for i, (args, modules) in enumerate(sorted(groups, key=lambda g: g[1][0])):
+    for i, (group, modules) in enumerate(sorted(groups, key=lambda g: g[1][0])):
         config_groups[f"group_{i}"] = {
-            "format": FORMAT,
-            "input_activations": None,
+            "format": group["format"],
+            "input_activations": group["input_activations"],
             "output_activations": None,
             "targets": ["Linear"] if single else [f"re:{_anchored(m)}" for m in modules],
-            "weights": args,
+            "weights": group["weights"],
         }
+    kinds = {g["format"] for g, _ in groups}
     qconfig = {
         "config_groups": config_groups,
-        "format": FORMAT,
+        "format": kinds.pop() if len(kinds) == 1 else "mixed-precision",
         "global_compression_ratio": None,
         "ignore": ignore,
         "kv_cache_scheme": None,
@@ -206,6 +268,83 @@ def _matches(target: str, module: str) -> bool:
     return target == module or target == "Linear"
 
 
+UNPACKED = ("int-quantized", "float-quantized")
+
+
+def _group_for(module: str, qconfig: Mapping[str, Any]) -> Mapping[str, Any]:
+    groups = qconfig.get("config_groups") or {}
+    if not isinstance(groups, Mapping):
+        raise LowbitError("config.json", "quantization_config.config_groups is not a table of groups")
+    for group in groups.values():
+        targets = group.get("targets", []) if isinstance(group, Mapping) else []
+        if any(_matches(str(t), module) for t in targets):
+            return group
+    raise LowbitError(module, "has quantized weights but no config group targets it")
+
+
+def scheme_from_args(args: Mapping[str, Any], where: str) -> QuantScheme:
+    """A :class:`QuantScheme` from compressed-tensors QuantizationArgs (int or float, any strategy)."""
+    try:
+        strategy = str(args.get("strategy") or "tensor")
+        kind = str(args.get("type", "int"))
+        bits = int(args.get("num_bits", 8))
+        gs = int(args["group_size"]) if strategy in ("group", "tensor_group") else (
+            -1 if strategy == "channel" else 0)
+        block = args.get("block_structure")
+        scale_dtype = str(args.get("scale_dtype") or "")
+        scale_format = "e4m3" if "float8" in scale_dtype else ("e8m0" if "uint8" in scale_dtype else None)
+        if strategy == "tensor_group":
+            strategy, scale_format = "group", scale_format or "e4m3"
+        return QuantScheme(bits, gs, bool(args.get("symmetric", True)), type=kind,
+                           strategy=strategy if strategy in ("token", "block", "group") else None,
+                           block=tuple(block) if strategy == "block" and block else None,  # type: ignore[arg-type]
+                           dynamic=args.get("dynamic", False), scale_format=scale_format)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, LowbitError):
+            raise LowbitError(exc.where or where, exc.problem) from None
+        raise LowbitError("config.json", f"the QuantizationArgs of {where} are not valid "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
+def _decode_unpacked(
+    get: Callable[[str], torch.Tensor], names: set[str], module: str, group: Mapping[str, Any]
+) -> tuple[QuantizedWeight, set[str]]:
+    """One ``int-quantized`` / ``float-quantized`` module."""
+    acts = group.get("input_activations")
+    scheme = scheme_from_args(group.get("weights") or {}, module)
+    if acts:
+        scheme = replace(scheme, activations=scheme_from_args(acts, module))
+    w_name, s_name = f"{module}.weight", f"{module}.weight_scale"
+    weight, scale = get(w_name), get(s_name)
+    if weight.dim() != 2:
+        raise LowbitError(w_name, f"shape {tuple(weight.shape)}, expected [out, in]")
+    out_f, in_f = weight.shape
+    kind = scheme.granularity
+    if kind == "block":
+        assert scheme.block is not None
+        want = (-(-out_f // scheme.block[0]), -(-in_f // scheme.block[1]))
+    else:
+        want = {"tensor": (1, 1), "channel": (out_f, 1)}.get(kind, (out_f, scheme.n_groups(in_f)))
+    scale = scale.reshape(1, 1) if kind == "tensor" and scale.numel() == 1 else scale
+    if tuple(scale.shape) != want:
+        raise LowbitError(s_name, f"shape {tuple(scale.shape)}, expected {want} for {scheme.describe()} over "
+                          f"[{out_f}, {in_f}]")
+    used = {w_name, s_name}
+    extra = {}
+    if f"{module}.input_scale" in names:
+        extra["input_scale"] = get(f"{module}.input_scale")
+        used.add(f"{module}.input_scale")
+    if scheme.type == "int":
+        if weight.dtype != torch.int8:
+            raise LowbitError(w_name, f"dtype {weight.dtype}, expected torch.int8 (int-quantized)")
+        codes = weight.to(torch.int32) + scheme.mid
+        zero = torch.full(scale.shape, float(scheme.mid))
+        return QuantizedWeight(codes, scale, zero, scheme, extra=extra), used
+    if weight.dtype != torch.float8_e4m3fn:
+        raise LowbitError(w_name, f"dtype {weight.dtype}, expected torch.float8_e4m3fn (float-quantized)")
+    return QuantizedWeight(weight, scale, None, scheme, extra=extra), used
+
+
 def _scheme_for(module: str, qconfig: Mapping[str, Any]) -> tuple[QuantScheme, Mapping[str, Any]]:
     groups = qconfig.get("config_groups") or {}
     if not isinstance(groups, Mapping):
@@ -238,11 +377,21 @@ def decode(
 ) -> tuple[dict[str, QuantizedWeight], set[str]]:
     """Quantized weights keyed ``<module>.weight``, and the tensor names they consumed."""
     qconfig = config.get("quantization_config") or {}
-    if qconfig.get("format") not in (FORMAT, None) and qconfig.get("format") != "mixed-precision":
-        raise LowbitError("config.json", f"compressed-tensors format {qconfig.get('format')!r} is not pack-quantized")
+    if qconfig.get("format") not in (FORMAT, None, "mixed-precision", *UNPACKED):
+        raise LowbitError("config.json", f"compressed-tensors format {qconfig.get('format')!r} is not one lowbit "
+                          f"reads ({', '.join((FORMAT, *UNPACKED))})")
     out: dict[str, QuantizedWeight] = {}
     used: set[str] = set()
     names_set = set(names)
+    for scale_name in sorted(n for n in names if n.endswith(".weight_scale")):
+        module = scale_name[: -len(".weight_scale")]
+        if f"{module}.weight_packed" in names_set:
+            continue
+        group = _group_for(module, qconfig)
+        with decoding(module):
+            qw, consumed = _decode_unpacked(get, names_set, module, group)
+        out[f"{module}.weight"] = qw
+        used |= consumed
     for packed_name in sorted(n for n in names if n.endswith(".weight_packed")):
         module = packed_name[: -len(".weight_packed")]
         scheme, _ = _scheme_for(module, qconfig)
@@ -310,11 +459,16 @@ class CompressedTensors(Format):
     rank = 0
 
     def holds(self, scheme: QuantScheme) -> str | None:
+        if scheme.dynamic:
+            return "weights are quantized once (static); a dynamic scheme applies to activations only"
         if scheme.type == "float":
-            layout = "float-quantized" if scheme.bits == 8 else (
-                "nvfp4-pack-quantized" if scheme.scale_format == "e4m3" else "mxfp4-pack-quantized")
-            return (f"compressed-tensors pack-quantized holds integer weights of 2-8 bits; {scheme.describe_raw()} "
-                    f"{scheme.float_format} weights need {layout} (not yet written)")
+            kind = layout(scheme)
+            if kind == "float-quantized":
+                if scheme.float_format != "e4m3" or scheme.granularity not in ("tensor", "channel", "block"):
+                    return f"compressed-tensors float-quantized holds E4M3 weights per tensor, channel or block, " \
+                           f"not {scheme.describe()}"
+                return None
+            return f"compressed-tensors {kind} is not written yet ({scheme.describe()})"
         if scheme.type == "codebook":
             return f"compressed-tensors has no layout for {scheme.codebook} codebook weights"
         if not 2 <= scheme.bits <= 8:
