@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -58,11 +60,14 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
     An existing ``out`` is refused before any work unless ``overwrite``. ``report`` (a dict, GGUF
     outputs): filled with the tensors that fell back to other types and the real bits per weight.
     """
+    from . import distributed as dist
     from .fileio import check_output_path
     from .formats import FORMATS, save
 
     fmt = (format or ("gguf" if to else "compressed-tensors")).lower()
-    check_output_path(out, overwrite)
+    device = dist.setup(device)  # several processes (torchrun): join the group; rank 0 writes the output
+    if dist.is_main():
+        check_output_path(out, overwrite)
     if fmt != "gguf":
         if to:
             raise LowbitError(out, f"--to {to} is a GGUF type: it needs --format gguf (or no --format)")
@@ -80,7 +85,8 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
         if method == "rtn":
             from .gguf.convert import quantize_to_gguf
 
-            return quantize_to_gguf(src, out, to, pure=pure, device=device, **gguf_args)
+            with _disk_full(out), dist.rank0_writes():  # llama.cpp's types: encoded by one process
+                return quantize_to_gguf(src, out, to, pure=pure, device=device, **gguf_args) if dist.is_main() else Path(out)
         from .gguf.from_quantized import KQUANT_GRIDS, quantized_to_gguf
 
         recipe = recipe or Recipe()
@@ -91,9 +97,25 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
             recipe = replace(recipe, scheme=QuantScheme(4, 32, False))
             method_args["grid"] = to.upper()
         qm = quantize_model(src, method, recipe, device=device, **method_args)
-        return quantized_to_gguf(src, qm, out, qtype=to, **gguf_args)
+        with _disk_full(out), dist.rank0_writes():
+            return quantized_to_gguf(src, qm, out, qtype=to, **gguf_args) if dist.is_main() else Path(out)
     qm = quantize_model(src, method, recipe or Recipe(), format=fmt, device=device, **method_args)
-    return save(qm, src.hf_dir, out, format=fmt, overwrite=overwrite)
+    with _disk_full(out), dist.rank0_writes():
+        return save(qm, src.hf_dir, out, format=fmt, overwrite=overwrite) if dist.is_main() else Path(out)
+
+
+@contextlib.contextmanager
+def _disk_full(out: str | Path) -> Iterator[None]:
+    """A full disk while writing ``out`` is a one-line error (the writers remove their partial output)."""
+    from .models.store import no_space_left
+
+    try:
+        yield
+    except Exception as exc:
+        if no_space_left(exc):
+            raise LowbitError(out, "no space left on device while writing; nothing was written "
+                                   "(free some space or write to another disk)") from None
+        raise
 
 
 @dataclass
@@ -189,6 +211,9 @@ def evaluate(model: Any, ref: Any = None, settings: EvalSettings | None = None) 
     ``numerics`` in the result says what was measured: lowbit's runtime (dequantized weights,
     float32 activations), the same with llama.cpp's activation rounding emulated, or llama.cpp's
     own runtime; the reference runs the same way as the model."""
+    from . import distributed as dist
+
+    dist.setup("cpu")  # several processes (torchrun): each scores its share of the chunks
     settings = settings or EvalSettings()
     if settings.runtime not in RUNTIMES:
         raise LowbitError("--runtime", f"unknown runtime {settings.runtime!r} (choose from {', '.join(RUNTIMES)})")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import warnings
@@ -123,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmoothQuant methods (smoothquant+rtn, smoothquant+gptq): the strength alpha in [0, 1] "
                         "(default 0.5, as llm-compressor) or auto (chosen per layer by the layer's output error)")
     q.add_argument("--device", default="cpu", help="cpu or cuda: where calibration and GGUF block encoding run")
+    q.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run N processes through torch.distributed (torchrun; gloo on the CPU, one GPU each with "
+                        "--device cuda): RTN splits the layers, GPTQ the calibration batches; the same bytes as one")
+    q.add_argument("--workdir", help="keep the per-layer results here: a rerun of the same command after a "
+                   "failure (a killed process, a full disk) resumes from the finished layers")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -136,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--emulate", choices=["llama.cpp"], default=None,
                    help="llama.cpp: in lowbit's runtime, round each linear's input of a GGUF model as llama.cpp's "
                         "CPU matmuls do (Q8_K for K/IQ types, Q8_0/Q8_1 for legacy types, F16 for F16 weights)")
+    e.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="score the chunks in N processes through torch.distributed (the same numbers as one)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
 
     i = sub.add_parser("inspect", help="tensors, dtypes, quant types, bits per weight, architecture")
@@ -225,9 +233,11 @@ def _check_inputs(*specs: str | None) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from . import distributed
     from .fileio import check_output_path
 
-    check_output_path(args.output, args.overwrite)
+    if distributed.is_main():  # rank 0 writes the output
+        check_output_path(args.output, args.overwrite)
     _check_inputs(args.model)
     from . import api
     from .methods import METHODS
@@ -242,6 +252,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         if "smoothing" not in METHODS.get(args.method, "--method").options:
             raise LowbitError("--smoothing", f"applies to the SmoothQuant methods, not --method {args.method}")
         method_args["smoothing"] = args.smoothing
+    if args.workdir:
+        method_args["workdir"] = args.workdir
     fmt = args.format or ("gguf" if args.to else "compressed-tensors")
     report: dict[str, Any] = {}
     out = api.quantize(args.model, args.output, method=args.method, recipe=_recipe(args), format=fmt,
@@ -249,6 +261,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                        tensor_types=list(args.tensor_type), output_tensor_type=args.output_tensor_type,
                        token_embedding_type=args.token_embedding_type, device=args.device, report=report,
                        **method_args)
+    if not distributed.is_main():
+        return {}
     result: dict[str, Any] = {"output": str(out), "format": fmt, "method": args.method}
     if fmt == "gguf":
         result["type"] = args.to or "Q4_0"
@@ -371,6 +385,23 @@ COMMANDS["compare"] = cmd_compare
 _HUMAN: dict[str, Any] = {"compare": _compare_text}
 
 
+def _launch(nproc: int, argv: list[str]) -> int:
+    """``--nproc N``: this command again in N processes under torchrun (``--standalone``: one machine)."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "lowbit.cli", *rest]
+    return subprocess.call(cmd)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised like Ctrl-C so that outputs in progress are removed on the way out."""
 
@@ -402,9 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = ("--quiet", "--debug")  # global flags are accepted anywhere on the line
     args = parser.parse_args([a for a in argv if a in flags] + [a for a in argv if a not in flags])
-    from . import progress
+    from . import distributed, progress
 
-    progress.set_enabled(not args.quiet)
+    if (getattr(args, "nproc", None) or 1) > 1 and distributed.size() == 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.nproc, argv)
+    progress.set_enabled(not args.quiet and distributed.is_main())
     handlers: dict[int, Any] = {}
     if hasattr(signal, "SIGHUP"):
         try:
@@ -442,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, h in handlers.items():
             signal.signal(signum, h)
+    if not distributed.is_main():  # rank 0 answers for all
+        return EXIT_OK
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     else:

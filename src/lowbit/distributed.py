@@ -20,6 +20,7 @@ processes: work is split, never re-associated (no floating-point sum changes ord
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
@@ -61,7 +62,8 @@ def setup(device: str | Any = "cpu") -> str:
 
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        # rank 0 writes the output while the others wait: hours for a big model, not the default 30 minutes
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=24))
     return f"cuda:{local}" if cuda else str(device)
 
 
@@ -137,6 +139,14 @@ def inputs_sharded() -> bool:
 def barrier() -> None:
     if active():
         _dist().barrier()
+
+
+@contextlib.contextmanager
+def rank0_writes() -> Iterator[None]:
+    """Around rank 0 writing an output: every rank leaves the block once it is written (the
+    others may read it next). An error on rank 0 is not waited for (torchrun stops the others)."""
+    yield
+    barrier()
 
 
 def world_note() -> dict[str, int]:

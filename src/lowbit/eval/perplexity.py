@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as dist
 from ..progress import bar
 from ..text import make_chunks
 
@@ -91,11 +92,13 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, ctx: int = 512, bat
     first = _first_scored(ctx, score_all)
     nlls: list[torch.Tensor] = []
     start = time.perf_counter()
-    with bar(chunks.shape[0], desc, unit="chunk") as pbar:
-        for i in range(0, chunks.shape[0], batch_size):
+    mine = dist.mine(range(0, chunks.shape[0], batch_size))  # several processes: batches round-robin
+    with bar(sum(min(batch_size, chunks.shape[0] - i) for i in mine), desc, unit="chunk") as pbar:
+        for i in mine:
             batch = chunks[i : i + batch_size]
             nlls.append(_nll(_logits(model, batch), batch, first))
             pbar.update(batch.shape[0])
+    nlls = dist.interleave(dist.gather(nlls))  # the one-process order: the same sums
     seconds = time.perf_counter() - start
     nll = torch.cat(nlls)
     ppl, err, mean = _summarize(nll)
@@ -119,8 +122,9 @@ def compare_models(ref: torch.nn.Module, models: dict[str, torch.nn.Module], tok
     stats: dict[str, dict[str, list[torch.Tensor]]] = {k: {"kl": [], "same": [], "nll": []} for k in models}
     nll_ref: list[torch.Tensor] = []
     seconds = dict.fromkeys(models, 0.0)
-    with bar(chunks.shape[0], desc, unit="chunk") as pbar:
-        for i in range(0, chunks.shape[0], batch_size):
+    mine = dist.mine(range(0, chunks.shape[0], batch_size))  # several processes: batches round-robin
+    with bar(sum(min(batch_size, chunks.shape[0] - i) for i in mine), desc, unit="chunk") as pbar:
+        for i in mine:
             batch = chunks[i : i + batch_size]
             lp_ref = F.log_softmax(_logits(ref, batch)[:, first:-1], dim=-1)
             p_ref = lp_ref.exp()
@@ -133,6 +137,12 @@ def compare_models(ref: torch.nn.Module, models: dict[str, torch.nn.Module], tok
                 seconds[key] += time.perf_counter() - t0
                 _accumulate(stats[key], lp_ref, p_ref, top_ref, lp_q, target)
             pbar.update(batch.shape[0])
+    if dist.size() > 1:  # every rank's batches back in the one-process order
+        nll_ref = dist.interleave(dist.gather(nll_ref))
+        for st in stats.values():
+            for name in st:
+                st[name] = dist.interleave(dist.gather(st[name]))
+        seconds = {k: max(dist.gather(v)) for k, v in seconds.items()}
     nll = torch.cat(nll_ref)
     return {key: _kl_result(st, nll, chunks.numel(), seconds[key]) for key, st in stats.items()}
 
