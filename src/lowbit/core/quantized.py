@@ -6,7 +6,8 @@ Every method fills a :class:`QuantizedWeight`; every format reads one. Its param
   minifloat values (``type="float"``: stored in their torch float8 dtype for E4M3/E5M2, or as
   4-bit indices into :data:`E2M1_VALUES` in a uint8 for E2M1), or indices into ``codebook``;
 * ``scale``: one per group (``[out, n_groups]``), per row (``[out, 1]``), per tensor
-  (``[1, 1]``) or per block (``[ceil(out / rows), ceil(in / cols)]``);
+  (``[1, 1]``), per block (``[ceil(out / rows), ceil(in / cols)]``) or per flat block
+  (``[ceil(out * in / group_size)]``: the ``flat`` strategy, blocks of the row-major weight);
 * ``zero``: integer grids' zero points, same shape as ``scale``; a float where the grid's offset
   is not an integer (HQQ's zero points, a GGUF K-quant's ``minimum / scale``); ``None`` for
   float and codebook schemes;
@@ -87,6 +88,9 @@ class QuantizedWeight:
         if self.scheme.granularity == "block":
             assert self.scheme.block is not None
             return _expand_blocks(p.float(), (out_f, in_f), self.scheme.block)
+        if self.scheme.granularity == "flat":  # blocks of the row-major weight, spanning rows
+            per = p.float().reshape(-1).repeat_interleave(self.scheme.group_size)
+            return per[: out_f * in_f].reshape(out_f, in_f)
         if p.numel() == 1:
             return p.float().reshape(1, 1).expand(out_f, in_f)
         return p.float()[:, self.column_groups()]
@@ -141,7 +145,7 @@ class QuantizedWeight:
 
     def rows(self, start: int, stop: int) -> QuantizedWeight:
         """The rows ``[start, stop)`` (parameters shared by every row, such as ``g_idx``, kept)."""
-        if self.scheme.granularity in ("tensor", "block") or self.extra:
+        if self.scheme.granularity in ("tensor", "block", "flat") or self.extra:
             raise LowbitError(None, f"cannot split a {self.scheme.describe()} weight by rows")
         sl = slice(start, stop)
         book = self.codebook

@@ -10,7 +10,9 @@ A scheme says:
 * ``bits``;
 * the strategy, i.e. which values share a scale: ``tensor``, ``channel`` (one per output row),
   ``group`` (``group_size`` consecutive input columns of a row), ``block`` (``block`` =
-  rows x columns tiles), ``token`` (one per row of an activation) or ``head`` (one per KV head).
+  rows x columns tiles), ``token`` (one per row of an activation), ``head`` (one per KV head) or
+  ``flat`` (``group_size`` consecutive values of the row-major flattened weight: blocks may span
+  rows, the last may be short; bitsandbytes).
   For weights it follows ``group_size`` (> 0 group, -1 channel, 0 tensor) unless given;
 * symmetric or not (integer grids only: asymmetric grids carry zero points);
 * static (scales fixed at quantization time) or dynamic (computed at run time; ``"local"``
@@ -30,8 +32,10 @@ PER_CHANNEL = -1
 PER_TENSOR = 0
 
 TYPES = ("int", "float", "codebook")
-STRATEGIES = ("tensor", "channel", "group", "block", "token", "head")
-SCALE_FORMATS = ("float32", "bfloat16", "float16", "e4m3", "e8m0")
+STRATEGIES = ("tensor", "channel", "group", "block", "token", "head", "flat")
+# "nested8": the scales coded again, 8-bit dynamic-map codes in blocks of 256 around their mean
+# (bitsandbytes' double quantization, lowbit.core.codebook)
+SCALE_FORMATS = ("float32", "bfloat16", "float16", "e4m3", "e8m0", "nested8")
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ class QuantScheme:
             raise bad("block applies to the block strategy only")
         if self.strategy == "group" and self.group_size <= 0:
             raise bad("a group strategy needs group_size > 0")
+        if self.strategy == "flat" and self.group_size <= 0:
+            raise bad("a flat strategy needs group_size > 0 (values per block)")
         if self.scale_format is not None and self.scale_format not in SCALE_FORMATS:
             raise bad(f"unknown scale format {self.scale_format!r} (choose from {', '.join(SCALE_FORMATS)})")
         if self.dynamic not in (False, True, "local"):
@@ -163,7 +169,7 @@ class QuantScheme:
     def describe(self) -> str:
         """A short human name: ``int4 sym g64``, ``float8 e4m3 per-channel``, ``codebook4 nf4 g64``."""
         g = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor",
-             "token": "per-token", "head": "per-head",
+             "token": "per-token", "head": "per-head", "flat": f"flat{self.group_size}",
              "block": f"block{self.block[0]}x{self.block[1]}" if self.block else "block"}[self.granularity]
         if self.type == "int":
             text = f"int{self.bits} {'sym' if self.symmetric else 'asym'} {g}"
