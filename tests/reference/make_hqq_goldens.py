@@ -5,6 +5,7 @@ Run in the reference venv (hqq 0.2.8, transformers 4.57, torch 2.13.0 CPU)::
     python3 -m venv /work/venvs/hqq
     /work/venvs/hqq/bin/pip install -c constraints.txt torch hqq==0.2.8 "transformers==4.57.*"
     /work/venvs/hqq/bin/python tests/reference/make_hqq_goldens.py
+    /work/venvs/hqq/bin/python tests/reference/make_hqq_goldens.py --transformers
 
 Each case calls ``hqq.core.quantize.Quantizer.quantize`` on CPU with the weight parameters
 ``hqq_base_quant_config`` gives (channel-wise, optimize, ``round_zero`` for 4 bits, axis 1) and
@@ -13,7 +14,8 @@ per case ``<case>.codes`` (uint8 ``[out, in]``), ``<case>.scale`` / ``<case>.zer
 ``[out, in / group]``, the scale already inverted as hqq stores it). The inputs are stored too, so
 the test does not depend on torch's random generator; the metadata ``cases`` maps each case to
 its input, bits and group size. ``tests/test_hqq.py`` compares lowbit's
-solver with these bytes for bytes.
+solver with these bytes for bytes. With ``--transformers`` it writes the checkpoint goldens of
+``tests/test_hqq_format.py`` instead (see :func:`transformers_files`).
 """
 
 from __future__ import annotations
@@ -74,7 +76,39 @@ def hqq_quantize(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, 
             meta["zero"].reshape(shape).float())
 
 
+def transformers_files() -> None:
+    """tests/data/hqq/transformers_b<bits>.safetensors: what transformers 4.57 + hqq write for stories260K.
+
+    ``AutoModelForCausalLM.from_pretrained(stories260K, quantization_config=HqqConfig(nbits, 64,
+    skip_modules=["lm_head", "down_proj"]))`` on CPU in float32, ``save_pretrained``; kept: every
+    tensor of layer 1 (the HQQLinear state dicts and the float ones), the ``quantization_config``
+    (metadata ``quantization_config``) and, at 4 bits, the logits of ids 1..32 (``logits``).
+    """
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, HqqConfig
+
+    for bits in (2, 3, 4, 8):
+        cfg = HqqConfig(nbits=bits, group_size=64, skip_modules=["lm_head", "down_proj"])
+        model = AutoModelForCausalLM.from_pretrained(str(STORIES.parent), quantization_config=cfg, device_map="cpu",
+                                                     dtype=torch.float32)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            qconfig = json.loads((Path(tmp) / "config.json").read_text())["quantization_config"]
+            with safe_open(str(Path(tmp) / "model.safetensors"), "pt") as f:
+                kept = {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.layers.1.")}
+        if bits == 4:
+            with torch.no_grad():
+                kept["logits"] = model(torch.arange(1, 33)[None]).logits[0].float().contiguous()
+        out = OUT.parent / f"transformers_b{bits}.safetensors"
+        save_file(kept, str(out), metadata={"quantization_config": json.dumps(qconfig, sort_keys=True)})
+        print(f"wrote {out} ({out.stat().st_size} bytes)", file=sys.stderr)
+
+
 def main() -> None:
+    if "--transformers" in sys.argv:
+        transformers_files()
+        return
     tensors: dict[str, torch.Tensor] = {}
     index = {}
     ins = inputs()
