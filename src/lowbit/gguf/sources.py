@@ -182,7 +182,9 @@ def _hf_source(hf_dir: Path) -> Source:
     shapes = {g: tuple(int(d) for d in ck.shape(k)) for g, k in names.items()}
 
     def get(name: str) -> np.ndarray:
-        w = hf_to_gguf_layout(name, ck.get(names[name]).float().numpy(), arch, n_head, n_kv)
+        t = ck.get(names[name])
+        ck.close()  # unmap the shard: its pages would otherwise stay in the resident set, tensor after tensor
+        w = hf_to_gguf_layout(name, t.float().numpy(), arch, n_head, n_kv)
         return np.ascontiguousarray(w, dtype=np.float32)
 
     vocab_size = shapes["token_embd.weight"][0]
