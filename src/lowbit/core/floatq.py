@@ -99,7 +99,9 @@ def quantize_fp8(w: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype, where
     check_finite(w, where)
     x = w.detach().to(dtype)
     scale = symmetric_scale(weight_amax(x, scheme), E4M3_MAX)
-    q = torch.clamp(x / expand(scale, x.shape, scheme), -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    # compressed-tensors adds its (zero) zero point before rounding, which turns -0.0 into +0.0
+    scaled = x / expand(scale, x.shape, scheme) + torch.zeros((), dtype=x.dtype)
+    q = torch.clamp(scaled, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return QuantizedWeight(q, scale, None, scheme)
 
 

@@ -64,7 +64,8 @@ class RTNHandler:
     dtype: torch.dtype = torch.float32  # the model's float type (set from each layer's config)
 
     def __post_init__(self) -> None:
-        self.needs_inputs = self.needs_inputs or static_input(self.scheme)
+        if static_input(self.scheme):  # input scales from the float model's activations, as llm-compressor takes them
+            self.needs_inputs, self.propagate = True, "float"
 
     def fingerprint(self) -> dict[str, Any]:
         return {"method": "rtn", "scheme": self.scheme, "mse_clip": self.mse_clip, "rules": rules_fingerprint(self.rules)}
