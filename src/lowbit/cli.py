@@ -193,6 +193,14 @@ def _add_decision_commands(sub: Any) -> None:
                    "is then the whole run's)")
     c.add_argument("--json", action="store_true")
 
+    g = sub.add_parser("generate", help="greedy continuations of a model and its reference side by side, "
+                       "garbled output flagged")
+    g.add_argument("model", help="model or lowbit output")
+    g.add_argument("--ref", required=True, help="reference (unquantized) model")
+    g.add_argument("--prompts", required=True, help="prompts file: one per line, or JSON lines with a 'prompt' field")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    g.add_argument("--json", action="store_true")
+
 
 def _recipe(args: argparse.Namespace) -> Any:
     from dataclasses import replace
@@ -382,7 +390,24 @@ def _compare_text(result: dict[str, Any]) -> str:
 
 
 COMMANDS["compare"] = cmd_compare
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    _check_inputs(args.model, args.ref, args.prompts)
+    from .eval.generate import generate
+
+    return generate(args.model, args.ref, args.prompts, args.max_new_tokens)
+
+
+def _generate_text(result: dict[str, Any]) -> str:
+    from .eval.generate import format_generate
+
+    return format_generate(result)
+
+
+COMMANDS["generate"] = cmd_generate
 _HUMAN: dict[str, Any] = {"compare": _compare_text}
+_HUMAN["generate"] = _generate_text
 
 
 def _launch(nproc: int, argv: list[str]) -> int:
