@@ -26,6 +26,8 @@ import torch
 
 from lowbit.errors import LowbitError
 
+from .scheme import QuantScheme
+
 #: NormalFloat4 (QLoRA): quantiles of N(0, 1) scaled to [-1, 1], ascending (bitsandbytes' table).
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -33,9 +35,10 @@ NF4_VALUES = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 )
-#: bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bits, bias 2) before division by 12, in code order.
-FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
-#: FP4 codes in ascending value order (+0 before -0: what bitsandbytes' sort gives).
+#: bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bits, bias 2) before division by 12, in code order;
+#: code 8 (sign bit, zero magnitude) is +0.0 in its table too.
+FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+#: FP4 codes in ascending value order (of the two zeros, code 0 first: what bitsandbytes' sort gives).
 FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
 
 CODEBOOKS = ("nf4", "fp4")
@@ -110,6 +113,27 @@ def check_finite(w: torch.Tensor, where: str | None = None) -> None:
 
 def n_blocks(numel: int, blocksize: int) -> int:
     return -(-numel // blocksize)
+
+
+def scheme_issue(scheme: QuantScheme) -> str | None:
+    """``None`` when bitsandbytes has ``scheme`` (NF4/FP4 flat blocks, double quantized or not; int8 rows), else why not."""
+    what = "bitsandbytes has NF4/FP4 codebooks in flat blocks (--scheme NF4, NF4_DQ, FP4, FP4_DQ) and int8 rows " \
+           "(--scheme LLM_INT8)"
+    if scheme.activations is not None or scheme.dynamic:
+        return f"{what}; its activations stay float"
+    if scheme.type == "codebook":
+        if scheme.codebook not in CODEBOOKS or scheme.bits != 4:
+            return f"{what}, not {scheme.describe()}"
+        if scheme.granularity != "flat":
+            return f"{what}: its blocks are flat (strategy='flat'), not {scheme.granularity}"
+        if scheme.group_size not in BLOCKSIZES:
+            return f"blocksize {scheme.group_size} is not supported: a power of two from 32 to 4096"
+        if scheme.scale_format not in (None, "float32", "nested8"):
+            return f"{what}: absmax is float32 or double quantized (nested8), not {scheme.scale_format}"
+        return None
+    if scheme.type == "int" and scheme.bits == 8 and scheme.symmetric and scheme.granularity == "channel":
+        return None
+    return f"{what}, not {scheme.describe()}"
 
 
 # ------------------------------------------------------------------------------ 4-bit blocks
