@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,13 +25,23 @@ from pathlib import Path
 DEFAULT_TYPES = ["Q4_0", "Q8_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS"]
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    dt = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
-    return dt
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Wall-clock seconds and peak RSS (MB) of one whole process.
+
+    The peak comes from GNU time (``/usr/bin/time -f %M``), which forks from its own small
+    process: a child forked from this Python process would carry this process's high-water
+    mark across its ``exec`` (Linux keeps the larger of the two), so ``wait4``'s figure would be
+    at least this process's size."""
+    gnu_time = shutil.which("time", path="/usr/bin:/bin")
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        full = [gnu_time, "-f", "%M", "-o", rss.name, *cmd] if gnu_time else cmd
+        t0 = time.perf_counter()
+        p = subprocess.run(full, capture_output=True, text=True, env=env)
+        dt = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+        text = rss.read().strip().splitlines()
+    return dt, (float(text[-1]) / 1024 if gnu_time and text else float("nan"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,16 +68,20 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     print(f"{a.model} as F16 GGUF ({f16.stat().st_size / 1e6:.0f} MB), threads {a.threads}, best of {a.repeat}, "
           f"load average {load:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'type':8s} {'lowbit s':>9s} {'llama s':>8s} {'ratio':>6s}  bytes equal")
+    print(f"{'type':8s} {'lowbit s':>9s} {'llama s':>8s} {'ratio':>6s} {'lowbit MB':>10s} {'llama MB':>9s}  bytes equal")
     for t in a.types:
         ours, theirs = work / f"lowbit-{t}.gguf", work / f"llama-{t}.gguf"
         lb = [sys.executable, "-m", "lowbit.cli", "--quiet", "quantize", str(f16), "--to", t, "-o", str(ours), "--overwrite"]
         ll = [str(Path(a.llama_bin) / "llama-quantize"), str(f16), str(theirs), t, str(a.threads)]
-        t_lb = min(timed(lb, env) for _ in range(a.repeat))
-        t_ll = min(timed(ll, env) for _ in range(a.repeat))
+        runs_lb, runs_ll = [], []
+        for _ in range(a.repeat):  # alternated, so that both see the same load
+            runs_lb.append(timed(lb, env))
+            runs_ll.append(timed(ll, env))
+        (t_lb, m_lb), (t_ll, m_ll) = min(runs_lb), min(runs_ll)
         x, y = gguf_tensor_bytes(ours), gguf_tensor_bytes(theirs)
         same = sum(x[k] == y.get(k) for k in x)
-        print(f"{t:8s} {t_lb:9.2f} {t_ll:8.2f} {t_lb / t_ll:6.2f}  {same}/{len(y)} tensors", flush=True)
+        print(f"{t:8s} {t_lb:9.2f} {t_ll:8.2f} {t_lb / t_ll:6.2f} {m_lb:10.0f} {m_ll:9.0f}  {same}/{len(y)} tensors",
+              flush=True)
 
 
 if __name__ == "__main__":

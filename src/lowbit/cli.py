@@ -173,7 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plot", help="also save a plot (PNG) of KL-divergence against bits per weight")
     d.add_argument("--json", action="store_true")
     _add_decision_commands(sub)
+    _add_bench_command(sub)
     return parser
+
+
+def _add_bench_command(sub: Any) -> None:
+    b = sub.add_parser("bench", help="generation speed end to end: prefill and decode tokens/s, peak memory")
+    b.add_argument("models", nargs="+", help="models to measure, each in a fresh process; the first is the baseline")
+    b.add_argument("--runtime", choices=["lowbit", "llama.cpp"], default="lowbit",
+                   help="lowbit (default): quantized checkpoints through lowbit's kernels, other sources as float "
+                        "transformers models; llama.cpp: GGUF files through llama-cpp-python (CPU)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda (lowbit runtime)")
+    b.add_argument("--prompt", type=int, default=512, help="prompt tokens (prefill)")
+    b.add_argument("--tokens", type=int, default=128, help="tokens generated (greedy decode)")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    b.add_argument("--text", help="text the prompt is taken from (default: WikiText-2 test if found)")
+    b.add_argument("--plot", help="also save a plot (PNG): tokens/s and peak memory per model")
+    b.add_argument("--json", action="store_true")
 
 
 def _add_decision_commands(sub: Any) -> None:
@@ -392,6 +408,29 @@ def _compare_text(result: dict[str, Any]) -> str:
 COMMANDS["compare"] = cmd_compare
 
 
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    _check_inputs(*args.models)
+    from .eval.speed import BenchSettings, bench, plot_bench
+
+    settings = BenchSettings(prompt=args.prompt, tokens=args.tokens, device=args.device, runtime=args.runtime,
+                             threads=args.threads, text=args.text)
+    results = bench(args.models, settings)
+    out: dict[str, Any] = {"results": [r.as_dict() for r in results]}
+    if args.plot:
+        out["plot"] = str(plot_bench(results, args.plot))
+    return out
+
+
+def _bench_text(result: dict[str, Any]) -> str:
+    from .eval.speed import SpeedResult, format_bench
+
+    text = format_bench([SpeedResult(**r) for r in result["results"]])
+    return text + (f"\nplot: {result['plot']}" if result.get("plot") else "")
+
+
+COMMANDS["bench"] = cmd_bench
+
+
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     _check_inputs(args.model, args.ref, args.prompts)
     from .eval.generate import generate
@@ -406,7 +445,7 @@ def _generate_text(result: dict[str, Any]) -> str:
 
 
 COMMANDS["generate"] = cmd_generate
-_HUMAN: dict[str, Any] = {"compare": _compare_text}
+_HUMAN: dict[str, Any] = {"compare": _compare_text, "bench": _bench_text}
 _HUMAN["generate"] = _generate_text
 
 
