@@ -217,6 +217,19 @@ def _add_decision_commands(sub: Any) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     g.add_argument("--json", action="store_true")
 
+    dg = sub.add_parser("diagnose", help="per-layer and per-tensor error of a quantized model, NaN/Inf, outliers, "
+                        "and what to do about them")
+    dg.add_argument("model", help="a quantized output (or, with --scheme, the float model to quantize here)")
+    dg.add_argument("--ref", default=None, help="the reference (unquantized) model (default with --scheme: MODEL)")
+    dg.add_argument("--scheme", default=None, help="quantize MODEL with this scheme first (as lowbit compare: "
+                    "Q4_K_M, W4A16-gptq...)")
+    dg.add_argument("--text", help="text to measure on (default: WikiText-2 test if found)")
+    dg.add_argument("--ctx", type=int, default=256, help="tokens per chunk (default 256)")
+    dg.add_argument("--chunks", type=int, default=2, help="chunks of text (default 2)")
+    dg.add_argument("--per-tensor-layers", type=int, default=3, help="measure each tensor of the N worst layers alone")
+    dg.add_argument("--top", type=int, default=10, help="worst tensors listed")
+    dg.add_argument("--json", action="store_true")
+
 
 def _recipe(args: argparse.Namespace) -> Any:
     from dataclasses import replace
@@ -445,8 +458,31 @@ def _generate_text(result: dict[str, Any]) -> str:
 
 
 COMMANDS["generate"] = cmd_generate
+
+
+def cmd_diagnose(args: argparse.Namespace) -> dict[str, Any]:
+    _check_inputs(args.model, args.ref)
+    from .eval.diagnose import DiagnoseSettings, diagnose
+
+    if args.scheme:
+        from .eval.compare import parse_scheme
+
+        parse_scheme(args.scheme)
+    settings = DiagnoseSettings(text=args.text, ctx=args.ctx, max_chunks=args.chunks,
+                                per_tensor_layers=args.per_tensor_layers, top=args.top)
+    return diagnose(args.model, args.ref, settings, scheme=args.scheme)
+
+
+def _diagnose_text(result: dict[str, Any]) -> str:
+    from .eval.diagnose import format_diagnose
+
+    return format_diagnose(result)
+
+
+COMMANDS["diagnose"] = cmd_diagnose
 _HUMAN: dict[str, Any] = {"compare": _compare_text, "bench": _bench_text}
 _HUMAN["generate"] = _generate_text
+_HUMAN["diagnose"] = _diagnose_text
 
 
 def _launch(nproc: int, argv: list[str]) -> int:

@@ -148,31 +148,40 @@ def layer_weight_errors(model: Any, ref: Any) -> dict[str, float]:
     return {k: num[k] / den[k] for k in num if den[k] > 0}
 
 
+def make_scheme(spec: SchemeSpec, model: str, out: Path, calib: str | None = None, samples: int | None = None,
+                seq_len: int | None = None) -> dict[str, Any]:
+    """Quantize ``model`` with ``spec`` to ``out`` (replaced if present); the GGUF writer's report (fallbacks)."""
+    from .. import api
+    from ..methods import METHODS
+    from ..recipe import Recipe
+
+    method_args: dict[str, Any] = {}
+    if METHODS.get(spec.method).calibrated:
+        method_args = {"calib": calib, "samples": samples, "seq_len": seq_len}
+    report: dict[str, Any] = {}
+    if spec.is_gguf:
+        api.quantize(model, out, to=spec.mix, overwrite=True, report=report)
+    else:
+        from ..core.presets import preset
+
+        weights = preset(str(spec.preset)).weights
+        assert weights is not None  # parse_scheme refused presets without weights
+        api.quantize(model, out, method=spec.method, format=spec.format, overwrite=True,
+                     recipe=Recipe(scheme=weights, group_fallback=True), **method_args)
+    return report
+
+
 def run_scheme(spec: SchemeSpec, settings: CompareSettings, workdir: str | Path) -> dict[str, Any]:
     """Quantize ``settings.model`` with ``spec`` into ``workdir``, evaluate it against the model, and
     return its row (the quantized output is removed unless ``keep_models``)."""
     import shutil
 
     from .. import api
-    from ..methods import METHODS
     from ..models import load, resolve
-    from ..recipe import Recipe
 
     out = Path(workdir) / (spec.slug + (".gguf" if spec.is_gguf else ""))
-    method_args: dict[str, Any] = {}
-    if METHODS.get(spec.method).calibrated:
-        method_args = {"calib": settings.calib, "samples": settings.samples, "seq_len": settings.seq_len}
-    report: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if spec.is_gguf:
-        api.quantize(settings.model, out, to=spec.mix, overwrite=True, report=report)
-    else:
-        from ..core.presets import preset
-
-        weights = preset(str(spec.preset)).weights
-        assert weights is not None  # parse_scheme refused presets without weights
-        api.quantize(settings.model, out, method=spec.method, format=spec.format, overwrite=True,
-                     recipe=Recipe(scheme=weights, group_fallback=True), **method_args)
+    report = make_scheme(spec, settings.model, out, settings.calib, settings.samples, settings.seq_len)
     quantize_s = time.perf_counter() - t0
     src = resolve(out)
     t1 = time.perf_counter()
