@@ -119,7 +119,7 @@ def save(
         config["tie_word_embeddings"] = False  # the float embedding stays; lm_head becomes its own quantized tensor
     encoder = fmt.encoder(config, linears, dtype)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        shards = ShardWriter(tmp, max_shard_bytes)
+        shards = ShardWriter(tmp, max_shard_bytes, getattr(encoder, "file_metadata", None))
         for name in sorted(set(weights) | floats):  # one tensor (or one module's encoding) read at a time
             if name in weights:
                 for k, t in encoder.add(name, weights[name]).items():

@@ -8,10 +8,12 @@ GGUF cannot drift apart.
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch-free at run time: the GGUF fast path (gguf/fastpath.py) reads names without torch
+    import torch
 
 _HF_BLOCK = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -56,7 +58,7 @@ def hf_tensor_name(gguf_name: str, arch: str) -> str | None:
     return f"model.layers.{layer}.{inverse[part]}.{kind}" if part in inverse else None
 
 
-A = TypeVar("A", np.ndarray, torch.Tensor)
+A = TypeVar("A", np.ndarray, "torch.Tensor")
 
 
 def permute_rotary(w: A, n_head: int) -> A:
