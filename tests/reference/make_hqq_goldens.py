@@ -81,8 +81,8 @@ def transformers_files() -> None:
 
     ``AutoModelForCausalLM.from_pretrained(stories260K, quantization_config=HqqConfig(nbits, 64,
     skip_modules=["lm_head", "down_proj"]))`` on CPU in float32, ``save_pretrained``; kept: every
-    tensor of layer 1 (the HQQLinear state dicts and the float ones), the ``quantization_config``
-    (metadata ``quantization_config``) and, at 4 bits, the logits of ids 1..32 (``logits``).
+    tensor of layer 1 but the float down_proj (the HQQLinear state dicts and the float ones), the ``quantization_config``
+    (metadata ``quantization_config``) and, at 4 bits, the logits of ids 1..32 at the first 8 positions (``logits``).
     """
     import tempfile
 
@@ -96,10 +96,10 @@ def transformers_files() -> None:
             model.save_pretrained(tmp)
             qconfig = json.loads((Path(tmp) / "config.json").read_text())["quantization_config"]
             with safe_open(str(Path(tmp) / "model.safetensors"), "pt") as f:
-                kept = {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.layers.1.")}
+                kept = {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.layers.1.") and "down_proj" not in k}
         if bits == 4:
             with torch.no_grad():
-                kept["logits"] = model(torch.arange(1, 33)[None]).logits[0].float().contiguous()
+                kept["logits"] = model(torch.arange(1, 33)[None]).logits[0, :8].float().contiguous()
         out = OUT.parent / f"transformers_b{bits}.safetensors"
         save_file(kept, str(out), metadata={"quantization_config": json.dumps(qconfig, sort_keys=True)})
         print(f"wrote {out} ({out.stat().st_size} bytes)", file=sys.stderr)

@@ -12,7 +12,7 @@ import json
 import re
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -100,8 +100,11 @@ class ShardWriter:
     to ``model-0000i-of-0000N.safetensors`` and writes ``model.safetensors.index.json``.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int | None = None) -> None:
+    def __init__(self, folder: Path, max_shard_bytes: int | None = None,
+                 metadata: Callable[[list[str]], dict[str, str]] | None = None) -> None:
         self.folder = folder
+        #: extra safetensors metadata of a shard from the names written so far (torchao's per-tensor JSON)
+        self.metadata = metadata
         self.max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
@@ -127,15 +130,20 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.folder / f".shard-{len(self._shards):05d}.partial"
-        save_file(self._pending, str(path), metadata=SAFETENSORS_METADATA)
+        save_file(self._pending, str(path), metadata=self._metadata())
         self._shards.append((path, sorted(self._pending)))
         self._pending = {}
         self._pending_bytes = 0
 
+    def _metadata(self) -> dict[str, str]:
+        if self.metadata is None:
+            return SAFETENSORS_METADATA
+        return {**SAFETENSORS_METADATA, **self.metadata(sorted(self._names))}
+
     def finish(self) -> list[str]:
         """Write what is left and name the files; returns the weight file names."""
         if not self._shards:
-            save_file(self._pending, str(self.folder / "model.safetensors"), metadata=SAFETENSORS_METADATA)
+            save_file(self._pending, str(self.folder / "model.safetensors"), metadata=self._metadata())
             self._pending = {}
             return ["model.safetensors"]
         if self._pending:
