@@ -230,6 +230,21 @@ def _add_decision_commands(sub: Any) -> None:
     dg.add_argument("--top", type=int, default=10, help="worst tensors listed")
     dg.add_argument("--json", action="store_true")
 
+    rc = sub.add_parser("recommend", help="the scheme for a memory budget, device and runtime, with the command "
+                        "that makes it")
+    rc.add_argument("model", help="the model to quantize")
+    rc.add_argument("--memory", required=True, help="memory the model may use: 8GB, 7.5GiB, 512MB")
+    rc.add_argument("--device", choices=["cpu", "cuda", "apple"], default="cpu")
+    rc.add_argument("--gpu", default=None, help="with --device cuda: h100, a100, l4, rtx4090, t4... (default a100)")
+    rc.add_argument("--runtime", choices=["llama.cpp", "ollama", "vllm", "transformers"], default=None,
+                    help="default: vllm on cuda, llama.cpp elsewhere")
+    rc.add_argument("--ctx", type=int, default=4096, help="context the KV cache is sized for (default 4096)")
+    rc.add_argument("--measure", action="store_true", help="quantize the choice and its neighbours and measure "
+                    "their KL-divergence on this model (lowbit compare, --chunks chunks)")
+    rc.add_argument("--text", help="text for --measure (default: WikiText-2 test if found)")
+    rc.add_argument("--chunks", type=int, default=4, help="chunks of 512 tokens for --measure (default 4)")
+    rc.add_argument("--json", action="store_true")
+
 
 def _recipe(args: argparse.Namespace) -> Any:
     from dataclasses import replace
@@ -480,9 +495,28 @@ def _diagnose_text(result: dict[str, Any]) -> str:
 
 
 COMMANDS["diagnose"] = cmd_diagnose
+
+
+def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
+    _check_inputs(args.model)
+    from .recommend import parse_memory, recommend
+
+    parse_memory(args.memory)
+    return recommend(args.model, args.memory, device=args.device, gpu=args.gpu, runtime=args.runtime, ctx=args.ctx,
+                     measure=args.measure, text=args.text, chunks=args.chunks)
+
+
+def _recommend_text(result: dict[str, Any]) -> str:
+    from .recommend import format_recommendation
+
+    return format_recommendation(result)
+
+
+COMMANDS["recommend"] = cmd_recommend
 _HUMAN: dict[str, Any] = {"compare": _compare_text, "bench": _bench_text}
 _HUMAN["generate"] = _generate_text
 _HUMAN["diagnose"] = _diagnose_text
+_HUMAN["recommend"] = _recommend_text
 
 
 def _launch(nproc: int, argv: list[str]) -> int:
