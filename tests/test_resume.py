@@ -76,9 +76,10 @@ def _killed_then_resumed(tmp_path: Path, uninterrupted: Path, nproc: int, kill_e
     else:
         assert res.returncode != 0
     assert not out.exists() and not list(tmp_path.glob(".out.*"))  # no output, no partial one
-    man = json.loads((work / "manifest.json").read_text())
-    assert man["layers_done"] == 2
-    assert sorted(p.name for p in work.glob("layer_*")) == ["layer_000.safetensors", "layer_001.safetensors"]
+    done = json.loads((work / "manifest.json").read_text())["layers_done"]
+    # rank 0 writes: with rank 1 killed it may finish layer 2 (its own work needs no other rank) first
+    assert done == 2 if nproc == 1 else done in (2, 3)
+    assert sorted(p.name for p in work.glob("layer_*")) == [f"layer_{i:03d}.safetensors" for i in range(done)]
     first = (work / "layer_000.safetensors").stat().st_mtime_ns
     res = _lowbit("--workdir", str(work), "-o", str(out), nproc=nproc)
     assert res.returncode == 0, res.stderr[-3000:]
