@@ -146,13 +146,14 @@ def _scaled_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
     head = flat[:full].reshape(-1, blocksize)
     absmax = head.abs().amax(dim=1) if full else flat.new_zeros(0)
     inv = 1.0 / absmax.clamp(min=TINY)
-    parts = [torch.clamp(head * inv.unsqueeze(1), -1, 1).reshape(-1)]
+    scaled = torch.empty_like(flat)
+    torch.clamp(head * inv.unsqueeze(1), -1, 1, out=scaled[:full].view(-1, blocksize))
     if full < n:
         tail = flat[full:]
         last = tail.abs().amax().clamp(min=TINY)
-        parts.append(torch.clamp(tail / last, -1, 1))
+        torch.clamp(tail / last, -1, 1, out=scaled[full:])
         absmax = torch.cat([absmax, last.reshape(1)])
-    return torch.cat(parts), absmax
+    return scaled, absmax
 
 
 def _nearest(scaled: torch.Tensor, name: str) -> torch.Tensor:
@@ -161,8 +162,10 @@ def _nearest(scaled: torch.Tensor, name: str) -> torch.Tensor:
     order = torch.tensor(FP4_ORDER if name == "fp4" else range(16), dtype=torch.int64)
     ascending = values[order]
     midpoints = (ascending[:-1] + ascending[1:]) / 2
-    rank = torch.bucketize(scaled, midpoints)  # number of midpoints strictly below: ties stay low
-    return order[rank].to(torch.uint8)
+    rank = torch.bucketize(scaled, midpoints, out_int32=True)  # number of midpoints strictly below: ties stay low
+    if name == "nf4":  # ascending already
+        return rank.to(torch.uint8)
+    return order.to(torch.uint8)[rank]
 
 
 def quantize_4bit(w: torch.Tensor, name: str, blocksize: int = 64,
