@@ -177,7 +177,7 @@ def _eval_model(spec: Any, settings: EvalSettings, first: int, role: str) -> tup
         path = _gguf_file(spec, "--runtime llama.cpp" if role == "model" else "--ref with --runtime llama.cpp")
         runner = Runner(path, settings.ctx, first)
         return runner, LlamaCppTokenizer(None, Vocab(path)), None, Runner.numerics
-    loaded = load(spec)
+    loaded = _eval_load(spec)
     if settings.emulate == "llama.cpp":
         gguf = loaded.source.gguf_path
         if gguf is None:
@@ -188,7 +188,32 @@ def _eval_model(spec: Any, settings: EvalSettings, first: int, role: str) -> tup
             return loaded.model, loaded.tokenizer, loaded.source, NUMERICS_EMULATED
         install_gguf(loaded.model, gguf)
         return loaded.model, loaded.tokenizer, loaded.source, NUMERICS_EMULATED
-    return loaded.model, loaded.tokenizer, loaded.source, NUMERICS_LOWBIT + _unapplied_activations(loaded.source)
+    return loaded.model, loaded.tokenizer, loaded.source, NUMERICS_LOWBIT + _declared_numerics(loaded)
+
+
+def _eval_load(spec: Any) -> Any:
+    """``spec`` loaded for evaluation; a checkpoint of float weights with an FP8 KV cache
+    (compressed-tensors ``dense``) loads as the float model it is (its k/v scales are applied by
+    :func:`_declared_numerics`)."""
+    from .eval.numerics import load_float_with_kv
+    from .formats.kv_cache import is_float_with_kv
+
+    src = resolve(spec)
+    if src.kind == "quantized" and is_float_with_kv(src.quantization_config):
+        return load_float_with_kv(src)
+    return load(src)
+
+
+def _declared_numerics(loaded: Any) -> str:
+    """Install the activation and KV-cache rounding a compressed-tensors checkpoint declares
+    (:mod:`lowbit.eval.numerics`) and say so in ``numerics``."""
+    from .eval.numerics import apply
+
+    src = loaded.source
+    if src is None or src.kind not in ("quantized", "hf") or src.quantization_config is None:
+        return ""
+    words = apply(loaded.model, src.hf_dir)
+    return f"; as the checkpoint's runtime runs it: {words}" if words else ""
 
 
 def _unapplied_activations(source: Any) -> str:

@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--smoothing", metavar="STRENGTH", default=None,
                    help="SmoothQuant methods (smoothquant+rtn, smoothquant+gptq): the strength alpha in [0, 1] "
                         "(default 0.5, as llm-compressor) or auto (chosen per layer by the layer's output error)")
+    q.add_argument("--kv-cache", choices=["none", "fp8", "fp8-head"], default=None,
+                   help="calibrate FP8 KV-cache scales (keys after RoPE, values; the true maximum over the calibration "
+                        "set): fp8 one per layer, fp8-head one per KV head; written as self_attn.k_scale/v_scale with "
+                        "kv_cache_scheme (compressed-tensors; --keep '.*' keeps every weight float)")
     q.add_argument("--device", default="cpu", help="cpu or cuda: where calibration and GGUF block encoding run")
     q.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="run N processes through torch.distributed (torchrun; gloo on the CPU, one GPU each with "
@@ -295,7 +299,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .methods import METHODS
 
     method_args: dict[str, Any] = {}
-    if METHODS.get(args.method, "--method").calibrated:
+    if METHODS.get(args.method, "--method").calibrated or args.kv_cache not in (None, "none"):
         method_args = {"calib": args.calib, "samples": args.samples, "seq_len": args.seq_len,
                        "act_order": args.act_order, "seed": args.seed}
     elif args.act_order not in (None, "off"):
@@ -304,6 +308,12 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         if "smoothing" not in METHODS.get(args.method, "--method").options:
             raise LowbitError("--smoothing", f"applies to the SmoothQuant methods, not --method {args.method}")
         method_args["smoothing"] = args.smoothing
+    if args.kv_cache not in (None, "none"):
+        from .formats.kv_cache import parse
+
+        if args.to or args.format == "gguf":
+            raise LowbitError("--kv-cache", "GGUF files hold no KV-cache scales (llama.cpp picks its cache type at run time)")
+        method_args["kv_cache"] = parse(args.kv_cache)
     if args.workdir:
         method_args["workdir"] = args.workdir
     fmt = args.format or ("gguf" if args.to else "compressed-tensors")

@@ -158,6 +158,9 @@ def quantize_model(
     adapter = get_adapter(config)
     check_checkpoint(config, ckpt, src.gguf_path)  # names and shapes against the architecture, before any work
     plan: Plan | None = None
+    kv_strategy = options.pop("kv_cache", None)  # "tensor" / "head": FP8 KV-cache scales (lowbit.formats.kv_cache)
+    if recipe is not None and kv_strategy is not None and all(recipe.scheme_for(n, ckpt.shape(n)) is None for n in ckpt.keys()):
+        recipe, rules = None, {".": None}  # every weight kept float: a float checkpoint with an FP8 KV cache
     if recipe is not None:
         shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
         embed = f"{adapter.embed}.weight"
@@ -173,7 +176,15 @@ def quantize_model(
     elif m.supports(scheme):
         raise LowbitError(f"--method {method}", str(m.supports(scheme)))
     lookup: SchemeLookup = plan if plan is not None else scheme_lookup(scheme, rules)
+    if kv_strategy is not None and format is not None:
+        from lowbit.formats.kv_cache import check_format
+
+        check_format(format)
     handler = m.handler(scheme, lookup, act_order=act_order, **options)
+    if kv_strategy is not None:
+        from lowbit.formats.kv_cache import KVCacheHandler
+
+        handler = KVCacheHandler(handler, kv_strategy)
     check_model = getattr(handler, "check_model", None)
     if check_model is not None:  # what the method needs of the architecture (SmoothQuant's mappings), before calibrating
         check_model(adapter)

@@ -78,7 +78,7 @@ def smoothquant_scales(model_dir: Path, ids: torch.Tensor, strength: float) -> d
     return captured
 
 
-def kv_scales(model_dir: Path, ids: torch.Tensor, strategy: str) -> tuple[dict[str, torch.Tensor], dict]:
+def kv_scales(model_dir: Path, ids: torch.Tensor, strategy: str, pipeline: str = "basic") -> tuple[dict[str, torch.Tensor], dict]:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -86,7 +86,7 @@ def kv_scales(model_dir: Path, ids: torch.Tensor, strategy: str) -> tuple[dict[s
     kv = {"num_bits": 8, "type": "float", "strategy": strategy, "dynamic": False, "symmetric": True,
           "observer": "static_minmax"}
     oneshot(model=model, tokenizer=tok, dataset=dataset(ids), recipe=[QuantizationModifier(kv_cache_scheme=kv)],
-            num_calibration_samples=N, max_seq_length=L, pipeline="sequential")
+            num_calibration_samples=N, max_seq_length=L, pipeline=pipeline)
     tmp = Path(tempfile.mkdtemp())
     try:
         model.save_pretrained(tmp, save_compressed=True)

@@ -26,6 +26,14 @@ def _tensor_bytes(ckpt: Checkpoint, name: str) -> int:
     return math.prod(ckpt.shape(name)) * _DTYPE_BYTES.get(ckpt.dtype(name), 4)
 
 
+def _float_with_kv(folder: Path) -> bool:
+    """Float weights with FP8 KV-cache scales (compressed-tensors ``dense``): sized as a float model."""
+    from ..formats.kv_cache import is_float_with_kv
+    from ..models.loader import read_config
+
+    return is_float_with_kv(read_config(folder).get("quantization_config"))
+
+
 def folder_size(folder: str | Path) -> SizeReport:
     """Sizes of a Hugging Face folder, float or quantized (compressed-tensors, GPTQ, AWQ)."""
     from ..formats import detect_format, read_checkpoint
@@ -34,7 +42,7 @@ def folder_size(folder: str | Path) -> SizeReport:
     ckpt = Checkpoint(folder)
     file_bytes = ckpt.total_bytes()
     all_bytes = sum(_tensor_bytes(ckpt, n) for n in ckpt.keys())
-    if detect_format(folder) is None:
+    if detect_format(folder) is None or _float_with_kv(folder):
         params = sum(math.prod(ckpt.shape(n)) for n in ckpt.keys())
         return SizeReport(file_bytes, params, 0, 0, 0.0, 8 * file_bytes / max(1, params))
     weights, floats, _ = read_checkpoint(folder)

@@ -38,7 +38,7 @@ from ..core.scheme import QuantScheme
 from ..errors import LowbitError
 from ..fileio import atomic_dir, check_output_path
 from ..memory import trim
-from . import awq, compressed_tensors, gptq  # noqa: F401 - the built-in formats
+from . import awq, compressed_tensors, gptq, kv_cache  # noqa: F401 - the built-in formats
 from ._common import ShardWriter, copy_side_files, linear_modules, load_config, model_dtype, module_of, write_json
 from .base import FORMATS, Encoder, Format, cannot_hold, check_holds, register
 
@@ -97,7 +97,10 @@ def save(
     out = check_output_path(out_dir, overwrite)
     weights = quantized_model.weights
     overrides = getattr(quantized_model, "float_overrides", None) or {}
-    if not weights:
+    kv_strategy = kv_cache.strategy_of(getattr(quantized_model, "config", None) or {})  # --kv-cache: k/v scales
+    if kv_strategy is not None:
+        kv_cache.check_format(fmt.name)
+    if not weights and kv_strategy is None:
         raise LowbitError(None, "nothing to save: the model has no quantized weights")
     config = load_config(source)
     dtype = model_dtype(config)
@@ -127,7 +130,11 @@ def save(
                 trim()  # the encoding's temporaries are freed: return their pages, or the heap keeps growing
             else:
                 shards.add(name, overrides[name] if name in overrides else ckpt.get(name))
-        config["quantization_config"] = encoder.config()
+        config["quantization_config"] = encoder.config() if weights else kv_cache.float_config(str(kv_strategy))
+        if kv_strategy is not None:
+            for k, t in kv_cache.tensors(quantized_model.config).items():
+                shards.add(k, t)
+            config["quantization_config"] = kv_cache.annotate(config["quantization_config"], kv_strategy)
         shards.finish()
         copy_side_files(source, tmp)
         write_json(tmp / "config.json", config)

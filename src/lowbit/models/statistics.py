@@ -9,7 +9,9 @@ every method needs live here, once:
   (llama.cpp's importance matrix);
 * :class:`ChannelRange` per-input-channel minimum, maximum and absolute maximum (SmoothQuant's
   smoothing scales, static activation scales);
-* :class:`Tokens` the real tokens themselves (AWQ's scale and clipping searches).
+* :class:`Tokens` the real tokens themselves (AWQ's scale and clipping searches);
+* :class:`KVRange` per KV head the largest key (after RoPE) and value (the FP8 KV cache's
+  scales), collected by :func:`observe_kv`.
 
 :func:`observe` runs the layer over every calibration batch with input hooks (experts served
 through the engine's instrumented MoE forward) and returns one statistic per name; linears that
@@ -114,6 +116,57 @@ class Tokens:
 
     def tensor(self) -> torch.Tensor | None:
         return torch.cat(self.parts) if self.parts else None
+
+
+class KVRange:
+    """Per KV head, the largest ``|key|`` (after RoPE) and ``|value|`` over the real tokens seen
+    (float32); per tensor is the maximum over the heads (the FP8 KV cache's calibration)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Keys and values ``[b, heads, L, d]``; ``mask`` ``[b, L]`` (bool) keeps real tokens."""
+        kt, vt = k.detach().transpose(1, 2), v.detach().transpose(1, 2)  # [b, L, heads, d]
+        if mask is not None and mask.shape == kt.shape[:2]:
+            kt, vt = kt[mask.to(torch.bool)], vt[mask.to(torch.bool)]
+        kt, vt = kt.reshape(-1, *kt.shape[-2:]).float(), vt.reshape(-1, *vt.shape[-2:]).float()
+        if kt.shape[0] == 0:
+            return
+        if not (torch.isfinite(kt).all() and torch.isfinite(vt).all()):
+            raise LowbitError("kv cache", "non-finite (NaN/Inf) values in the keys or values")
+        ka, va = kt.abs().amax(dim=(0, 2)), vt.abs().amax(dim=(0, 2))
+        self.k = ka if self.k is None else torch.maximum(self.k, ka)
+        self.v = va if self.v is None else torch.maximum(self.v, va)
+        self.n += kt.shape[0]
+
+
+def observe_kv(ctx: LayerContext, attention: str = "self_attn") -> KVRange:
+    """One pass of the layer over the calibration batches collecting its keys and values."""
+    from lowbit.runtime.kvcache import kv_tap
+
+    from .adapters import get_submodule
+
+    stat = KVRange()
+    mod = get_submodule(ctx.layer, attention)
+    if mod is None:
+        raise LowbitError(f"layer {ctx.index}", f"no attention module {attention!r} to calibrate the KV cache on")
+    cur: list[torch.Tensor | None] = [None]
+
+    def collect(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            stat.add(k, v, cur[0])
+        except LowbitError as exc:
+            raise LowbitError(f"layer {ctx.index} {attention}", exc.problem) from None
+        return k, v
+
+    with kv_tap(mod.config, {mod: collect}):
+        for h, kw, m in zip(ctx.inputs.hidden, ctx.inputs.kwargs, ctx.inputs.masks):
+            cur[0] = m
+            run_layer(ctx.layer, h, kw)
+    return stat
 
 
 class _AllSeen(Exception):
