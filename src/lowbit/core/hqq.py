@@ -106,7 +106,7 @@ def solve(w: torch.Tensor, bits: int, group_size: int = 64, *, optimize: bool = 
 def _fit_zero(wf: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, iters: int, lp_norm: float,
               beta: float) -> tuple[torch.Tensor, int]:
     """The proximal iterations on the zero point, the scale fixed; returns (zero, iterations run)."""
-    best = torch.tensor(torch.inf, dtype=torch.float32)
+    best = torch.tensor(torch.inf, dtype=torch.float32, device=wf.device)
     for i in range(iters):
         q = torch.round(wf * s + z).clamp_(0, qmax)
         r = (q - z) / s
