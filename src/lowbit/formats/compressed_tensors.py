@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ..core.fp4 import pack_pairs, unpack_pairs
 from ..core.packing import pack, unpack
 from ..core.quantized import QuantizedWeight
 from ..core.scheme import PER_CHANNEL, QuantScheme
@@ -120,6 +121,21 @@ def full_args(scheme: QuantScheme, weights: bool) -> dict[str, Any]:
     return args
 
 
+def encode_fp4(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` tensors of one module (local names)."""
+    t = {"weight_packed": pack_pairs(qw.codes.cpu())}
+    if qw.scheme.scale_format == "e4m3":
+        assert qw.global_scale is not None
+        t["weight_scale"] = qw.scale.detach().cpu().to(torch.float8_e4m3fn).contiguous()
+        t["weight_global_scale"] = qw.global_scale.detach().cpu().to(torch.float32).reshape(1).contiguous()
+    else:  # E8M0: the biased exponent of each power-of-two scale
+        e = torch.floor(torch.log2(qw.scale.detach().cpu().float())).to(torch.int32) + 127
+        t["weight_scale"] = e.to(torch.uint8).contiguous()
+    if "input_global_scale" in qw.extra:
+        t["input_global_scale"] = qw.extra["input_global_scale"].detach().cpu().to(torch.float32).reshape(1)
+    return t
+
+
 def encode_unpacked(qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """``int-quantized`` / ``float-quantized`` tensors of one module (local names)."""
     if qw.scheme.type == "int":
@@ -176,6 +192,8 @@ class Encoder:
             args = weight_args(per_channel(qw).scheme, actorder)
             self.actorder |= actorder
             self.vllm_issues += vllm_issues({name: qw})
+        elif kind in FP4:
+            local, args = encode_fp4(qw), full_args(qw.scheme, True)
         else:
             local, args = encode_unpacked(qw, self.dtype), full_args(qw.scheme, True)
         acts = qw.scheme.activations
@@ -269,6 +287,7 @@ def _matches(target: str, module: str) -> bool:
 
 
 UNPACKED = ("int-quantized", "float-quantized")
+FP4 = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
 
 
 def _group_for(module: str, qconfig: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -345,6 +364,42 @@ def _decode_unpacked(
     return QuantizedWeight(weight, scale, None, scheme, extra=extra), used
 
 
+def _decode_fp4(
+    get: Callable[[str], torch.Tensor], names: set[str], module: str, group: Mapping[str, Any]
+) -> tuple[QuantizedWeight, set[str]]:
+    """One ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` module."""
+    acts = group.get("input_activations")
+    scheme = scheme_from_args(group.get("weights") or {}, module)
+    if acts:
+        scheme = replace(scheme, activations=scheme_from_args(acts, module))
+    if scheme.type != "float" or scheme.bits != 4 or scheme.scale_format not in ("e4m3", "e8m0"):
+        raise LowbitError(module, f"weight_packed of {scheme.describe()} is not FP4 (NVFP4 / MXFP4)")
+    p_name, s_name = f"{module}.weight_packed", f"{module}.weight_scale"
+    packed, scale = get(p_name), get(s_name)
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise LowbitError(p_name, f"{packed.dtype} {tuple(packed.shape)}, expected uint8 [out, in / 2]")
+    codes = unpack_pairs(packed)
+    want = (codes.shape[0], scheme.n_groups(codes.shape[1]))
+    if tuple(scale.shape) != want:
+        raise LowbitError(s_name, f"shape {tuple(scale.shape)}, expected {want}")
+    used = {p_name, s_name}
+    extra = {}
+    if f"{module}.input_global_scale" in names:
+        extra["input_global_scale"] = get(f"{module}.input_global_scale")
+        used.add(f"{module}.input_global_scale")
+    if scheme.scale_format == "e8m0":
+        if scale.dtype != torch.uint8:
+            raise LowbitError(s_name, f"dtype {scale.dtype}, expected uint8 E8M0 exponents")
+        real = torch.pow(2.0, scale.to(torch.float32) - 127)
+        return QuantizedWeight(codes, real, None, scheme, extra=extra), used
+    gs_name = f"{module}.weight_global_scale"
+    if scale.dtype != torch.float8_e4m3fn:
+        raise LowbitError(s_name, f"dtype {scale.dtype}, expected float8_e4m3fn")
+    gs = get(gs_name).to(torch.float32).reshape(1)
+    used.add(gs_name)
+    return QuantizedWeight(codes, scale, None, scheme, global_scale=gs, extra=extra), used
+
+
 def _scheme_for(module: str, qconfig: Mapping[str, Any]) -> tuple[QuantScheme, Mapping[str, Any]]:
     groups = qconfig.get("config_groups") or {}
     if not isinstance(groups, Mapping):
@@ -377,9 +432,9 @@ def decode(
 ) -> tuple[dict[str, QuantizedWeight], set[str]]:
     """Quantized weights keyed ``<module>.weight``, and the tensor names they consumed."""
     qconfig = config.get("quantization_config") or {}
-    if qconfig.get("format") not in (FORMAT, None, "mixed-precision", *UNPACKED):
+    if qconfig.get("format") not in (FORMAT, None, "mixed-precision", *UNPACKED, *FP4):
         raise LowbitError("config.json", f"compressed-tensors format {qconfig.get('format')!r} is not one lowbit "
-                          f"reads ({', '.join((FORMAT, *UNPACKED))})")
+                          f"reads ({', '.join((FORMAT, *UNPACKED, *FP4))})")
     out: dict[str, QuantizedWeight] = {}
     used: set[str] = set()
     names_set = set(names)
@@ -394,6 +449,13 @@ def decode(
         used |= consumed
     for packed_name in sorted(n for n in names if n.endswith(".weight_packed")):
         module = packed_name[: -len(".weight_packed")]
+        group = _group_for(module, qconfig)
+        if group.get("format") in FP4 or (group.get("weights") or {}).get("type") == "float":
+            with decoding(module):
+                qw, consumed = _decode_fp4(get, names_set, module, group)
+            out[f"{module}.weight"] = qw
+            used |= consumed
+            continue
         scheme, _ = _scheme_for(module, qconfig)
         with decoding(module):
             qw, consumed = _decode_module(get, names_set, module, scheme)
@@ -468,7 +530,10 @@ class CompressedTensors(Format):
                     return f"compressed-tensors float-quantized holds E4M3 weights per tensor, channel or block, " \
                            f"not {scheme.describe()}"
                 return None
-            return f"compressed-tensors {kind} is not written yet ({scheme.describe()})"
+            want = {"nvfp4-pack-quantized": 16, "mxfp4-pack-quantized": 32}[kind]
+            if scheme.granularity != "group" or scheme.group_size != want:
+                return f"compressed-tensors {kind} holds FP4 weights in groups of {want}, not {scheme.describe()}"
+            return None
         if scheme.type == "codebook":
             return f"compressed-tensors has no layout for {scheme.codebook} codebook weights"
         if not 2 <= scheme.bits <= 8:

@@ -15,6 +15,7 @@ import torch
 
 from lowbit.core import quantize_weight
 from lowbit.core.floatq import half_range, quantize_fp8, quantize_int, symmetric_scale
+from lowbit.core.fp4 import nvfp4_global_scale, quantize_mxfp4, quantize_nvfp4
 from lowbit.core.quantized import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
@@ -24,15 +25,23 @@ from lowbit.models.layers import LayerContext, LayerResult, full_weight_name
 from ._common import Rules, keeps_float, rules_fingerprint, scheme_lookup
 from .registry import Method, register_method
 
+#: Linears that vLLM fuses into one (q/k/v, gate/up...), so share one NVFP4 global scale (llm-compressor's list).
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"), ("w1", "w3"))
+
 
 def rtn(weight: torch.Tensor, scheme: QuantScheme, mse_clip: bool = False,
-        dtype: torch.dtype = torch.float32) -> QuantizedWeight:
+        dtype: torch.dtype = torch.float32, global_amax: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize a 2-D weight to the nearest grid point (optionally with an MSE clipping search).
 
     ``dtype`` is the model's float type, in which llm-compressor's rules divide (float schemes,
-    integer schemes with activation quantization)."""
+    integer schemes with activation quantization); ``global_amax`` the absolute maximum an NVFP4
+    global scale comes from (the fused group's), default the weight's own."""
     if scheme.type == "float" and scheme.bits == 8:
         return quantize_fp8(weight, scheme, dtype)
+    if scheme.type == "float" and scheme.scale_format == "e4m3":
+        return quantize_nvfp4(weight, scheme, dtype, global_amax)
+    if scheme.type == "float" and scheme.scale_format == "e8m0":
+        return quantize_mxfp4(weight, scheme, dtype)
     if scheme.type == "int" and scheme.activations is not None and scheme.symmetric and not mse_clip:
         return quantize_int(weight, scheme, dtype)
     q, scale, zero = quantize_weight(weight.detach().float(), scheme, mse_clip=mse_clip)
@@ -48,8 +57,28 @@ def config_dtype(config: Any) -> torch.dtype:
 
 
 def static_input(scheme: QuantScheme | None) -> bool:
-    """Whether ``scheme`` quantizes its layer's inputs with a calibrated (static) scale."""
-    return scheme is not None and scheme.activations is not None and scheme.activations.dynamic is False
+    """Whether ``scheme`` quantizes its layer's inputs with a calibrated (static) scale: a per-tensor
+    scale (``FP8``), or NVFP4's global scale over dynamic local scales."""
+    return scheme is not None and scheme.activations is not None and scheme.activations.dynamic is not True
+
+
+def nvfp4(scheme: QuantScheme | None) -> bool:
+    return scheme is not None and scheme.type == "float" and scheme.scale_format == "e4m3"
+
+
+def fused_amax(ctx: LayerContext, lookup: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The absolute maximum over each NVFP4 linear's fused group (:data:`FUSED`), by linear name."""
+    names = [n for g in ctx.adapter.sequential_for(ctx.layer) for n in g]
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        for group in FUSED:
+            members = [f"{parent}.{m}" if parent else m for m in group]
+            if leaf in group and all(m in names and nvfp4(lookup(full_weight_name(ctx.adapter, ctx.index, m)))
+                                     for m in members):
+                out[name] = torch.stack([get_weight(ctx.adapter, ctx.layer, m).to(dtype).abs().amax()
+                                         for m in members]).amax()
+    return out
 
 
 @dataclass
@@ -75,6 +104,7 @@ class RTNHandler:
         self.dtype = config_dtype(ctx.config)
         lookup = scheme_lookup(self.scheme, self.rules)
         input_amax = self._input_amax(ctx, lookup) if self.needs_inputs else {}
+        group_amax = fused_amax(ctx, lookup, self.dtype)
         for group in ctx.adapter.sequential_for(ctx.layer):
             for name in group:
                 w = get_weight(ctx.adapter, ctx.layer, name)
@@ -83,11 +113,14 @@ class RTNHandler:
                 if keeps_float(scheme, w, full):
                     continue
                 assert scheme is not None
-                qw = self.round(w, scheme)
+                qw = self.round(w, scheme) if name not in group_amax else self.round(w, scheme, group_amax[name])
                 if name in input_amax:
                     assert scheme.activations is not None
                     amax = input_amax[name].to(self.dtype).reshape(1)
-                    qw.extra["input_scale"] = symmetric_scale(amax, half_range(scheme.activations))
+                    if nvfp4(scheme.activations):
+                        qw.extra["input_global_scale"] = nvfp4_global_scale(amax)
+                    else:
+                        qw.extra["input_scale"] = symmetric_scale(amax, half_range(scheme.activations))
                 set_weight(ctx.adapter, ctx.layer, name, qw.dequantize(w.dtype))
                 res.weights[name] = qw.to("cpu")
         return res
@@ -107,9 +140,9 @@ class RTNHandler:
                         masks: list[torch.Tensor | None]) -> QuantizedWeight | None:
         return None if keeps_float(scheme, w, name) else self.round(w, scheme)
 
-    def round(self, w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    def round(self, w: torch.Tensor, scheme: QuantScheme, global_amax: torch.Tensor | None = None) -> QuantizedWeight:
         """One weight onto the grid (subclasses change only this: see ``methods/rtn_clip.py``)."""
-        return rtn(w, scheme, self.mse_clip, self.dtype)
+        return rtn(w, scheme, self.mse_clip, self.dtype, global_amax)
 
 
 @register_method
@@ -129,5 +162,8 @@ class RTN(Method):
         if scheme.type == "float":
             if scheme.bits == 8 and scheme.granularity in ("tensor", "channel", "block"):
                 return None
-            return f"rtn rounds FP8 weights per tensor, per channel or in blocks, not {scheme.describe()}"
+            if scheme.bits == 4 and scheme.granularity == "group" and scheme.scale_format in ("e4m3", "e8m0"):
+                return None
+            return (f"rtn rounds FP8 weights per tensor, per channel or in blocks, and FP4 in groups with E4M3 "
+                    f"(NVFP4) or E8M0 (MXFP4) scales, not {scheme.describe()}")
         return super().supports(scheme)
