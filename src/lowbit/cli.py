@@ -260,11 +260,10 @@ def _recipe(args: argparse.Namespace) -> Any:
     base = QuantScheme()
     if args.scheme:
         p = preset(args.scheme, "--scheme")
-        if p.input_activations is not None or p.kv_cache is not None or p.weights is None:
-            weight_only = ", ".join(n.upper() for n, q in PRESETS.items() if q.weight_only)
-            raise LowbitError("--scheme", f"{p.name} quantizes activations or the KV cache, which lowbit does not "
-                                          f"write yet; weight-only schemes: {weight_only}")
-        base = p.weights
+        if p.kv_cache is not None or p.scheme is None:
+            weight_schemes = ", ".join(n.upper() for n, q in PRESETS.items() if q.scheme is not None)
+            raise LowbitError("--scheme", f"{p.name} quantizes no weights; schemes with weights: {weight_schemes}")
+        base = p.scheme  # the weights' scheme, carrying the input activations' (W8A8, FP8, NVFP4...)
     changes = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size),
                                  ("symmetric", args.symmetric)) if v is not None}
     if args.symmetric is None and getattr(args, "method", None):  # a method with one grid (hqq: asymmetric)
