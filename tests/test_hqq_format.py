@@ -87,8 +87,8 @@ def test_checkpoint_round_trip_and_logits(tmp_path):
                        recipe=Recipe(scheme=scheme, overrides=((r"down_proj", None),)))
     assert detect_format(out) == "hqq"
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "hqq" and config["skip_modules"][0] == "lm_head"
-    assert sorted(config["skip_modules"][1:]) == [f"model.layers.{i}.mlp.down_proj" for i in range(5)]
+    with safe_open(str(DATA / "transformers_b4.safetensors"), "pt") as f:
+        assert config == json.loads(f.metadata()["quantization_config"])  # skip_modules ["lm_head", "down_proj"]
     weights, floats, _ = read_checkpoint(out)
     name = "model.layers.3.mlp.up_proj.weight"
     expect = hqq(_source(name), scheme)
@@ -99,6 +99,16 @@ def test_checkpoint_round_trip_and_logits(tmp_path):
         ref = f.get_tensor("logits")
     logits = _lowbit_logits(out, torch.arange(1, 33)[None])[: ref.shape[0]]
     assert torch.allclose(logits, ref, atol=1e-4, rtol=0), float((logits - ref).abs().max())
+
+
+def test_vllm_warning_and_partial_skips():
+    enc = fmt.Encoder(["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj", "model.layers.0.mlp.down_proj"],
+                      torch.float32)
+    enc.add("model.layers.0.mlp.up_proj.weight", hqq(torch.randn(8, 64), QuantScheme(3, 64, False)))
+    with pytest.warns(UserWarning, match="vLLM") as w:
+        config = enc.config()
+    assert "3-bit g64" in str(w[0].message) and "model.layers.1.mlp.up_proj" in str(w[0].message)
+    assert config["skip_modules"] == ["lm_head", "down_proj", "model.layers.1.mlp.up_proj"]
 
 
 def test_holds_rules():

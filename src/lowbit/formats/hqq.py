@@ -24,13 +24,18 @@ as a float layer and every other one from its HQQ state, with its own bits and g
 
 Rules: asymmetric integer grids of 1-6 or 8 bits in groups (hqq has no 7 bits), the group count
 ``out * in / g`` a multiple of ``8 / bits`` for 1, 2 and 4 bits (hqq packs whole planes),
-``lm_head`` kept float (transformers skips it). Read back by lowbit (only ``axis=1`` files whose
+``lm_head`` kept float (transformers skips it). Float linears go to ``skip_modules`` by their last name
+part when every layer keeps them float (``down_proj``), as vLLM matches whole name components.
+
+vLLM's HQQ loader (``hqq_marlin``) reads this same layout (``W_q``, ``scale``, ``zero``; the other keys
+ignored) for 4-bit weights in groups of 64 only; other settings are written with a warning. Read back by lowbit (only ``axis=1`` files whose
 groups do not span rows). transformers 5.x loads such a checkpoint without error but with random
 weights in the HQQ layers: that path is not supported.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -160,12 +165,24 @@ class Encoder:
     def config(self) -> dict[str, Any]:
         schemes = list(self.quantized.values())
         common = max(set(schemes), key=schemes.count)  # the config names the most used scheme
-        skipped = sorted(m for m in self.linears if m not in self.quantized and m != "lm_head")
+        skipped = [m for m in self.linears if m not in self.quantized and m != "lm_head"]
+        # a name every layer keeps float is written as its last part (``down_proj``): transformers matches
+        # skip_modules as substrings of module names, vLLM as whole name components (fused layers too)
+        tails = {m.rsplit(".", 1)[-1] for m in skipped}
+        whole = {t for t in tails if not any(q.rsplit(".", 1)[-1] == t for q in self.quantized)}
+        partial = sorted(m for m in skipped if m.rsplit(".", 1)[-1] not in whole)
+        issues = [f"{s.bits}-bit g{s.group_size}" for s in sorted(set(schemes), key=str)
+                  if (s.bits, s.group_size, s.granularity) != (4, 64, "group")]
+        if partial:
+            issues.append(f"float layers that vLLM cannot skip by name ({', '.join(partial[:3])}...)")
+        if issues:
+            warnings.warn(f"HQQ checkpoint that vLLM's hqq loader (4-bit, group 64 only) cannot load: {'; '.join(issues)}",
+                          stacklevel=2)
         return {
             "quant_config": {"offload_meta": False, "scale_quant_params": None,
                              "weight_quant_params": weight_quant_params(common), "zero_quant_params": None},
             "quant_method": QUANT_METHOD,
-            "skip_modules": ["lm_head", *skipped],
+            "skip_modules": ["lm_head", *sorted(whole), *partial],
         }
 
 
