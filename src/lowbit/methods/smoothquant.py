@@ -17,13 +17,14 @@ pre-step composed with the registered weight method's handler.
 
 ``strength`` (alpha) defaults to llm-compressor's 0.5. ``"auto"`` chooses alpha per mapping of
 each layer from a grid by the layer's output error when the mapping's linears see
-``Q_a(x / s)`` (the activation scheme, default int8 per token, dynamic) and ``Q_w(W s)``
+``Q_a(x / s)`` (the weight scheme's activation scheme, e.g. W8A8's int8 per token; int8 per
+token when it has none) and ``Q_w(W s)``
 (the weight scheme, round-to-nearest), against the float layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -159,7 +160,8 @@ class SmoothQuantHandler:
                     assert scheme is not None
                     ws = rtn(ws, scheme).dequantize(torch.float32).to(ws.device)
                 set_weight(ctx.adapter, ctx.layer, n, ws.to(w.dtype))
-                handles.append(get_submodule(ctx.layer, n).register_forward_pre_hook(self._input_hook(s)))
+                a_scheme = scheme.activations if scheme is not None and scheme.activations is not None else self.act_scheme
+                handles.append(get_submodule(ctx.layer, n).register_forward_pre_hook(self._input_hook(s, a_scheme)))
             try:
                 err = 0.0
                 for (h, kw, m), ref in zip(batches, refs):
@@ -174,8 +176,11 @@ class SmoothQuantHandler:
             out[alpha] = err
         return out
 
-    def _input_hook(self, s: torch.Tensor) -> Any:
-        act_scheme = self.act_scheme
+    @staticmethod
+    def _input_hook(s: torch.Tensor, act_scheme: QuantScheme | None) -> Any:
+        """``x -> Q_a(x / s)``; a static scheme is scored with the batch's own per-tensor scale."""
+        if act_scheme is not None and not act_scheme.dynamic:
+            act_scheme = replace(act_scheme, dynamic=True)
 
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             x = args[0] / s.to(args[0].dtype)
