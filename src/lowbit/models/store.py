@@ -44,8 +44,15 @@ def write_result_file(
         tensors.update(stored.tensors(prefix=f"q::{name}::"))
     for name, t in floats.items():
         tensors[f"f::{name}"] = t.detach().contiguous().cpu()
-    # Own storage for each (one act-order g_idx is shared by q/k/v; MoE experts are slices of one tensor).
-    tensors = {k: t.clone() for k, t in tensors.items()}
+    # Own storage for each (one act-order g_idx is shared by q/k/v; MoE experts are slices of one tensor);
+    # a tensor that already owns all of its storage is not copied (a layer's codes: no second copy).
+    seen: set[int] = set()
+    for k, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if not whole or ptr in seen:
+            tensors[k] = t.clone()
+        seen.add(ptr)
     meta = {"info": json.dumps(dict(info), default=str), "schemes": json.dumps(
         {n: qw.scheme.to_dict() for n, qw in weights.items()}
     )}
