@@ -53,7 +53,8 @@ def main() -> None:
             qs = preset(scheme).weights if isinstance(scheme, str) else scheme
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
-                out = lb.quantize(src, Path(tmp) / "q", method=method, recipe=Recipe(scheme=qs), format=fmt)
+                out = lb.quantize(src, Path(tmp) / "q", method=method, format=fmt,
+                                 recipe=Recipe(scheme=qs, group_fallback=method == "rtn"))  # 172 columns: per channel
                 seconds = time.perf_counter() - t0
                 r = lb.evaluate(str(out), ref=src, settings=settings)
             row = {"model": model, "setting": label, "method": method, "format": fmt, "ppl": r["ppl"],
