@@ -47,6 +47,7 @@ class BenchSettings:
     threads: int | None = None
     warmup: int = 4
     text: str | None = None
+    dtype: str | None = None  # float sources: float32 on the CPU, bfloat16 on a GPU unless given
 
 
 @dataclass
@@ -102,7 +103,8 @@ def _run_lowbit(spec: str, settings: BenchSettings) -> dict[str, Any]:
 
         model, tokenizer = load_quantized(src.hf_dir, device=device)
     else:
-        loaded = load(src, device=device)
+        dtype = getattr(torch, settings.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+        loaded = load(src, dtype=dtype, device=device)
         model, tokenizer = loaded.model, loaded.tokenizer
     model.eval()
     load_s = time.perf_counter() - t0
