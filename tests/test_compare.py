@@ -101,3 +101,12 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
     found = check_report(out / "report.html", tmp_path / "shot.png")
     assert found["images"] == 2 and found["broken_images"] == [] and found["broken_links"] == []
     assert found["rows"] == 1 and (tmp_path / "shot.png").stat().st_size > 10_000
+
+
+def test_calibration_settings_key_only_calibrated_schemes() -> None:
+    from lowbit.eval.compare import CompareSettings, _cache_key
+
+    a, b = CompareSettings("m", samples=8, seq_len=256), CompareSettings("m", samples=32, seq_len=512)
+    rtn, gptq = parse_scheme("Q4_K_M"), parse_scheme("W4A16-gptq")
+    assert _cache_key(a, rtn) == _cache_key(b, rtn)  # RTN is the same whatever the calibration settings
+    assert _cache_key(a, gptq) != _cache_key(b, gptq)

@@ -263,7 +263,11 @@ def _run_isolated(spec: SchemeSpec, settings: CompareSettings, workdir: Path) ->
 
 
 def _cache_key(settings: CompareSettings, spec: SchemeSpec) -> dict[str, Any]:
+    from ..methods import METHODS
+
     s = asdict(settings)
+    if not METHODS.get(spec.method).calibrated:  # calibration settings do not change what RTN makes
+        s.update(calib=None, samples=None, seq_len=None)
     return {"spec": asdict(spec), **{k: s[k] for k in _SETTINGS_KEYS}}
 
 
