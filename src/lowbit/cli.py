@@ -278,6 +278,16 @@ def _recipe(args: argparse.Namespace) -> Any:
                   group_fallback=args.group_fallback)
 
 
+def _static_activations(args: argparse.Namespace) -> bool:
+    """Whether ``--scheme`` gives input activations calibrated scales (FP8, NVFP4): then RTN calibrates too."""
+    if not args.scheme:
+        return False
+    from .core.presets import preset
+
+    acts = preset(args.scheme, "--scheme").input_activations
+    return acts is not None and acts.dynamic is not True
+
+
 def _check_inputs(*specs: str | None) -> None:
     """Refuse missing models before anything heavy is imported (seconds of torch)."""
     from .models.spec import check_spec
@@ -298,7 +308,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .methods import METHODS
 
     method_args: dict[str, Any] = {}
-    if METHODS.get(args.method, "--method").calibrated or args.kv_cache not in (None, "none"):
+    if (METHODS.get(args.method, "--method").calibrated or args.kv_cache not in (None, "none")
+            or _static_activations(args)):
         method_args = {"calib": args.calib, "samples": args.samples, "seq_len": args.seq_len,
                        "act_order": args.act_order, "seed": args.seed}
     elif args.act_order not in (None, "off"):
