@@ -64,13 +64,78 @@ def lowbit_run(case: str, w: torch.Tensor) -> list[torch.Tensor]:
     return [packed, absmax]
 
 
+CHECK = r"""
+import hashlib, json, sys, tempfile, torch
+from pathlib import Path
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+src, ours, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=torch.float32)
+out = {}
+with tempfile.TemporaryDirectory() as tmp:
+    m = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+    m.save_pretrained(tmp)
+    del m
+    with safe_open(str(Path(tmp) / "model.safetensors"), "pt") as f:
+        out["digests"] = {k: hashlib.sha256(f.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                          for k in f.keys()}
+m = AutoModelForCausalLM.from_pretrained(ours, device_map="cpu")
+with torch.no_grad():
+    out["logits"] = m(torch.tensor([ids])).logits[0].float().tolist()
+print(json.dumps(out))
+"""
+
+
+def check_checkpoint(src: str, bnb_python: str, out_md: Path) -> None:
+    """lowbit's NF4+DQ checkpoint of ``src`` against transformers + bitsandbytes quantizing it on load."""
+    from safetensors import safe_open
+
+    import lowbit.api as lb
+    from lowbit.core.presets import preset
+    from lowbit.recipe import Recipe
+    from lowbit.runtime.qlinear import load_quantized
+
+    ids = list(range(1, 400, 13))
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = lb.quantize(src, Path(tmp) / "nf4", method="bnb", recipe=Recipe(scheme=preset("NF4_DQ").weights),
+                           format="bitsandbytes")
+        env = {**os.environ, "PYTHONPATH": ""}
+        child = subprocess.run([bnb_python, "-c", CHECK, src, str(ours), json.dumps(ids)], capture_output=True,
+                               text=True, env=env, check=True)
+        theirs = json.loads(child.stdout.strip().splitlines()[-1])
+        with safe_open(str(ours / "model.safetensors"), "pt") as f:
+            mine = {k: hashlib.sha256(f.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                    for k in f.keys()}
+        model, _ = load_quantized(ours)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+    ref = torch.tensor(theirs["logits"])
+    same = [k for k in mine if theirs["digests"].get(k) == mine[k]]
+    text = (f"# NF4 + double quantization of {Path(src).name}: lowbit's bitsandbytes checkpoint against transformers + "
+            f"bitsandbytes quantizing the same float model on load\n\n"
+            f"`python bench/bench_bnb.py --check-checkpoint {src}`\n\n"
+            f"- tensors: lowbit {len(mine)}, transformers {len(theirs['digests'])}, names equal: "
+            f"{set(mine) == set(theirs['digests'])}; byte-identical (sha256): {len(same)} of {len(mine)}\n"
+            f"- transformers + bitsandbytes loading lowbit's file, logits of {len(ids)} tokens beside lowbit's runtime: "
+            f"bit-identical {torch.equal(logits, ref)}, max |diff| {float((logits - ref).abs().max()):.3g}, "
+            f"top-1 agreement {float((logits.argmax(-1) == ref.argmax(-1)).float().mean()):.3f}\n")
+    out_md.write_text(text)
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--check-checkpoint", metavar="HF_FOLDER", help="compare a whole NF4+DQ checkpoint instead")
     ap.add_argument("--bnb-python", default=os.environ.get("LOWBIT_BNB_PYTHON", "/work/venvs/bnb/bin/python"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench/results/bnb_speed.md"))
     args = ap.parse_args()
+    if args.check_checkpoint:
+        name = Path(args.check_checkpoint).name.split("-")[0].split(".")[0]
+        check_checkpoint(args.check_checkpoint, args.bnb_python, args.out.parent / f"bnb_checkpoint_{name}.md")
+        return
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     tensors = {}

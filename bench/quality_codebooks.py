@@ -66,15 +66,16 @@ def main() -> None:
             with args.jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
     lines = ["# bitsandbytes codebooks beside RTN integer grids (lowbit's runtime, float32 activations)", "",
-             f"WikiText-2 test, {args.chunks} x {args.ctx}-token chunks (second half of each scored), against the "
+             f"WikiText-2 test, chunks of {args.ctx} tokens (second half of each scored), against the "
              "unquantized model. bpw: bits per quantized weight in the file (absmax or its 8-bit codes, nested "
              "absmax, quant maps, quant-state JSON; RTN: scales and zero points). `python bench/quality_codebooks.py`. "
              "SmolLM2-135M is the Q4_1 GGUF dequantized: its weights already sit on a 4-bit grid.", "",
-             "| model | setting | format | bpw | PPL | ref PPL | KL | top-1 |", "|---|---|---|---|---|---|---|---|"]
+             "| model | setting | format | bpw | PPL | ref PPL | KL | top-1 | chunks |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = f"{r['ref_ppl']:.3f}" if r.get("ref_ppl") else "-"
         lines.append(f"| {r['model']} | {r['setting']} | {r['format']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {ref} | "
-                     f"{r['kl']:.4f} | {r['top1']:.3f} |")
+                     f"{r['kl']:.4f} | {r['top1']:.3f} | {r['chunks']} |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
