@@ -58,8 +58,8 @@ class HQQHandler(RTNHandler):
     def fingerprint(self) -> dict[str, Any]:
         return {**super().fingerprint(), "method": "hqq", "integer_zero": self.integer_zero, "iters": self.iters}
 
-    def round(self, w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
-        return hqq(w, scheme, self.integer_zero, iters=self.iters)
+    def round(self, w: torch.Tensor, scheme: QuantScheme, global_amax: torch.Tensor | None = None) -> QuantizedWeight:
+        return hqq(w, scheme, self.integer_zero, iters=self.iters)  # no global scale: HQQ grids are per group
 
 
 @register_method
