@@ -77,3 +77,17 @@ def test_live_against_lm_eval_backend() -> None:
     ours = evaluate_tasks(STORIES, ["arc_easy"], limit=10)["tasks"]["arc_easy"]
     ref = evaluate_tasks(STORIES, ["arc_easy"], limit=10, lm_eval_backend=True)["tasks"]["arc_easy"]
     assert abs(ours["acc"] - ref["acc"]) <= ref["acc_stderr"]
+
+
+def test_compare_with_tasks(tmp_path: Path) -> None:
+    from lowbit.eval.compare import compare
+
+    if not HAVE_LM_EVAL:  # refused before any work
+        with pytest.raises(LowbitError, match="lm-evaluation-harness"):
+            compare(str(STORIES), "Q8_0", tmp_path / "r", tasks="arc_easy", isolate=False)
+        assert not (tmp_path / "r").exists()
+        return
+    r = compare(str(STORIES), "Q8_0", tmp_path / "r", ctx=64, max_chunks=1, isolate=False, tasks="arc_easy",
+                task_limit=5)
+    assert r["rows"][0]["tasks"]["arc_easy"]["samples"] == 5
+    assert "arc_easy acc %" in (tmp_path / "r" / "report.md").read_text()

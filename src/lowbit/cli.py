@@ -215,6 +215,9 @@ def _add_decision_commands(sub: Any) -> None:
     c.add_argument("--keep-models", action="store_true", help="keep the quantized models under OUTPUT/work")
     c.add_argument("--in-process", action="store_true", help="run every scheme in this process (peak memory "
                    "is then the whole run's)")
+    c.add_argument("--tasks", default=None, help="also task accuracy per scheme (lm-evaluation-harness, as "
+                   "lowbit eval --tasks): arc_easy, arc_challenge, piqa, hellaswag, winogrande")
+    c.add_argument("--task-limit", type=int, default=None, help="with --tasks: documents per task")
     c.add_argument("--json", action="store_true")
 
     g = sub.add_parser("generate", help="greedy continuations of a model and its reference side by side, "
@@ -451,7 +454,8 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
     parse_schemes(args.schemes)  # every scheme checked before any work
     return compare(args.model, args.schemes, args.output, text=args.text, ctx=args.ctx, max_chunks=args.chunks,
                    batch_size=args.batch_size, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
-                   isolate=not args.in_process, keep_models=args.keep_models)
+                   isolate=not args.in_process, keep_models=args.keep_models, tasks=args.tasks,
+                   task_limit=args.task_limit)
 
 
 def _compare_text(result: dict[str, Any]) -> str:

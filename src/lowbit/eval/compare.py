@@ -112,6 +112,8 @@ class CompareSettings:
     samples: int | None = None
     seq_len: int | None = None
     keep_models: bool = False
+    tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks (lowbit eval --tasks), accuracy per scheme
+    task_limit: int | None = None
 
 
 def _eval_settings(s: CompareSettings) -> Any:
@@ -198,6 +200,11 @@ def run_scheme(spec: SchemeSpec, settings: CompareSettings, workdir: str | Path)
            "top1": res["top1_agreement"], "quantize_s": quantize_s, "eval_s": eval_s,
            "eval_tokens_per_s": res["tokens_per_s"], "tokens_scored": res["n_tokens"],
            "numerics": res["numerics"], "text": res["text"], "layer_error": errors}
+    tasks = getattr(settings, "tasks", ())
+    if tasks:
+        from .tasks import evaluate_tasks
+
+        row["tasks"] = evaluate_tasks(src, list(tasks), limit=getattr(settings, "task_limit", None))["tasks"]
     if spec.is_gguf and report.get("fallbacks"):
         row["fallbacks"] = report["fallbacks"]
     if src.kind == "gguf":  # the dequantized copy evaluate converted into the cache
@@ -268,19 +275,29 @@ def _cache_key(settings: CompareSettings, spec: SchemeSpec) -> dict[str, Any]:
     s = asdict(settings)
     if not METHODS.get(spec.method).calibrated:  # calibration settings do not change what RTN makes
         s.update(calib=None, samples=None, seq_len=None)
-    return {"spec": asdict(spec), **{k: s[k] for k in _SETTINGS_KEYS}}
+    key = {"spec": asdict(spec), **{k: s[k] for k in _SETTINGS_KEYS}}
+    if s["tasks"]:  # keys of runs without tasks stay as they were
+        key.update(tasks=list(s["tasks"]), task_limit=s["task_limit"])
+    return key
 
 
 def compare(model: str, schemes: str | list[str], out: str | Path, text: str | None = None, ctx: int = 512,
             max_chunks: int | None = 8, batch_size: int = 4, calib: str | None = None, samples: int | None = None,
-            seq_len: int | None = None, isolate: bool = True, keep_models: bool = False) -> dict[str, Any]:
+            seq_len: int | None = None, isolate: bool = True, keep_models: bool = False,
+            tasks: str | list[str] | None = None, task_limit: int | None = None) -> dict[str, Any]:
     """Quantize ``model`` with every scheme, evaluate each against it and write the report in ``out``
     (an existing report folder is resumed: schemes already measured with the same settings are reused)."""
     from ..progress import track
 
     specs = parse_schemes(schemes)
+    task_names: tuple[str, ...] = ()
+    if tasks:
+        from .tasks import _require, parse_tasks
+
+        task_names = tuple(parse_tasks(tasks))
+        _require()  # lm-eval missing: refused before any work
     settings = CompareSettings(str(model), None if text is None else str(text), ctx, max_chunks, batch_size,
-                               calib, samples, seq_len, keep_models)
+                               calib, samples, seq_len, keep_models, task_names, task_limit)
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise LowbitError(folder, "exists and is not a folder")

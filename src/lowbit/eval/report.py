@@ -69,8 +69,18 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def compare_table(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Header and one line of cells per scheme, the columns of the report's table."""
-    return [[c[0] for c in _COLUMNS]] + [[_cell(key, fmt, r) for _, key, fmt in _COLUMNS] for r in rows]
+    """Header and one line of cells per scheme, the columns of the report's table (a column per task when
+    task accuracy was measured: accuracy ± standard error, in %)."""
+    tasks = sorted({t for r in rows for t in r.get("tasks", {})})
+    head = [c[0] for c in _COLUMNS] + [f"{t} acc %" for t in tasks]
+    body = []
+    for r in rows:
+        cells = [_cell(key, fmt, r) for _, key, fmt in _COLUMNS]
+        for t in tasks:
+            got = r.get("tasks", {}).get(t)
+            cells.append("-" if got is None else f"{100 * got['acc']:.1f} ± {100 * (got.get('acc_stderr') or 0):.1f}")
+        body.append(cells)
+    return [head, *body]
 
 
 def _figure() -> Any:
