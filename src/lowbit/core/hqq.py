@@ -108,11 +108,12 @@ def _fit_zero(wf: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, ite
     """The proximal iterations on the zero point, the scale fixed; returns (zero, iterations run)."""
     best = torch.tensor(torch.inf, dtype=torch.float32, device=wf.device)
     for i in range(iters):
-        q = torch.round(wf * s + z).clamp_(0, qmax)
-        r = (q - z) / s
-        e = _shrink(wf - r, beta, lp_norm)
-        z = torch.mean(q - (wf - e) * s, dim=1, keepdim=True)
-        err = torch.abs(wf - r).mean().float()
+        # hqq's operations in its order, written in place (the same float results, fewer temporaries)
+        q = torch.mul(wf, s).add_(z).round_().clamp_(0, qmax)
+        diff = torch.sub(wf, q.sub(z).div_(s))  # w - r
+        err = diff.abs().mean().float()
+        e = _shrink(diff, beta, lp_norm)
+        z = torch.mean(q.sub_(torch.sub(wf, e, out=e).mul_(s)), dim=1, keepdim=True)  # mean(q - (w - e) * s)
         if err < best:
             best = err
         else:
