@@ -184,12 +184,13 @@ def stream_quantize(
                     _check_finite(o, "the layer outputs", i)
                 inputs.hidden = outs
         _fault_point(i)
+        _release(layer, ckpt)  # the float layer is not needed to write its result: one layer less at the peak
         if writes:
             save_layer_result(wd, i, res)
             if not split_layers:
                 write_manifest(wd, digest, i + 1, n_layers, request or {})
         del res  # only one layer's result in memory at a time
-        _release(layer, ckpt)
+        trim()
         progress.update(1)
         finished_here += 1
         if on_layer is not None:
