@@ -59,8 +59,8 @@ class BnbHandler(RTNHandler):
     def fingerprint(self) -> dict[str, Any]:
         return {**super().fingerprint(), "method": "bnb"}
 
-    def round(self, w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
-        return bnb_quantize(w, scheme)
+    def round(self, w: torch.Tensor, scheme: QuantScheme, global_amax: torch.Tensor | None = None) -> QuantizedWeight:
+        return bnb_quantize(w, scheme)  # bitsandbytes has no global scale
 
 
 @register_method
