@@ -9,7 +9,8 @@ scores test by default).
 
 The model is any source lowbit loads (HF folders, quantized outputs, GGUF files through lowbit's runtime),
 given to lm-eval's HF backend as a loaded model (``HFLM(pretrained=<model>)``), so lm-eval's own code
-builds the requests and scores them.
+builds the requests and scores them (with a transformers tokenizer: for a GGUF source the one converted
+from the file, whose ids can differ from llama.cpp's in rare cases).
 """
 
 from __future__ import annotations
@@ -107,10 +108,17 @@ def evaluate_tasks(model: Any, tasks: str | list[str], limit: int | None = None,
         lm = HFLM(pretrained=str(model), batch_size=batch_size, dtype="float32", device="cpu")
         producer = "lm-eval's HF backend"
     else:
+        import transformers
+
         from ..models import load
 
         loaded = load(model)
-        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
+        tokenizer = loaded.tokenizer
+        if not isinstance(tokenizer, transformers.PreTrainedTokenizerBase):
+            # a GGUF source's llama.cpp tokenizer: lm-eval tokenizes its requests itself, with the
+            # transformers tokenizer converted from the GGUF (the one behind it)
+            tokenizer = getattr(tokenizer, "_hf", None) or tokenizer
+        lm = HFLM(pretrained=loaded.model, tokenizer=tokenizer, batch_size=batch_size)
         producer = "lowbit's loader (dequantized weights, float32 activations)"
     with tempfile.TemporaryDirectory(prefix="lowbit-tasks-") as tmp:
         write_task_yamls(Path(tmp), names)
