@@ -7,7 +7,12 @@ llama-cpp-python sdist's vendored llama.cpp (see bench/llamacpp_agreement.py for
 ``cmake --build build --target llama-quantize``).
 
     python bench/bench_gguf_quantize_process.py --llama-bin .../build/bin [--model smollm2-135m]
-        [--types Q4_0 Q8_0 Q4_K_M Q6_K IQ4_XS] [--threads 2] [--repeat 2]
+        [--types Q4_0 Q8_0 Q4_K_M Q6_K IQ4_XS] [--threads 2] [--repeat 2] [--imatrix auto|FILE]
+
+``--imatrix auto`` first runs ``llama-imatrix`` on the F16 file (``--imatrix-chunks`` chunks of 512
+tokens of wikitext-2's test text, once, kept in the work folder); both quantizers then read that
+same file, so the bytes stay comparable. ``LOWBIT_PYTHONPATH`` (a ``src`` folder) runs another
+lowbit checkout (a ``git worktree`` of an earlier commit: the "before" numbers).
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--work", default="/tmp/lowbit-quantize-process")
+    ap.add_argument("--imatrix", default=None, help="'auto' (made by llama-imatrix) or an imatrix file for both")
+    ap.add_argument("--imatrix-chunks", type=int, default=8)
+    ap.add_argument("--text", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"
+                                          / "wikitext-2-raw" / "wiki.test.raw"))
     a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     work = Path(a.work)
@@ -65,14 +74,28 @@ def main(argv: list[str] | None = None) -> None:
     from gguf_util import gguf_tensor_bytes
 
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "LOWBIT_THREADS": str(a.threads)}
+    if os.environ.get("LOWBIT_PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["LOWBIT_PYTHONPATH"]
+    imatrix: list[str] = []
+    if a.imatrix == "auto":
+        im = work / f"imatrix-{a.imatrix_chunks}.gguf"
+        if not im.exists():
+            subprocess.run([str(Path(a.llama_bin) / "llama-imatrix"), "-m", str(f16), "-f", a.text, "-o", str(im),
+                            "--chunks", str(a.imatrix_chunks), "-t", str(a.threads), "-c", "512"],
+                           check=True, capture_output=True)
+        imatrix = ["--imatrix", str(im)]
+    elif a.imatrix:
+        imatrix = ["--imatrix", a.imatrix]
     load = os.getloadavg()[0]
     print(f"{a.model} as F16 GGUF ({f16.stat().st_size / 1e6:.0f} MB), threads {a.threads}, best of {a.repeat}, "
-          f"load average {load:.1f} on {os.cpu_count()} CPUs")
+          f"load average {load:.1f} on {os.cpu_count()} CPUs, imatrix {imatrix[1] if imatrix else 'none'}, "
+          f"lowbit from {env.get('PYTHONPATH') or 'the installed checkout'}")
     print(f"{'type':8s} {'lowbit s':>9s} {'llama s':>8s} {'ratio':>6s} {'lowbit MB':>10s} {'llama MB':>9s}  bytes equal")
     for t in a.types:
         ours, theirs = work / f"lowbit-{t}.gguf", work / f"llama-{t}.gguf"
-        lb = [sys.executable, "-m", "lowbit.cli", "--quiet", "quantize", str(f16), "--to", t, "-o", str(ours), "--overwrite"]
-        ll = [str(Path(a.llama_bin) / "llama-quantize"), str(f16), str(theirs), t, str(a.threads)]
+        lb = [sys.executable, "-m", "lowbit.cli", "--quiet", "quantize", str(f16), "--to", t, "-o", str(ours), "--overwrite",
+              *imatrix]
+        ll = [str(Path(a.llama_bin) / "llama-quantize"), *imatrix, str(f16), str(theirs), t, str(a.threads)]
         runs_lb, runs_ll = [], []
         for _ in range(a.repeat):  # alternated, so that both see the same load
             runs_lb.append(timed(lb, env))
@@ -82,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         same = sum(x[k] == y.get(k) for k in x)
         print(f"{t:8s} {t_lb:9.2f} {t_ll:8.2f} {t_lb / t_ll:6.2f} {m_lb:10.0f} {m_ll:9.0f}  {same}/{len(y)} tensors",
               flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ LAYERS = [
      "mixes", "reader", "writer", "imatrix"},
     {"sources", "vocab", "plan"},
     {"convert"},
-    {"from_quantized"},
+    {"from_quantized", "fastpath"},
 ]
 
 

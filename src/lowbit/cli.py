@@ -311,6 +311,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     if distributed.is_main():  # rank 0 writes the output
         check_output_path(args.output, args.overwrite)
     _check_inputs(args.model)
+    fast = _quantize_gguf_without_torch(args)
+    if fast is not None:
+        return fast
     from . import api
     from .methods import METHODS
 
@@ -351,6 +354,24 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
         result["size"] = folder_size(out).as_dict()
     return result
+
+
+def _quantize_gguf_without_torch(args: argparse.Namespace) -> dict[str, Any] | None:
+    """A GGUF file to llama.cpp's types on the CPU when the C quantizers serve every tensor: the
+    same file as api.quantize's, without importing torch (gguf/fastpath.py); None: take api.quantize."""
+    if (not args.to or (args.format or "gguf") != "gguf" or args.method != "rtn" or args.device not in (None, "cpu")
+            or args.kv_cache not in (None, "none") or args.smoothing is not None or args.workdir
+            or args.act_order not in (None, "off") or "WORLD_SIZE" in os.environ):
+        return None
+    from .gguf.fastpath import quantize
+
+    report: dict[str, Any] = {}
+    out = quantize(args.model, args.output, args.to, imatrix=args.imatrix, pure=args.pure,
+                   tensor_types=list(args.tensor_type), output_tensor_type=args.output_tensor_type,
+                   token_embedding_type=args.token_embedding_type, overwrite=args.overwrite, report=report)
+    if out is None:
+        return None
+    return {"output": str(out), "format": "gguf", "method": "rtn", "type": args.to, **report}
 
 
 def _settings(args: argparse.Namespace) -> Any:

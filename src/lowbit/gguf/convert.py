@@ -44,7 +44,8 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
                      device: str | None = None, report: dict | None = None) -> Path:
     """Write ``source`` as a GGUF file of ``mix`` at ``out_path``; returns the path.
 
-    ``source``: anything ``lowbit.models.resolve`` accepts (HF folder, GGUF file, ...).
+    ``source``: anything ``lowbit.models.resolve`` accepts (HF folder, GGUF file, ...), or an
+    opened :class:`~lowbit.gguf.sources.Source` (:mod:`lowbit.gguf.fastpath` opens one without torch).
     ``mix``: ``F32``, ``F16``, ``BF16``, ``Q8_0``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``,
     ``Q2_K``, ``Q3_K_S/M/L``, ``Q4_K_S/M``, ``Q5_K_S/M``, ``Q6_K``, ``IQ4_NL``, ``IQ4_XS``
     (IQ1-IQ3 mixes when ``lowbit.gguf.quants`` can encode them).  ``imatrix_path``: a
@@ -64,7 +65,7 @@ def quantize_to_gguf(source, out_path, mix: str, imatrix_path=None, pure: bool =
     type).  Either returns ``None`` to leave a tensor to the normal path.
     """
     out = check_output_path(out_path, overwrite)
-    src = open_source(source)
+    src = source if isinstance(source, Source) else open_source(source)
     mixname = mixes.normalize_mix(mix)
     im_file, imat = None, None
     if imatrix_path is not None:

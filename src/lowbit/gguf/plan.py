@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as T
 from ..errors import LowbitError
 from . import mixes
 from .sources import Source, open_source
-from .writer import can_quantize
+from .writer import can_quantize, native_can_quantize
 
 
 def plan_types(source, mix: str, *, pure: bool = False, output_tensor_type: str | None = None,
@@ -79,7 +79,7 @@ def bits_per_weight(types: Mapping[str, T], shapes: Mapping[str, Sequence[int]])
 def check_encodable(types: Mapping[str, T], src: Source, mix: str, out: Path, has_imatrix: bool) -> None:
     """Refuse (at ``out``) a type this build cannot encode, or one llama.cpp only writes with an importance matrix."""
     for name, t in types.items():
-        if t != src.source_types.get(name) and not can_quantize(t):
+        if t != src.source_types.get(name) and not (native_can_quantize(t) or can_quantize(t)):  # C types: no torch
             raise LowbitError(out, f"tensor {name}: type {t.name} cannot be encoded by this build of lowbit "
                               f"(lowbit.gguf.quants lacks it); pick another mix")
         if not has_imatrix and mixes.requires_imatrix(name, t, mix):

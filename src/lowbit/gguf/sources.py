@@ -53,19 +53,23 @@ _SKIP_KEYS = ("general.file_type", "general.quantization_version", "general.alig
               "split.no", "split.count", "split.tensors.count")
 
 
-def _gguf_source(path: Path) -> Source:
-    """A GGUF file as a :class:`Source` (metadata copied, tensors memory-mapped)."""
+def _gguf_source(path: Path, tensor_check: Callable[[GGUFFile, Path], None] | None = None) -> Source:
+    """A GGUF file as a :class:`Source` (metadata copied, tensors memory-mapped). ``tensor_check``:
+    replaces the check of the tensors against the architecture (:mod:`lowbit.gguf.fastpath`'s torch-free one)."""
     f = GGUFFile(path)
-    from ..models.gguf_source import hf_config
-    from ..models.validate import check_gguf_tensors
-
     arch_v = f.kv.get("general.architecture")
     if not isinstance(arch_v, str) or not arch_v:
         raise LowbitError(path, "missing metadata key general.architecture (not a model file?)")
     arch = arch_v
     if find_gguf_arch(arch) is not None:  # a family lowbit knows: its metadata against the tensors, then
         # the tensors against the architecture (other families are re-quantized as llama-quantize does)
-        check_gguf_tensors(hf_config(f, path), {t.name: t.shape for t in f.tensors}, arch, path)
+        if tensor_check is not None:
+            tensor_check(f, path)
+        else:
+            from ..models.gguf_source import hf_config
+            from ..models.validate import check_gguf_tensors
+
+            check_gguf_tensors(hf_config(f, path), {t.name: t.shape for t in f.tensors}, arch, path)
     kvs = [KV(k, vt, v, sub) for k, vt, v, sub in f.kv_entries() if k not in _SKIP_KEYS]
     shapes = {t.name: t.shape for t in f.tensors}
     stypes = {t.name: t.type for t in f.tensors}

@@ -3,6 +3,10 @@
 ``quantize_array``/``dequantize_bytes`` are the numpy face of :mod:`lowbit.gguf.quants`
 (byte-identical to llama.cpp, every type): the single place where the file-level code calls a
 block quantizer. :func:`write_gguf` writes a GGUF (version 3) file one tensor at a time.
+
+Torch is imported only when a tensor needs it: on the CPU, the types of :mod:`lowbit.gguf.native`
+are encoded from numpy straight by the C code (:func:`native_can_quantize`), so that the
+torch-free path of :mod:`lowbit.gguf.fastpath` can write a whole file with this module.
 """
 
 from __future__ import annotations
@@ -15,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGUFValueType
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
 from ..errors import LowbitError
-from . import quants as _lq
+from . import native
 
 
 def row_bytes(qtype: T, ncols: int) -> int:
@@ -34,7 +37,42 @@ def row_bytes(qtype: T, ncols: int) -> int:
 
 def can_quantize(qtype: T) -> bool:
     """Whether this build can encode ``qtype``."""
+    from . import quants as _lq
+
     return qtype in (T.F32, T.F16, T.BF16) or _lq.can_quantize(qtype)
+
+
+def native_can_quantize(qtype: T) -> bool:
+    """Whether ``qtype`` is written without torch on the CPU (F32/F16, or a type of the C code)."""
+    return qtype in (T.F32, T.F16) or native.supports(int(qtype))
+
+
+_SCALE_CHECK_ABOVE = 2048.0  # as lowbit.gguf.quants: only larger values can overflow an fp16 block scale
+
+
+def _native_rows(x2: np.ndarray, qtype: T, imatrix: np.ndarray | None) -> np.ndarray | None:
+    """The C encoding of ``[R, C]`` rows with :func:`lowbit.gguf.quants.quantize`'s checks and errors;
+    None where the torch path must run (no C code, or values large enough to need the fp16 scale check)."""
+    if not native.supports(int(qtype)):
+        return None
+    cols = x2.shape[1]
+    blk = GGML_QUANT_SIZES[qtype][0]
+    if cols % blk:
+        raise LowbitError(None, f"row length {cols} is not a multiple of the {qtype.name} block size {blk}")
+    qw = None
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        if qw.size != cols:
+            raise LowbitError(None, f"importance matrix has {qw.size} values, expected one per column ({cols})")
+        if not np.isfinite(qw).all():
+            raise LowbitError(None, "importance matrix contains NaN or Inf values")
+    res = native.quantize_array_absmax(int(qtype), x2, qw, row_bytes(qtype, cols))
+    if res is None:
+        return None
+    out, amax = res
+    if not np.isfinite(amax):
+        raise LowbitError(None, f"cannot quantize to {qtype.name}: the tensor contains NaN or Inf values")
+    return out if amax <= _SCALE_CHECK_ABOVE else None
 
 
 def quantize_array(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None, device: str | None = None) -> np.ndarray:
@@ -63,6 +101,14 @@ def quantize_array(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None, d
         parts = [quantize_array(x[e], qtype, imatrix[e * cols:(e + 1) * cols], device) for e in range(x.shape[0])]
         return np.stack(parts)
     x2 = x.reshape(-1, cols)
+    if device is None or device == "cpu":
+        fast = _native_rows(x2, qtype, imatrix)
+        if fast is not None:
+            return fast.reshape(*lead, row_bytes(qtype, cols))
+    import torch
+
+    from . import quants as _lq
+
     im = None if imatrix is None else torch.from_numpy(np.ascontiguousarray(imatrix, dtype=np.float32))
     if x2.flags.writeable:
         tx = torch.from_numpy(x2)
@@ -82,6 +128,12 @@ def dequantize_bytes(data: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.n
         return np.asarray(data).view(np.float32).reshape(shape)
     if qtype == T.F16:
         return np.asarray(data).view(np.float16).astype(np.float32).reshape(shape)
+    if qtype == T.BF16:
+        return (np.asarray(data).view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    import torch
+
+    from . import quants as _lq
+
     t = torch.from_numpy(np.ascontiguousarray(np.asarray(data).view(np.uint8)))
     return np.asarray(_lq.dequantize(t, qtype, shape), dtype=np.float32).reshape(shape)
 

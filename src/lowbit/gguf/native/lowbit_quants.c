@@ -885,11 +885,758 @@ static void block_iq4_xs(const float *x, const float *qw, uint8_t *y) {
     y[3] = (uint8_t)((sh >> 8) & 0xFF);
 }
 
+/* ------------------------------------------------------------------ IQ2_XXS / IQ2_XS / IQ2_S
+ * A port of iq2quants.py. Grids of 8 values with 3 levels per value (256, 512 or 1024 points)
+ * are given by native.py (gguf-py's tables, as levels 0..2) through lowbit_set_grid(); the
+ * neighbour lists of off-grid level combinations are built here as iq2quants._tables_np builds
+ * them: the points at the nwant smallest squared distances, in (distance, index) order. */
+
+#define IQ2_KMAXQ 3
+
+typedef struct {
+    int ready, size;
+    float pos[2048][8];     /* odd positions 2 * level + 1 */
+    int16_t kmap[1 << 16];  /* level code -> point, or -1 */
+    int32_t nb_start[1 << 16];
+    uint16_t nb_len[1 << 16];
+    uint16_t *nb;           /* neighbour lists, concatenated */
+} iq_grid;
+
+static iq_grid IQ_GRIDS[4]; /* 256, 512, 1024, 2048 points */
+static uint16_t IQ_NB_STORE[4][6561 * 64];
+
+static iq_grid *grid_of(int size) {
+    switch (size) {
+    case 256: return &IQ_GRIDS[0];
+    case 512: return &IQ_GRIDS[1];
+    case 1024: return &IQ_GRIDS[2];
+    case 2048: return &IQ_GRIDS[3];
+    default: return NULL;
+    }
+}
+
+/* Build a grid from its points' levels (size x 8 values in 0..2); nwant distinct distances per list.
+ * Returns 0, or -1 (bad size, or lists too long for the store). Call before quantizing (not thread-safe). */
+int lowbit_set_grid(int size, const uint8_t *levels, int nwant) {
+    iq_grid *g = grid_of(size);
+    if (!g || nwant < 1) return -1;
+    if (g->ready) return 0;
+    g->size = size;
+    g->nb = IQ_NB_STORE[g - IQ_GRIDS];
+    for (int u = 0; u < (1 << 16); u++) g->kmap[u] = -1, g->nb_len[u] = 0, g->nb_start[u] = 0;
+    for (int k = 0; k < size; k++) {
+        int code = 0;
+        for (int i = 0; i < 8; i++) {
+            code |= levels[8 * k + i] << (2 * i);
+            g->pos[k][i] = (float)(2 * levels[8 * k + i] + 1);
+        }
+        g->kmap[code] = (int16_t)k;
+    }
+    static int d2[2048]; /* under the caller's one-time initialisation */
+    int32_t used = 0;
+    for (int c = 0; c < 6561; c++) {
+        int l[8], u = 0, rest = c;
+        for (int i = 0; i < 8; i++) l[i] = rest % 3, rest /= 3, u |= l[i] << (2 * i);
+        if (g->kmap[u] >= 0) continue;
+        for (int k = 0; k < size; k++) {
+            int s = 0;
+            for (int i = 0; i < 8; i++) {
+                int d = (int)g->pos[k][i] - (2 * l[i] + 1);
+                s += d * d;
+            }
+            d2[k] = s;
+        }
+        g->nb_start[u] = used;
+        int prev = -1;
+        for (int t = 0; t < nwant; t++) { /* the next distinct distance, then its points in index order */
+            int next = 1 << 30;
+            for (int k = 0; k < size; k++)
+                if (d2[k] > prev && d2[k] < next) next = d2[k];
+            if (next == 1 << 30) break;
+            for (int k = 0; k < size; k++)
+                if (d2[k] == next) {
+                    if (used >= 6561 * 64) return -1;
+                    g->nb[used++] = (uint16_t)k;
+                }
+            prev = next;
+        }
+        g->nb_len[u] = (uint16_t)(used - g->nb_start[u]);
+    }
+    g->ready = 1;
+    return 0;
+}
+
+/* The grid point of one group of 8 (iq2quants._snap): levels from id * x, an off-grid combination
+ * snapped to the neighbour of least sum (w (s p - x))^2 (first of equals; none: the last point). */
+static int iq2_snap(const iq_grid *g, const float *x, const float *w, float scale, float id, int *on) {
+    int u = 0;
+    for (int i = 0; i < 8; i++) u |= iclamp(nearest_int(0.5f * (id * x[i] - 1.0f)), 0, IQ2_KMAXQ - 1) << (2 * i);
+    int k = g->kmap[u];
+    *on = k >= 0;
+    if (k >= 0) return k;
+    int best = -1;
+    float bestd = INFINITY;
+    const uint16_t *nb = g->nb + g->nb_start[u];
+    for (int j = 0; j < g->nb_len[u]; j++) {
+        const float *p = g->pos[nb[j]];
+        float diff = scale * p[0] - x[0];
+        float d2 = (w[0] * diff) * diff;
+        for (int i = 1; i < 8; i++) {
+            diff = scale * p[i] - x[i];
+            d2 = d2 + (w[i] * diff) * diff;
+        }
+        if (d2 < bestd) bestd = d2, best = nb[j];
+    }
+    return best >= 0 ? best : g->size - 1;
+}
+
+#define IQ_ONES (-2) /* no scale was picked: every position 1 (iq2quants._search's ones) */
+
+static inline float iq_pos(const iq_grid *g, int idx, int i) { return idx == IQ_ONES ? 1.0f : g->pos[idx][i]; }
+
+/* iq2quants._search for one sub-block of n values (n / 8 groups): scale candidates
+ * (2 kMaxQ - 1 + s / 10) / denom for s in [smin, smax], then a re-snap with the chosen scale
+ * (every group when redo_all, else the off-grid ones if any). P: grid index per group. */
+SEARCH static float iq2_search(const iq_grid *g, int n, const float *xv, const float *wv, const float *wav, int smin,
+                               int smax, float denom, float scale0, int redo_all, int *P, int *flipped) {
+    int G = n / 8, idx[4], on[4], ong[4];
+    float best = 0.0f, scale = scale0;
+    for (int k = 0; k < G; k++) P[k] = IQ_ONES, ong[k] = 1;
+    for (int s = smin; s <= smax; s++) {
+        float id = (5.0f + (float)s * 0.1f) / denom;
+        float ts = 1.0f / id;
+        for (int k = 0; k < G; k++) idx[k] = iq2_snap(g, xv + 8 * k, wav + 8 * k, ts, id, &on[k]);
+        float a = 0.0f, c = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float q = g->pos[idx[i / 8]][i % 8];
+            a = a + (wv[i] * xv[i]) * q;
+            c = c + (wv[i] * q) * q;
+        }
+        if (c > 0.0f && a * a > best * c) {
+            float sc = a / c;
+            scale = sc;
+            best = sc * a;
+            for (int k = 0; k < G; k++) P[k] = idx[k], ong[k] = on[k];
+        }
+    }
+    int off = 0;
+    for (int k = 0; k < G; k++) off |= !ong[k];
+    if (scale > 0.0f && (redo_all || off)) {
+        float id = 1.0f / scale;
+        int dummy;
+        for (int k = 0; k < G; k++)
+            if (redo_all || !ong[k]) P[k] = iq2_snap(g, xv + 8 * k, wav + 8 * k, scale, id, &dummy);
+        float a = 0.0f, c = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float q = iq_pos(g, P[i / 8], i % 8);
+            a = a + (wv[i] * xv[i]) * q;
+            c = c + (wv[i] * q) * q;
+        }
+        if (c > 0.0f) scale = a / c;
+    }
+    *flipped = scale < 0.0f;
+    return *flipped ? -scale : scale;
+}
+
+/* grid index written for a group (the all-ones positions of an unpicked search: kmap[0]) */
+static inline int64_t iq_index(const iq_grid *g, int P) { return P == IQ_ONES ? g->kmap[0] : P; }
+
+/* |x| per group of 8 with its sign bits (iq2quants._signs); parity: an even number of negatives,
+ * the value of least (w x) x flipped (the first of equals), 7 bits kept. */
+static void iq2_signs(const float *x, const float *w, int parity, float *xval, int *signs) {
+    for (int k = 0; k < QK_K / 8; k++) {
+        const float *xk = x + 8 * k;
+        int s = 0, nneg = 0;
+        for (int i = 0; i < 8; i++) {
+            int neg = xk[i] < 0.0f;
+            xval[8 * k + i] = neg ? -xk[i] : xk[i];
+            s |= neg << i;
+            nneg += neg;
+        }
+        if (parity && (nneg & 1)) {
+            int im = 0;
+            float mn = (w[8 * k] * xk[0]) * xk[0];
+            for (int i = 1; i < 8; i++) {
+                float v = (w[8 * k + i] * xk[i]) * xk[i];
+                if (v < mn) mn = v, im = i;
+            }
+            xval[8 * k + im] = -xval[8 * k + im];
+            s ^= 1 << im;
+        }
+        signs[k] = parity ? s & 127 : s;
+    }
+}
+
+/* iq2quants._common: weights qw * sqrt(sigma2 + x^2) (sigma2 = sum x^2 * factor / 256; NULL qw:
+ * sigma2 / 4 + x^2, IQ2_S), their roots, and the signs (iq2_signs). */
+static void iq2_prepare(const float *x, const float *qw, float factor, int parity, float *w, float *wa, float *xval,
+                        int *signs) {
+    float sigma2 = (factor * sum_sq(x, QK_K)) / 256.0f;
+    for (int i = 0; i < QK_K; i++) {
+        w[i] = qw ? qw[i] * sqrt_f(sigma2 + x[i] * x[i]) : sigma2 * 0.25f + x[i] * x[i];
+        wa[i] = sqrt_f(w[i]);
+    }
+    iq2_signs(x, w, parity, xval, signs);
+}
+
+static inline float amax_of(const float *v, int n) {
+    float m = v[0];
+    for (int i = 1; i < n; i++)
+        if (v[i] > m) m = v[i];
+    return m;
+}
+
+/* iq2quants._scale_codes: super-block scale d = max / 31 and 4-bit codes; returns whether max > 0. */
+static int iq2_scale_codes(const float *scale, int n, float *d_out, int *ls) {
+    float mx = amax_of(scale, n);
+    if (!(mx > 0.0f)) mx = 0.0f;
+    float d = mx / 31.0f;
+    *d_out = d;
+    if (!(mx > 0.0f)) {
+        for (int i = 0; i < n; i++) ls[i] = 0;
+        return 0;
+    }
+    float idd = 1.0f / d;
+    for (int i = 0; i < n; i++) ls[i] = iclamp(nearest_int(0.5f * (idd * scale[i] - 1.0f)), 0, 15);
+    return 1;
+}
+
+static inline void put_u32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void block_iq2_xxs(const float *x, const float *qw, uint8_t *y) {
+    const iq_grid *g = &IQ_GRIDS[0];
+    float w[QK_K], wa[QK_K], xval[QK_K], scale[8];
+    int signs[32], ls[8], P[4];
+    int64_t w0[8], w1[8];
+    uint8_t L[32];
+    iq2_prepare(x, qw, 1.0f, 1, w, wa, xval, signs);
+    for (int ib = 0; ib < 8; ib++) {
+        const float *xv = xval + 32 * ib, *wv = w + 32 * ib, *wav = wa + 32 * ib;
+        w0[ib] = w1[ib] = 0;
+        scale[ib] = 0.0f;
+        if (amax_of(xv, 32) < GROUP_MAX_EPS) continue;
+        float scale0 = make_qp_quants(32, IQ2_KMAXQ + 1, xv, wv, L);
+        float eff = scale0 * (float)IQ2_KMAXQ;
+        if (eff <= 0.0f) continue;
+        int flipped;
+        scale[ib] = iq2_search(g, 32, xv, wv, wav, -6, 6, eff, scale0, 1, P, &flipped);
+        for (int k = 0; k < 4; k++) {
+            int64_t sg = flipped ? (~signs[4 * ib + k]) & 127 : signs[4 * ib + k];
+            w0[ib] |= iq_index(g, P[k]) << (8 * k);
+            w1[ib] |= sg << (7 * k);
+        }
+    }
+    float d;
+    memset(y, 0, 66);
+    if (!iq2_scale_codes(scale, 8, &d, ls)) return;
+    put_f16(y, d);
+    for (int ib = 0; ib < 8; ib++) {
+        put_u32(y + 2 + 8 * ib, (uint32_t)w0[ib]);
+        put_u32(y + 6 + 8 * ib, (uint32_t)(w1[ib] | ((int64_t)ls[ib] << 28)));
+    }
+}
+
+static void block_iq2_xs(const float *x, const float *qw, uint8_t *y) {
+    const iq_grid *g = &IQ_GRIDS[1];
+    float w[QK_K], wa[QK_K], xval[QK_K], scale[16];
+    int signs[32], ls[16], P[2];
+    int64_t q2[32];
+    iq2_prepare(x, qw, 1.0f, 1, w, wa, xval, signs);
+    for (int ib = 0; ib < 16; ib++) {
+        const float *xv = xval + 16 * ib, *wv = w + 16 * ib, *wav = wa + 16 * ib;
+        q2[2 * ib] = q2[2 * ib + 1] = 0;
+        scale[ib] = 0.0f;
+        float mx = amax_of(xv, 16);
+        if (mx < GROUP_MAX_EPS) continue;
+        int flipped;
+        scale[ib] = iq2_search(g, 16, xv, wv, wav, -9, 9, mx, mx / (float)(2 * IQ2_KMAXQ - 1), 0, P, &flipped);
+        for (int k = 0; k < 2; k++) {
+            int64_t sg = flipped ? (~signs[2 * ib + k]) & 127 : signs[2 * ib + k];
+            q2[2 * ib + k] = iq_index(g, P[k]) | (sg << 9);
+        }
+    }
+    float d;
+    memset(y, 0, 74);
+    if (!iq2_scale_codes(scale, 16, &d, ls)) return;
+    put_f16(y, d);
+    for (int k = 0; k < 32; k++) y[2 + 2 * k] = (uint8_t)q2[k], y[3 + 2 * k] = (uint8_t)(q2[k] >> 8);
+    for (int j = 0; j < 8; j++) y[66 + j] = (uint8_t)(ls[2 * j] | (ls[2 * j + 1] << 4));
+}
+
+static void block_iq2_s(const float *x, const float *qw, uint8_t *y) {
+    const iq_grid *g = &IQ_GRIDS[2];
+    float w[QK_K], wa[QK_K], xval[QK_K], scale[16];
+    int signs[32], ls[16], P[2];
+    int64_t gidx[32], sg[32];
+    iq2_prepare(x, qw, 2.0f, 0, w, wa, xval, signs);
+    for (int ib = 0; ib < 16; ib++) {
+        const float *xv = xval + 16 * ib, *wv = w + 16 * ib, *wav = wa + 16 * ib;
+        gidx[2 * ib] = gidx[2 * ib + 1] = sg[2 * ib] = sg[2 * ib + 1] = 0;
+        scale[ib] = 0.0f;
+        float mx = amax_of(xv, 16);
+        if (mx < 1e-8f) continue;
+        int flipped;
+        scale[ib] = iq2_search(g, 16, xv, wv, wav, -9, 9, mx, mx / (float)(2 * IQ2_KMAXQ - 1), 0, P, &flipped);
+        for (int k = 0; k < 2; k++) {
+            sg[2 * ib + k] = flipped ? (~signs[2 * ib + k]) & 255 : signs[2 * ib + k];
+            gidx[2 * ib + k] = iq_index(g, P[k]);
+        }
+    }
+    float d;
+    int has = iq2_scale_codes(scale, 16, &d, ls);
+    put_f16(y, d * 0.9875f);
+    for (int k = 0; k < 32; k++) y[2 + k] = (uint8_t)gidx[k], y[34 + k] = (uint8_t)sg[k];
+    for (int j = 0; j < 8; j++) {
+        int64_t h = 0;
+        for (int t = 0; t < 4; t++) h |= (gidx[4 * j + t] >> 8) << (2 * t);
+        y[66 + j] = (uint8_t)h;
+        y[74 + j] = has ? (uint8_t)(ls[2 * j] | (ls[2 * j + 1] << 4)) : 0;
+    }
+}
+
+/* ------------------------------------------------------------------ IQ3_XXS / IQ3_S
+ * A port of iq3quants.py: grids of 4 values with 8 levels (256 or 512 points), given by native.py
+ * through lowbit_set_grid3(); neighbour lists for every off-grid 12-bit level code, built as
+ * iq3quants._tables_np builds them. */
+
+#define IQ3_KMAXQ 8
+
+typedef struct {
+    int ready, size;
+    float pos[512][4];
+    int16_t kmap[4096];
+    int32_t nb_start[4096];
+    uint16_t nb_len[4096];
+    uint16_t nb[4096 * 64];
+} iq3_grid;
+
+static iq3_grid IQ3_GRIDS[2]; /* 256, 512 points */
+
+/* Build a grid from its points' levels (size x 4 values in 0..7). Returns 0 or -1. Not thread-safe. */
+int lowbit_set_grid3(int size, const uint8_t *levels, int nwant) {
+    iq3_grid *g = size == 256 ? &IQ3_GRIDS[0] : size == 512 ? &IQ3_GRIDS[1] : NULL;
+    if (!g || nwant < 1) return -1;
+    if (g->ready) return 0;
+    g->size = size;
+    for (int u = 0; u < 4096; u++) g->kmap[u] = -1, g->nb_len[u] = 0, g->nb_start[u] = 0;
+    for (int k = 0; k < size; k++) {
+        int code = 0;
+        for (int i = 0; i < 4; i++) {
+            code |= levels[4 * k + i] << (3 * i);
+            g->pos[k][i] = (float)(2 * levels[4 * k + i] + 1);
+        }
+        g->kmap[code] = (int16_t)k;
+    }
+    int d2[512];
+    int32_t used = 0;
+    for (int u = 0; u < 4096; u++) {
+        if (g->kmap[u] >= 0) continue;
+        for (int k = 0; k < size; k++) {
+            int s = 0;
+            for (int i = 0; i < 4; i++) {
+                int d = (int)g->pos[k][i] - (2 * ((u >> (3 * i)) & 7) + 1);
+                s += d * d;
+            }
+            d2[k] = s;
+        }
+        g->nb_start[u] = used;
+        int prev = -1;
+        for (int t = 0; t < nwant; t++) {
+            int next = 1 << 30;
+            for (int k = 0; k < size; k++)
+                if (d2[k] > prev && d2[k] < next) next = d2[k];
+            if (next == 1 << 30) break;
+            for (int k = 0; k < size; k++)
+                if (d2[k] == next) {
+                    if (used >= 4096 * 64) return -1;
+                    g->nb[used++] = (uint16_t)k;
+                }
+            prev = next;
+        }
+        g->nb_len[u] = (uint16_t)(used - g->nb_start[u]);
+    }
+    g->ready = 1;
+    return 0;
+}
+
+static int iq3_snap(const iq3_grid *g, const float *x, const float *w, float scale, float id, int *on) {
+    int u = 0;
+    for (int i = 0; i < 4; i++) u |= iclamp(nearest_int(0.5f * (id * x[i] - 1.0f)), 0, IQ3_KMAXQ - 1) << (3 * i);
+    int k = g->kmap[u];
+    *on = k >= 0;
+    if (k >= 0) return k;
+    int best = -1;
+    float bestd = INFINITY;
+    const uint16_t *nb = g->nb + g->nb_start[u];
+    for (int j = 0; j < g->nb_len[u]; j++) {
+        const float *p = g->pos[nb[j]];
+        float diff = scale * p[0] - x[0];
+        float d2 = (w[0] * diff) * diff;
+        for (int i = 1; i < 4; i++) {
+            diff = scale * p[i] - x[i];
+            d2 = d2 + (w[i] * diff) * diff;
+        }
+        if (d2 < bestd) bestd = d2, best = nb[j];
+    }
+    return best >= 0 ? best : g->size - 1;
+}
+
+static inline float iq3_pos(const iq3_grid *g, int idx, int i) { return idx == IQ_ONES ? 1.0f : g->pos[idx][i]; }
+
+/* iq3quants._search for one sub-block of 32 (8 groups of 4). zero: the sub-block is empty
+ * (its scale search still runs, on max 1, as in torch; the caller drops the result). */
+SEARCH static float iq3_search(const iq3_grid *g, const float *xv, const float *wv, const float *wav, int zero,
+                               int smin, int smax, int on_grid_init, int redo_all, int *P, int *flipped) {
+    int idx[8], on[8], ong[8];
+    float mx = amax_of(xv, 32);
+    float mxs = zero ? 1.0f : mx;
+    float best = 0.0f, scale = mxs / (float)(2 * IQ3_KMAXQ - 1);
+    for (int k = 0; k < 8; k++) P[k] = IQ_ONES, ong[k] = on_grid_init;
+    for (int s = smin; s <= smax; s++) {
+        float id = (15.0f + (float)s * 0.2f) / mxs;
+        float ts = 1.0f / id;
+        for (int k = 0; k < 8; k++) idx[k] = iq3_snap(g, xv + 4 * k, wav + 4 * k, ts, id, &on[k]);
+        float a = 0.0f, c = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            float q = g->pos[idx[i / 4]][i % 4];
+            a = a + (wv[i] * xv[i]) * q;
+            c = c + (wv[i] * q) * q;
+        }
+        if (c > 0.0f && a * a > best * c) {
+            float sc = a / c;
+            scale = sc;
+            best = sc * a;
+            for (int k = 0; k < 8; k++) P[k] = idx[k], ong[k] = on[k];
+        }
+    }
+    int off = 0;
+    for (int k = 0; k < 8; k++) off |= !ong[k];
+    if (off && scale > 0.0f) {
+        float id = 1.0f / scale;
+        int dummy;
+        for (int k = 0; k < 8; k++)
+            if (redo_all || !ong[k]) P[k] = iq3_snap(g, xv + 4 * k, wav + 4 * k, scale, id, &dummy);
+        float a = 0.0f, c = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            float q = iq3_pos(g, P[i / 4], i % 4);
+            a = a + (wv[i] * xv[i]) * q;
+            c = c + (wv[i] * q) * q;
+        }
+        if (c > 0.0f) scale = a / c;
+    }
+    *flipped = scale < 0.0f;
+    return *flipped ? -scale : scale;
+}
+
+static inline int64_t iq3_index(const iq3_grid *g, int P) { return P == IQ_ONES ? g->kmap[0] : P; }
+
+/* iq3quants._weights and their roots */
+static void iq3_weights(const float *x, const float *qw, float *w, float *wa) {
+    float sigma2 = qw ? (2.0f * sum_sq(x, QK_K)) / 256.0f : 0.0f;
+    for (int i = 0; i < QK_K; i++) {
+        w[i] = qw ? qw[i] * sqrt_f(sigma2 + x[i] * x[i]) : x[i] * x[i];
+        wa[i] = sqrt_f(w[i]);
+    }
+}
+
+static void block_iq3_xxs(const float *x, const float *qw, uint8_t *y) {
+    const iq3_grid *g = &IQ3_GRIDS[0];
+    float w[QK_K], wa[QK_K], xval[QK_K], scale[8];
+    int signs[32], ls[8], P[8];
+    int64_t word[8], gidx[64];
+    iq3_weights(x, qw, w, wa);
+    iq2_signs(x, w, 1, xval, signs);
+    for (int ib = 0; ib < 8; ib++) {
+        const float *xv = xval + 32 * ib;
+        word[ib] = 0;
+        scale[ib] = 0.0f;
+        for (int k = 0; k < 8; k++) gidx[8 * ib + k] = 0;
+        if (amax_of(xv, 32) < 1e-8f) continue; /* empty: zeros */
+        int flipped;
+        scale[ib] = iq3_search(g, xv, w + 32 * ib, wa + 32 * ib, 0, -15, 15, 1, 0, P, &flipped);
+        for (int k = 0; k < 8; k++) gidx[8 * ib + k] = iq3_index(g, P[k]);
+        for (int k = 0; k < 4; k++) {
+            int64_t sg = flipped ? (~signs[4 * ib + k]) & 127 : signs[4 * ib + k];
+            word[ib] |= sg << (7 * k);
+        }
+    }
+    float d;
+    memset(y, 0, 98);
+    if (!iq2_scale_codes(scale, 8, &d, ls)) return;
+    put_f16(y, d * 1.0125f);
+    for (int k = 0; k < 64; k++) y[2 + k] = (uint8_t)gidx[k];
+    for (int ib = 0; ib < 8; ib++) put_u32(y + 66 + 4 * ib, (uint32_t)(word[ib] | ((int64_t)ls[ib] << 28)));
+}
+
+static void block_iq3_s(const float *x, const float *qw, uint8_t *y) {
+    const iq3_grid *g = &IQ3_GRIDS[1];
+    float w[QK_K], wa[QK_K], xval[QK_K], scale[8];
+    int signs[32], ls[8], P[8];
+    iq3_weights(x, qw, w, wa);
+    iq2_signs(x, w, 0, xval, signs);
+    memset(y, 0, 110);
+    int slot = 0;
+    for (int ib = 0; ib < 8; ib++) {
+        const float *xv = xval + 32 * ib;
+        scale[ib] = 0.0f;
+        if (amax_of(xv, 32) == 0.0f) continue; /* llama.cpp moves its qs / signs position only after a non-empty sub-block */
+        int flipped;
+        scale[ib] = iq3_search(g, xv, w + 32 * ib, wa + 32 * ib, 0, -9, 9, 0, 1, P, &flipped);
+        int64_t qh = 0;
+        for (int k = 0; k < 8; k++) {
+            int64_t gi = iq3_index(g, P[k]);
+            y[2 + 8 * slot + k] = (uint8_t)gi;
+            qh += (gi >> 8) << k;
+        }
+        y[66 + ib] = (uint8_t)qh;
+        for (int k = 0; k < 4; k++) y[74 + 4 * slot + k] = (uint8_t)(flipped ? (~signs[4 * ib + k]) & 255 : signs[4 * ib + k]);
+        slot++;
+    }
+    float d;
+    int has = iq2_scale_codes(scale, 8, &d, ls);
+    put_f16(y, d * 1.033f);
+    for (int j = 0; j < 4; j++) y[106 + j] = has ? (uint8_t)(ls[2 * j] | (ls[2 * j + 1] << 4)) : 0;
+}
+
+/* ------------------------------------------------------------------ IQ1_S / IQ1_M
+ * A port of iq1quants.py: the 2048-point ternary grid (IQ_GRIDS[3], neighbours at the three
+ * smallest distances), each block of 32 (IQ1_S) or 16 (IQ1_M) values sorted (stably), every split
+ * of the sorted values into the three levels scored for each shift, off-grid groups snapped. */
+
+static const float IQ1_XP[3] = {-1.0f + 0.125f, 0.125f, 1.0f + 0.125f};
+static const float IQ1_XM[3] = {-1.0f - 0.125f, -0.125f, 1.0f - 0.125f};
+
+/* order of n values by a stable ascending sort (ties keep their order) */
+static void stable_order(const float *x, int n, int *order) {
+    for (int i = 0; i < n; i++) {
+        int j = i;
+        while (j > 0 && x[i] < x[order[j - 1]]) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = i;
+    }
+}
+
+/* iq1 snap of one group of 8 with levels L (0..2): the grid point, or the neighbour of least
+ * sum (w (s v - x))^2 with v the level values xx of the candidate (iq1_find_best_neighbour2). */
+static int iq1_snap(const iq_grid *g, const int *L, const float *x, const float *w, float scale, const float *xx,
+                    int *on) {
+    int u = 0;
+    for (int i = 0; i < 8; i++) u |= L[i] << (2 * i);
+    int k = g->kmap[u];
+    *on = k >= 0;
+    if (k >= 0) return k;
+    int best = -1;
+    float bestd = INFINITY;
+    const uint16_t *nb = g->nb + g->nb_start[u];
+    for (int j = 0; j < g->nb_len[u]; j++) {
+        const float *p = g->pos[nb[j]];
+        float diff = scale * xx[(int)((p[0] - 1.0f) * 0.5f)] - x[0];
+        float d2 = (w[0] * diff) * diff;
+        for (int i = 1; i < 8; i++) {
+            diff = scale * xx[(int)((p[i] - 1.0f) * 0.5f)] - x[i];
+            d2 = d2 + (w[i] * diff) * diff;
+        }
+        if (d2 < bestd) bestd = d2, best = nb[j];
+    }
+    return best; /* -1: none (torch keeps -1 and reads the levels of point 0) */
+}
+
+static inline int iq1_level(const iq_grid *g, int idx, int i) { return (int)((g->pos[idx < 0 ? 0 : idx][i] - 1.0f) * 0.5f); }
+
+SEARCH static void block_iq1_s(const float *x, const float *qw, uint8_t *y) {
+    const iq_grid *g = &IQ_GRIDS[3];
+    float w[QK_K], scale[8];
+    int64_t index[32];
+    int shift[8], ls[8];
+    float sigma2 = (2.0f * sum_sq(x, QK_K)) / 256.0f;
+    for (int i = 0; i < QK_K; i++) w[i] = qw[i] * sqrt_f(sigma2 + x[i] * x[i]);
+    for (int ib = 0; ib < 8; ib++) {
+        const float *xb = x + 32 * ib, *wb = w + 32 * ib;
+        float mx = 0.0f;
+        for (int i = 0; i < 32; i++) mx = fabsf(xb[i]) > mx ? fabsf(xb[i]) : mx;
+        int order[32], L[32];
+        stable_order(xb, 32, order);
+        float sx[33], sw[33];
+        sx[0] = sw[0] = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            sx[j + 1] = sx[j] + wb[order[j]] * xb[order[j]];
+            sw[j + 1] = sw[j] + wb[order[j]];
+        }
+        float best = -3.4028234663852886e38f, sc = mx;
+        int p1 = -1, p2 = -1, sh = 0;
+        for (int i1 = 0; i1 <= 32; i1++)
+            for (int i2 = i1; i2 <= 32; i2++)
+                for (int t = 0; t < 2; t++) {
+                    const float *xs = t == 0 ? IQ1_XP : IQ1_XM;
+                    float a = sx[i1] - sx[0], b = sx[i2] - sx[i1], c = sx[32] - sx[i2];
+                    float qx = (a * xs[0] + b * xs[1]) + c * xs[2];
+                    float aw = sw[i1] - sw[0], bw = sw[i2] - sw[i1], cw = sw[32] - sw[i2];
+                    float q2 = ((aw * xs[0]) * xs[0] + (bw * xs[1]) * xs[1]) + (cw * xs[2]) * xs[2];
+                    if (q2 > 0.0f && qx * qx > best * q2) {
+                        float s = qx / q2;
+                        sc = s;
+                        best = s * qx;
+                        p1 = i1, p2 = i2, sh = t == 0 ? 1 : -1;
+                    }
+                }
+        int empty = mx < 1e-12f || p1 < 0;
+        if (p1 < 0) p1 = p2 = 0, sh = 0; /* torch: pick 0's split, shift 0 */
+        for (int r = 0; r < 32; r++) L[order[r]] = r < p1 ? 0 : (r < p2 ? 1 : 2);
+        if (sc < 0.0f) {
+            for (int i = 0; i < 32; i++) L[i] = 2 - L[i];
+            sc = -sc;
+            sh = -sh;
+        }
+        const float *xx = sh == 1 ? IQ1_XP : IQ1_XM;
+        int idx[4], on[4], off = 0;
+        for (int k = 0; k < 4; k++) {
+            idx[k] = iq1_snap(g, L + 8 * k, xb + 8 * k, wb + 8 * k, sc, xx, &on[k]);
+            off |= !on[k];
+        }
+        float sqx = 0.0f, sq2 = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            float q = xx[iq1_level(g, idx[i / 8], i % 8)];
+            sqx = sqx + (wb[i] * q) * xb[i];
+            sq2 = sq2 + (wb[i] * q) * q;
+        }
+        if (off && sqx > 0.0f && sq2 > 0.0f) sc = sqx / sq2;
+        for (int k = 0; k < 4; k++) index[4 * ib + k] = empty ? 0 : idx[k];
+        scale[ib] = empty ? 0.0f : sc;
+        shift[ib] = empty ? 1 : sh;
+    }
+    float mxs = amax_of(scale, 8);
+    if (!(mxs > 0.0f)) mxs = 0.0f;
+    int has = mxs > 0.0f;
+    float d = mxs / 15.0f, idd = has ? 1.0f / d : 1.0f;
+    for (int ib = 0; ib < 8; ib++) {
+        ls[ib] = iclamp(nearest_int(0.5f * (idd * scale[ib] - 1.0f)), 0, 7);
+        if (shift[ib] == -1) ls[ib] |= 8;
+        if (!has) ls[ib] = 0;
+    }
+    put_f16(y, d * 1.125f);
+    for (int k = 0; k < 32; k++) y[2 + k] = (uint8_t)index[k];
+    for (int ib = 0; ib < 8; ib++) {
+        int64_t h = 0;
+        for (int k = 0; k < 4; k++) h |= (index[4 * ib + k] >> 8) << (3 * k);
+        int64_t qh = h | ((int64_t)ls[ib] << 12);
+        y[34 + 2 * ib] = (uint8_t)(qh & 0xFF);
+        y[35 + 2 * ib] = (uint8_t)((qh >> 8) & 0xFF);
+    }
+}
+
+
+SEARCH static void block_iq1_m(const float *x, const float *qw, uint8_t *y) {
+    const iq_grid *g = &IQ_GRIDS[3];
+    float w[QK_K], scale[16];
+    int64_t index[32];
+    int shifts[16], ls[16], lvs[QK_K];
+    const float *xxs[32];
+    const float cp1 = 0.75f, cp2 = -1.25f, cm1 = 1.25f, cm2 = -0.75f, p2c = 1.125f, m2c = 0.875f;
+    float sigma2 = (2.0f * sum_sq(x, QK_K)) / 256.0f;
+    for (int i = 0; i < QK_K; i++) w[i] = qw ? qw[i] * sqrt_f(sigma2 + x[i] * x[i]) : x[i] * x[i];
+    for (int ib = 0; ib < 16; ib++) {
+        const float *xb = x + 16 * ib, *wb = w + 16 * ib;
+        float mx = 0.0f;
+        for (int i = 0; i < 16; i++) mx = fabsf(xb[i]) > mx ? fabsf(xb[i]) : mx;
+        int order[16], L[16];
+        stable_order(xb, 16, order);
+        float px[2][17], pw[2][17];
+        px[0][0] = px[1][0] = pw[0][0] = pw[1][0] = 0.0f;
+        for (int j = 0; j < 16; j++) {
+            int o = order[j], h = o >= 8;
+            px[h][j + 1] = px[h][j] + wb[o] * xb[o];
+            pw[h][j + 1] = pw[h][j] + wb[o];
+            px[1 - h][j + 1] = px[1 - h][j];
+            pw[1 - h][j + 1] = pw[1 - h][j];
+        }
+        float best = -3.4028234663852886e38f, sc = mx;
+        int p1 = -1, p2 = -1, bk = -1;
+        for (int i1 = 0; i1 <= 16; i1++)
+            for (int i2 = i1; i2 <= 16; i2++) {
+                float hx[2][2], hq[2][2]; /* [half][p, m] */
+                for (int h = 0; h < 2; h++) {
+                    float sx = px[h][i1] + px[h][i2], t = pw[h][16];
+                    hx[h][0] = px[h][16] * p2c - sx;
+                    hx[h][1] = px[h][16] * m2c - sx;
+                    hq[h][0] = ((t * p2c) * p2c + pw[h][i1] * cp1) + pw[h][i2] * cp2;
+                    hq[h][1] = ((t * m2c) * m2c + pw[h][i1] * cm1) + pw[h][i2] * cm2;
+                }
+                for (int k = 0; k < 4; k++) {
+                    float a = hx[0][k >> 1] + hx[1][k & 1], c = hq[0][k >> 1] + hq[1][k & 1];
+                    if (c > 0.0f && a * a > best * c) {
+                        float s = a / c;
+                        sc = s;
+                        best = s * a;
+                        p1 = i1, p2 = i2, bk = k;
+                    }
+                }
+            }
+        int empty = mx < 1e-7f || p1 < 0;
+        if (p1 < 0) p1 = p2 = 0;
+        for (int r = 0; r < 16; r++) L[order[r]] = r < p1 ? 0 : (r < p2 ? 1 : 2);
+        if (sc < 0.0f) {
+            for (int i = 0; i < 16; i++) L[i] = 2 - L[i];
+            sc = -sc;
+            bk = 3 - bk;
+        }
+        const float *xx[2] = {bk < 2 ? IQ1_XP : IQ1_XM, bk % 2 == 0 ? IQ1_XP : IQ1_XM};
+        int idx[2], on[2];
+        for (int k = 0; k < 2; k++) idx[k] = iq1_snap(g, L + 8 * k, xb + 8 * k, wb + 8 * k, sc, xx[k], &on[k]);
+        float sqx = 0.0f, sq2 = 0.0f;
+        for (int i = 0; i < 16; i++) {
+            int lv = iq1_level(g, idx[i / 8], i % 8);
+            float q = xx[i / 8][lv];
+            sqx = sqx + (wb[i] * q) * xb[i];
+            sq2 = sq2 + (wb[i] * q) * q;
+            lvs[16 * ib + i] = empty ? iq1_level(g, 0, i % 8) : lv;
+        }
+        if ((!on[0] || !on[1]) && sqx > 0.0f && sq2 > 0.0f) sc = sqx / sq2;
+        for (int k = 0; k < 2; k++) {
+            index[2 * ib + k] = empty ? 0 : idx[k];
+            xxs[2 * ib + k] = empty ? IQ1_XP : xx[k];
+        }
+        shifts[ib] = empty ? 0 : bk;
+        scale[ib] = empty ? 0.0f : sc;
+    }
+    float mxs = amax_of(scale, 16);
+    if (!(mxs > 0.0f)) mxs = 0.0f;
+    int has = mxs > 0.0f;
+    float d = mxs / 15.0f, idd = has ? 1.0f / d : 1.0f;
+    static const int masks[4] = {0x00, 0x80, 0x08, 0x88};
+    for (int ib = 0; ib < 16; ib++) {
+        ls[ib] = iclamp(nearest_int(0.5f * (idd * scale[ib] - 1.0f)), 0, 7);
+        int64_t qh = (index[2 * ib] >> 8) | ((index[2 * ib + 1] >> 8) << 4);
+        if (has) qh |= masks[shifts[ib]];
+        y[32 + ib] = (uint8_t)qh;
+    }
+    float fx = 0.0f, f2 = 0.0f;
+    for (int i = 0; i < QK_K; i++) {
+        float q = xxs[i / 8][lvs[i]] * (float)(2 * ls[i / 16] + 1);
+        fx = fx + (w[i] * q) * x[i];
+        f2 = f2 + (w[i] * q) * q;
+    }
+    float dfin = f2 > 0.0f ? fx / f2 : d;
+    int64_t dbits = fp32_to_fp16(dfin * 1.1125f);
+    for (int k = 0; k < 32; k++) y[k] = (uint8_t)index[k];
+    for (int j = 0; j < 4; j++) {
+        int64_t sc = ls[4 * j] | (ls[4 * j + 1] << 3) | (ls[4 * j + 2] << 6) | (ls[4 * j + 3] << 9);
+        sc |= j == 0 ? (dbits & 0x000F) << 12 : j == 1 ? (dbits & 0x00F0) << 8 : j == 2 ? (dbits & 0x0F00) << 4 : dbits & 0xF000;
+        if (!has) sc = 0;
+        y[48 + 2 * j] = (uint8_t)(sc & 0xFF);
+        y[49 + 2 * j] = (uint8_t)((sc >> 8) & 0xFF);
+    }
+}
+
 /* ------------------------------------------------------------------ entry point */
 
 /* GGML type ids (gguf.GGMLQuantizationType) */
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11,
-       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23 };
+       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ2_XXS = 16, T_IQ2_XS = 17, T_IQ3_XXS = 18, T_IQ1_S = 19, T_IQ4_NL = 20, T_IQ3_S = 21, T_IQ2_S = 22,
+       T_IQ4_XS = 23, T_IQ1_M = 29 };
 
 typedef void (*block_fn)(const float *, const float *, uint8_t *);
 
@@ -918,7 +1665,26 @@ static const type_layout LAYOUTS[] = {
     {T_Q5_1, NULL, QK, 24},           {T_Q8_0, NULL, QK, 34},          {T_Q2_K, block_q2_k, QK_K, 84},
     {T_Q3_K, block_q3_k, QK_K, 110},  {T_Q4_K, block_q4_k, QK_K, 144}, {T_Q5_K, block_q5_k, QK_K, 176},
     {T_Q6_K, block_q6_k, QK_K, 210},  {T_IQ4_NL, block_iq4_nl, QK, 18}, {T_IQ4_XS, block_iq4_xs, QK_K, 136},
+    {T_IQ2_XXS, block_iq2_xxs, QK_K, 66}, {T_IQ2_XS, block_iq2_xs, QK_K, 74}, {T_IQ2_S, block_iq2_s, QK_K, 82},
+    {T_IQ3_XXS, block_iq3_xxs, QK_K, 98}, {T_IQ3_S, block_iq3_s, QK_K, 110},
+    {T_IQ1_S, block_iq1_s, QK_K, 50},     {T_IQ1_M, block_iq1_m, QK_K, 56},
 };
+
+/* Whether the grid a type needs is set (lowbit_set_grid / lowbit_set_grid3); whether it needs an importance matrix. */
+static int grid_ready(int type) {
+    switch (type) {
+    case T_IQ2_XXS: return IQ_GRIDS[0].ready;
+    case T_IQ2_XS: return IQ_GRIDS[1].ready;
+    case T_IQ2_S: return IQ_GRIDS[2].ready;
+    case T_IQ3_XXS: return IQ3_GRIDS[0].ready;
+    case T_IQ3_S: return IQ3_GRIDS[1].ready;
+    case T_IQ1_S:
+    case T_IQ1_M: return IQ_GRIDS[3].ready;
+    default: return 1;
+    }
+}
+
+static int needs_imatrix(int type) { return type == T_IQ2_XXS || type == T_IQ2_XS || type == T_IQ1_S; }
 
 static const type_layout *layout_of(int type) {
     for (size_t i = 0; i < sizeof LAYOUTS / sizeof LAYOUTS[0]; i++)
@@ -948,18 +1714,20 @@ static void f16_row(const uint16_t *h, float *f, int64_t n) {
 }
 
 /* Bumped whenever an exported signature or the bytes of a type change (native.py checks it). */
-int lowbit_abi_version(void) { return 2; }
+int lowbit_abi_version(void) { return 3; }
 
 /* Whether a type is implemented here (1) or not (0). */
 int lowbit_supports(int type) { return layout_of(type) != NULL; }
 
 /* Quantize rows [nrows, ncols] of float32 x (importance qw [ncols] or NULL) into y.
  * work: ncols floats of scratch (legacy types with qw). *absmax: max |x| (NaN if x holds a NaN;
- * such input gives meaningless bytes). Returns 0, or -1 for an unknown type. */
+ * such input gives meaningless bytes). Returns 0, -1 for an unknown type, or -2 for an IQ type whose
+ * grid was not set (lowbit_set_grid) or that needs an importance matrix and got none. */
 int lowbit_quantize(int type, const float *x, int64_t nrows, int64_t ncols, const float *qw, uint8_t *y, float *work,
                     float *absmax) {
     const type_layout *L = layout_of(type);
     if (!L) return -1;
+    if (!grid_ready(type) || (!qw && needs_imatrix(type))) return -2; /* the torch path says why */
     uint32_t amax_bits = 0;
     block_fn fn = L->fn;
     int bs = L->bs, ts = L->ts;
