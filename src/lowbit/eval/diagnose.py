@@ -221,7 +221,18 @@ def diagnose(model: Any, ref: Any, settings: DiagnoseSettings | None = None, sch
         with scratch("lowbit-diagnose-") as tmp:
             out = Path(tmp) / (spec.slug + (".gguf" if spec.is_gguf else ""))
             make_scheme(spec, str(model), out)
-            result = diagnose(out, ref if ref is not None else model, settings)
+            try:
+                result = diagnose(out, ref if ref is not None else model, settings)
+            finally:
+                if spec.is_gguf and out.exists():  # the dequantized copy loading converted into the cache
+                    import shutil
+                    import warnings
+
+                    from ..models import resolve
+
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        shutil.rmtree(resolve(out).hf_dir, ignore_errors=True)
             result.update(model=str(model), scheme=scheme)
             return result
     if ref is None:
