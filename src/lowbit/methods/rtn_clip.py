@@ -29,7 +29,8 @@ class ClipRTNHandler(RTNHandler):
     def fingerprint(self) -> dict[str, Any]:
         return {**super().fingerprint(), "method": "rtn-clip", "clip_ratio": self.clip_ratio}
 
-    def round(self, w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    def round(self, w: torch.Tensor, scheme: QuantScheme, global_amax: torch.Tensor | None = None) -> QuantizedWeight:
+        # global_amax (NVFP4's shared global scale) does not apply: this method writes integer grids only
         w = w.detach().float()
         scale, zero = compute_qparams(w, scheme, self.clip_ratio)
         return QuantizedWeight(quantize(w, scale, zero, scheme), scale, zero, scheme)
