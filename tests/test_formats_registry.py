@@ -47,8 +47,9 @@ def test_holds_every_preset_or_says_why():
         assert gptq.holds(PRESETS.get(name).weights) is None
     assert awq.holds(PRESETS.get("w4a16_asym").weights) is None
     assert "asymmetric 4-bit groups only" in awq.holds(PRESETS.get("w4a16").weights)
-    assert "float-quantized (not yet written)" in ct.holds(PRESETS.get("fp8_dynamic").weights)
-    assert "nvfp4-pack-quantized" in ct.holds(PRESETS.get("nvfp4").weights)
+    for name in ("fp8", "fp8_dynamic", "fp8_block", "nvfp4", "mxfp4"):  # float-quantized, nvfp4/mxfp4-pack-quantized
+        assert ct.holds(PRESETS.get(name).weights) is None
+        assert gptq.holds(PRESETS.get(name).weights) is not None
     assert "nf4" in ct.holds(PRESETS.get("nf4").weights)
     assert "2-8 bits" in ct.holds(QuantScheme(1, 32, True))
     assert gptq.holds(QuantScheme(5, 32, True)) is not None

@@ -489,29 +489,6 @@ def _compare_text(result: dict[str, Any]) -> str:
 COMMANDS["compare"] = cmd_compare
 
 
-def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
-    _check_inputs(*args.models)
-    from .eval.speed import BenchSettings, bench, plot_bench
-
-    settings = BenchSettings(prompt=args.prompt, tokens=args.tokens, device=args.device, runtime=args.runtime,
-                             threads=args.threads, text=args.text)
-    results = bench(args.models, settings)
-    out: dict[str, Any] = {"results": [r.as_dict() for r in results]}
-    if args.plot:
-        out["plot"] = str(plot_bench(results, args.plot))
-    return out
-
-
-def _bench_text(result: dict[str, Any]) -> str:
-    from .eval.speed import SpeedResult, format_bench
-
-    text = format_bench([SpeedResult(**r) for r in result["results"]])
-    return text + (f"\nplot: {result['plot']}" if result.get("plot") else "")
-
-
-COMMANDS["bench"] = cmd_bench
-
-
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     _check_inputs(args.model, args.ref, args.prompts)
     from .eval.generate import generate
@@ -566,6 +543,29 @@ def _recommend_text(result: dict[str, Any]) -> str:
 
 
 COMMANDS["recommend"] = cmd_recommend
+
+
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    _check_inputs(*args.models)
+    from .eval.speed import BenchSettings, bench, plot_bench
+
+    settings = BenchSettings(prompt=args.prompt, tokens=args.tokens, device=args.device, runtime=args.runtime,
+                             threads=args.threads, text=args.text)
+    results = bench(args.models, settings)
+    out: dict[str, Any] = {"results": [r.as_dict() for r in results]}
+    if args.plot:
+        out["plot"] = str(plot_bench(results, args.plot))
+    return out
+
+
+def _bench_text(result: dict[str, Any]) -> str:
+    from .eval.speed import SpeedResult, format_bench
+
+    text = format_bench([SpeedResult(**r) for r in result["results"]])
+    return text + (f"\nplot: {result['plot']}" if result.get("plot") else "")
+
+
+COMMANDS["bench"] = cmd_bench
 _HUMAN: dict[str, Any] = {"compare": _compare_text, "bench": _bench_text}
 _HUMAN["generate"] = _generate_text
 _HUMAN["diagnose"] = _diagnose_text
