@@ -262,3 +262,15 @@ def test_gptq_side_file_and_its_errors(tmp_path):
     (path / "quantize_config.json").write_text("{bad")
     with pytest.raises(LowbitError, match="quantize_config.json: not valid JSON"):
         formats.read(path)
+
+
+def test_activation_groups_must_divide_the_input_columns():
+    """FP8_BLOCK's dynamic activation groups of 128: a 576-wide input (SmolLM2) is refused at plan
+    time for every format (vLLM and compressed-tensors cannot split it either), 512 passes."""
+    fp8_block = PRESETS.get("fp8_block").scheme
+    plan = {"model.layers.0.self_attn.q_proj.weight": fp8_block, "model.layers.0.mlp.down_proj.weight": fp8_block}
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (512, 512), "model.layers.0.mlp.down_proj.weight": (576, 1536)}
+    assert check_holds({k: v for k, v in plan.items() if "q_proj" in k}, "compressed-tensors", shapes) is None
+    shapes["model.layers.0.self_attn.q_proj.weight"] = (576, 576)
+    with pytest.raises(LowbitError, match="activation groups of 128 do not divide the 576 input columns"):
+        check_holds(plan, "compressed-tensors", shapes)

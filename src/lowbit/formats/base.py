@@ -85,6 +85,10 @@ class Format:
         if why is None and shape is not None and len(shape) == 2 and scheme.granularity == "group":
             if shape[1] % scheme.group_size:
                 why = f"group size {scheme.group_size} does not divide the {shape[1]} input columns"
+        act = scheme.activations
+        if why is None and shape is not None and len(shape) == 2 and act is not None and act.granularity == "group":
+            if shape[1] % act.group_size:  # e.g. FP8_BLOCK's dynamic activation groups of 128
+                why = f"activation groups of {act.group_size} do not divide the {shape[1]} input columns"
         return why
 
     def plan_issue(self, plan: Mapping[str, QuantScheme]) -> str | None:
