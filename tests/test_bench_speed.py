@@ -110,3 +110,9 @@ def test_cli_measures_each_model_in_its_own_process(tmp_path, capsys) -> None:
     (r,) = out["results"]
     assert r["x_decode"] == 1.0 and len(r["generated"]) == 4
     assert main(["--quiet", "bench", str(tmp_path / "missing")]) == 1
+
+
+def test_in_process_bench_leaves_the_thread_count_alone() -> None:
+    before = torch.get_num_threads()
+    bench_one(str(STORIES), BenchSettings(prompt=8, tokens=2, warmup=0, threads=max(1, before - 1) if before > 1 else 2))
+    assert torch.get_num_threads() == before

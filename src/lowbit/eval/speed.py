@@ -198,12 +198,16 @@ def bench_one(spec: str, settings: BenchSettings) -> SpeedResult:
         raise LowbitError("--runtime", f"unknown runtime {settings.runtime!r} (choose from {', '.join(RUNTIMES)})")
     if settings.prompt < 1 or settings.tokens < 2:
         raise LowbitError("--prompt/--tokens", "need at least 1 prompt token and 2 generated tokens")
-    if settings.threads:
-        import torch
+    import torch
 
+    threads = torch.get_num_threads()
+    if settings.threads:
         torch.set_num_threads(settings.threads)
-    run = _run_llamacpp if settings.runtime == "llama.cpp" else _run_lowbit
-    r = run(spec, settings)
+    try:
+        run = _run_llamacpp if settings.runtime == "llama.cpp" else _run_lowbit
+        r = run(spec, settings)
+    finally:  # the caller's thread count back (results elsewhere, GPTQ's sums, depend on it)
+        torch.set_num_threads(threads)
     steps = settings.tokens - 1  # the first token comes out of the prefill
     return SpeedResult(model=str(spec), runtime=settings.runtime, device=settings.device,
                        prompt_tokens=settings.prompt, decode_tokens=steps, prefill_s=r["prefill_s"],
