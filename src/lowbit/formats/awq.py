@@ -21,7 +21,6 @@ Rules: asymmetric (``zero_point: true``) 4-bit with groups, no act-order, ``out 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -168,6 +167,7 @@ class AWQ(Format):
     """AutoAWQ GEMM layout (vLLM awq / awq_marlin, transformers): asymmetric 4-bit groups"""
 
     name = "awq"
+    quant_method = "awq"
     rank = 20
 
     def holds(self, scheme: QuantScheme) -> str | None:
@@ -199,10 +199,6 @@ class AWQ(Format):
         if len(sizes) > 1:
             return f"AWQ has one group size per checkpoint; the plan has {', '.join(map(str, sizes))}"
         return None
-
-    def detect(self, config: Mapping[str, Any], folder: Path) -> bool:
-        q = config.get("quantization_config")
-        return isinstance(q, Mapping) and str(q.get("quant_method", "")).lower() == "awq"
 
     def encoder(self, config: Mapping[str, Any], linears: list[str], dtype: torch.dtype) -> Encoder:
         return Encoder(linears)

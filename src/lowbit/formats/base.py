@@ -106,9 +106,16 @@ class Format:
 
     # --- reading ----------------------------------------------------------------------------
 
+    #: the ``quantization_config.quant_method`` that marks a checkpoint of this format (the default :meth:`detect`)
+    quant_method: str = ""
+
     def detect(self, config: Mapping[str, Any], folder: Path) -> bool:
-        """Whether ``folder`` (whose ``config.json`` is ``config``, ``{}`` if absent) is in this format."""
-        raise NotImplementedError
+        """Whether ``folder`` (whose ``config.json`` is ``config``, ``{}`` if absent) is in this format:
+        by default, its ``quantization_config`` names :attr:`quant_method` (case-insensitive)."""
+        if not self.quant_method:
+            raise NotImplementedError
+        q = config.get("quantization_config")
+        return isinstance(q, Mapping) and str(q.get("quant_method", "")).lower() == self.quant_method.lower()
 
     def read_config(self, folder: Path, config: dict[str, Any]) -> dict[str, Any]:
         """``config`` completed with what this format keeps elsewhere (default: unchanged)."""

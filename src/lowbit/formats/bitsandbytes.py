@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -280,6 +279,7 @@ class BitsAndBytes(Format):
     """bitsandbytes 4-bit (NF4/FP4, double quant) and LLM.int8 as transformers saves them (transformers, vLLM)"""
 
     name = "bitsandbytes"
+    quant_method = "bitsandbytes"
     rank = 40
 
     def holds(self, scheme: QuantScheme) -> str | None:
@@ -290,10 +290,6 @@ class BitsAndBytes(Format):
         if len(settings) > 1:
             return f"one quant type, block size and double-quantization setting per checkpoint; got {_describe(settings)}"
         return None
-
-    def detect(self, config: Mapping[str, Any], folder: Path) -> bool:
-        q = config.get("quantization_config")
-        return isinstance(q, Mapping) and str(q.get("quant_method", "")).lower() == "bitsandbytes"
 
     def encoder(self, config: Mapping[str, Any], linears: list[str], dtype: torch.dtype) -> Encoder:
         return Encoder(linears, dtype)

@@ -39,7 +39,6 @@ import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -518,6 +517,7 @@ class CompressedTensors(Format):
     """llm-compressor's pack-quantized integer weights (vLLM, transformers; the default)"""
 
     name = QUANT_METHOD
+    quant_method = QUANT_METHOD
     rank = 0
 
     def holds(self, scheme: QuantScheme) -> str | None:
@@ -546,10 +546,6 @@ class CompressedTensors(Format):
         if scheme.scale_format in ("e4m3", "e8m0"):
             return f"compressed-tensors pack-quantized stores scales in the model's float type, not {scheme.scale_format}"
         return None
-
-    def detect(self, config: Mapping[str, Any], folder: Path) -> bool:
-        q = config.get("quantization_config")
-        return isinstance(q, Mapping) and str(q.get("quant_method", "")).lower() == QUANT_METHOD
 
     def encoder(self, config: Mapping[str, Any], linears: list[str], dtype: torch.dtype) -> Encoder:
         return Encoder(dtype, linears)

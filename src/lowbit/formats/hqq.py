@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -232,6 +231,7 @@ class HQQ(Format):
     """HQQ as transformers 4.57 + hqq save it (HqqConfig; float zero points, packed planes)"""
 
     name = "hqq"
+    quant_method = QUANT_METHOD
     rank = 40
 
     def holds(self, scheme: QuantScheme) -> str | None:
@@ -257,10 +257,6 @@ class HQQ(Format):
             if (shape[0] * shape[1] // g) % planes:
                 why = f"hqq packs {planes} groups per byte: {shape[0] * shape[1] // g} groups is not a multiple of {planes}"
         return why
-
-    def detect(self, config: Mapping[str, Any], folder: Path) -> bool:
-        q = config.get("quantization_config")
-        return isinstance(q, Mapping) and str(q.get("quant_method", "")).lower() == QUANT_METHOD
 
     def encoder(self, config: Mapping[str, Any], linears: list[str], dtype: torch.dtype) -> Encoder:
         return Encoder(linears, dtype)

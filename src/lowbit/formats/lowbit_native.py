@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,14 +46,11 @@ class LowbitNative(Format):
     """lowbit's own lossless container: any scheme (int, float, codebook), read by lowbit only"""
 
     name = "lowbit"
+    quant_method = QUANT_METHOD
     rank = 50
 
     def holds(self, scheme: QuantScheme) -> str | None:
         return None
-
-    def detect(self, config: Mapping[str, Any], folder: Path) -> bool:
-        q = config.get("quantization_config")
-        return isinstance(q, Mapping) and q.get("quant_method") == QUANT_METHOD
 
     def encoder(self, config: Mapping[str, Any], linears: list[str], dtype: torch.dtype) -> _Encoder:
         return _Encoder()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -259,6 +258,7 @@ class Torchao(Format):
     """torchao (TorchAoConfig) safetensors as transformers 5.x writes them: int8, int8 dynamic, intx, float8"""
 
     name = "torchao"
+    quant_method = QUANT_METHOD
     rank = 50
 
     def holds(self, scheme: QuantScheme) -> str | None:
@@ -279,10 +279,6 @@ class Torchao(Format):
         if len(kinds) > 1:
             return f"one kind of quantized weight per checkpoint; the plan has {', '.join(sorted({s.describe() for _, s in kinds}))}"
         return None
-
-    def detect(self, config: Mapping[str, Any], folder: Path) -> bool:
-        q = config.get("quantization_config")
-        return isinstance(q, Mapping) and str(q.get("quant_method", "")).lower() == QUANT_METHOD
 
     def encoder(self, config: Mapping[str, Any], linears: list[str], dtype: torch.dtype) -> Encoder:
         return Encoder(linears, dtype)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,6 +127,7 @@ class VllmFp8(Format):
     """vLLM's native FP8 (quant_method fp8): per-tensor weight_scale/input_scale or 128x128 weight_scale_inv"""
 
     name = "fp8"
+    quant_method = QUANT_METHOD
     rank = 40
 
     def holds(self, scheme: QuantScheme) -> str | None:
@@ -150,10 +150,6 @@ class VllmFp8(Format):
         if len(kinds) > 1:
             return "one activation scheme and one block size for every tensor (its config has one of each)"
         return None
-
-    def detect(self, config: Mapping[str, Any], folder: Path) -> bool:
-        q = config.get("quantization_config")
-        return isinstance(q, Mapping) and str(q.get("quant_method", "")).lower() == QUANT_METHOD
 
     def encoder(self, config: Mapping[str, Any], linears: list[str], dtype: torch.dtype) -> Encoder:
         return Encoder(linears)
