@@ -324,14 +324,18 @@ def scheme_from_args(args: Mapping[str, Any], where: str) -> QuantScheme:
                           f"({type(exc).__name__}: {exc})") from None
 
 
+def _group_scheme(group: Mapping[str, Any], module: str) -> QuantScheme:
+    """A config group's weight scheme, carrying its input-activation scheme when it has one."""
+    scheme = scheme_from_args(group.get("weights") or {}, module)
+    acts = group.get("input_activations")
+    return replace(scheme, activations=scheme_from_args(acts, module)) if acts else scheme
+
+
 def _decode_unpacked(
     get: Callable[[str], torch.Tensor], names: set[str], module: str, group: Mapping[str, Any]
 ) -> tuple[QuantizedWeight, set[str]]:
     """One ``int-quantized`` / ``float-quantized`` module."""
-    acts = group.get("input_activations")
-    scheme = scheme_from_args(group.get("weights") or {}, module)
-    if acts:
-        scheme = replace(scheme, activations=scheme_from_args(acts, module))
+    scheme = _group_scheme(group, module)
     w_name, s_name = f"{module}.weight", f"{module}.weight_scale"
     weight, scale = get(w_name), get(s_name)
     if weight.dim() != 2:
@@ -367,10 +371,7 @@ def _decode_fp4(
     get: Callable[[str], torch.Tensor], names: set[str], module: str, group: Mapping[str, Any]
 ) -> tuple[QuantizedWeight, set[str]]:
     """One ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` module."""
-    acts = group.get("input_activations")
-    scheme = scheme_from_args(group.get("weights") or {}, module)
-    if acts:
-        scheme = replace(scheme, activations=scheme_from_args(acts, module))
+    scheme = _group_scheme(group, module)
     if scheme.type != "float" or scheme.bits != 4 or scheme.scale_format not in ("e4m3", "e8m0"):
         raise LowbitError(module, f"weight_packed of {scheme.describe()} is not FP4 (NVFP4 / MXFP4)")
     p_name, s_name = f"{module}.weight_packed", f"{module}.weight_scale"
