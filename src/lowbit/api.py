@@ -45,7 +45,9 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
              format: str | None = None, overwrite: bool = False, *, to: str | None = None,  # noqa: A002
              imatrix: str | Path | None = None, pure: bool = False, tensor_types: tuple[str, ...] | list[str] = (),
              output_tensor_type: str | None = None, token_embedding_type: str | None = None,
-             device: str = "cpu", report: dict[str, Any] | None = None, **method_args: Any) -> Path:
+             device: str = "cpu", report: dict[str, Any] | None = None, target_bpw: float | None = None,
+             target_size: str | int | None = None, sensitivity: str | Path | None = None,
+             **method_args: Any) -> Path:
     """Quantize ``source`` and write it to ``out``: the one entry point for every method and format.
 
     ``format``: a registered checkpoint format (``compressed-tensors``, ``gptq``, ``awq``...) or
@@ -59,6 +61,9 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
     ``method_args`` go to :func:`quantize_model` (calibration, ``act_order``, handler options).
     An existing ``out`` is refused before any work unless ``overwrite``. ``report`` (a dict, GGUF
     outputs): filled with the tensors that fell back to other types and the real bits per weight.
+    ``to="auto"`` (GGUF, RTN): llama.cpp's types chosen per tensor from measured sensitivity to a
+    budget, ``target_bpw`` or ``target_size`` (:mod:`lowbit.mix.gguf_auto`; ``sensitivity``: a table
+    file reused when it exists, else written; calibration text ``method_args["calib"]``, pydoc by default).
     """
     from . import distributed as dist
     from .fileio import check_output_path
@@ -82,6 +87,15 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
         gguf_args: dict[str, Any] = dict(imatrix_path=imatrix, tensor_types=list(tensor_types), overwrite=overwrite,
                                          output_tensor_type=output_tensor_type,
                                          token_embedding_type=token_embedding_type, report=report)
+        if method == "rtn" and to.lower() == "auto":
+            from .mix.gguf_auto import quantize_auto_cached
+
+            with _disk_full(out):
+                return quantize_auto_cached(source, out, target_bpw=target_bpw, target_size=target_size,
+                                            imatrix=imatrix, sensitivity=sensitivity, calib=method_args.get("calib"),
+                                            overwrite=overwrite, report=report)
+        if target_bpw is not None or target_size is not None:
+            raise LowbitError(out, "--target-bpw/--target-size go with --to auto")
         if method == "rtn":
             from .gguf.convert import quantize_to_gguf
 

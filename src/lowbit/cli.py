@@ -106,9 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{formats_help}; gguf: llama.cpp's file (--to TYPE)")
     _add_scheme_args(q)
     q.add_argument("--to", metavar="TYPE", help="GGUF type or mix: Q4_K_M, Q8_0, Q6_K, IQ4_XS, F16 ... "
+                   "or auto (llama.cpp's types chosen per tensor from measured sensitivity to --target-bpw/--target-size) "
                    "(with --method gptq/awq: Q4_0, Q4_1 or Q8_0 blocks holding the calibrated codes; with "
                    "--method gptq also Q4_K: GPTQ picks the codes on llama.cpp's own Q4_K grid)")
     q.add_argument("--imatrix", help="llama.cpp importance matrix file (GGUF or .dat)")
+    q.add_argument("--target-bpw", type=float, metavar="BITS", help="--to auto: bits per weight of the file "
+                   "(every tensor counted, as lowbit inspect; e.g. Q4_K_M's figure for the same size)")
+    q.add_argument("--target-size", metavar="SIZE", help="--to auto: size of the file (4GB, 3.5GiB, 800MB, bytes)")
+    q.add_argument("--sensitivity", metavar="FILE", help="--to auto: the measured sensitivity table (JSON): "
+                   "read when it exists, else measured (on --calib, default pydoc) and written there")
     q.add_argument("--pure", action="store_true", help="GGUF: one type for every tensor, no mix rules")
     q.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE", help="GGUF per-tensor type")
     q.add_argument("--output-tensor-type", help="GGUF type of output.weight")
@@ -311,6 +317,10 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     if distributed.is_main():  # rank 0 writes the output
         check_output_path(args.output, args.overwrite)
     _check_inputs(args.model)
+    if (args.to or "").lower() == "auto":
+        return _quantize_auto(args)
+    if args.target_bpw is not None or args.target_size is not None or args.sensitivity:
+        raise LowbitError("--target-bpw", "--target-bpw, --target-size and --sensitivity go with --to auto")
     fast = _quantize_gguf_without_torch(args)
     if fast is not None:
         return fast
@@ -354,6 +364,23 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
         result["size"] = folder_size(out).as_dict()
     return result
+
+
+def _quantize_auto(args: argparse.Namespace) -> dict[str, Any]:
+    """``--to auto``: llama.cpp's types per tensor to a budget (lowbit.mix.gguf_auto)."""
+    from . import api
+
+    if (args.format or "gguf") != "gguf" or args.method != "rtn":
+        raise LowbitError("--to", "auto chooses llama.cpp's types (RTN, --format gguf)")
+    if args.tensor_type or args.pure or args.output_tensor_type or args.token_embedding_type:
+        raise LowbitError("--to", "auto chooses every tensor's type: drop --tensor-type/--pure/--*-tensor-type")
+    if (args.target_bpw is None) == (args.target_size is None):
+        raise LowbitError("--to", "auto needs one budget: --target-bpw BITS or --target-size SIZE")
+    report: dict[str, Any] = {}
+    out = api.quantize(args.model, args.output, to="auto", overwrite=args.overwrite, imatrix=args.imatrix,
+                       report=report, target_bpw=args.target_bpw, target_size=args.target_size,
+                       sensitivity=args.sensitivity, calib=args.calib)
+    return {"output": str(out), "format": "gguf", "method": "rtn", "type": "auto", **report}
 
 
 def _quantize_gguf_without_torch(args: argparse.Namespace) -> dict[str, Any] | None:

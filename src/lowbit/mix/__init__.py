@@ -1,0 +1,2 @@
+"""Mixed precision to a budget: per-tensor sensitivity (:mod:`.sensitivity`), the allocator
+(:mod:`.allocate`) and the GGUF route (:mod:`.gguf_auto`, ``lowbit quantize --to auto``)."""
