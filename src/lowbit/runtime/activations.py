@@ -25,7 +25,7 @@ import torch
 from ..core.scheme import QuantScheme
 from ..errors import LowbitError
 
-__all__ = ["check_input_scheme", "fake_quantize_input"]
+__all__ = ["check_input_scheme", "fake_quantize_input", "quantize_rows", "rows_quantizable"]
 
 _FLOAT8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
@@ -104,3 +104,41 @@ def fake_quantize_input(x: torch.Tensor, scheme: QuantScheme, input_scale: torch
         z = torch.clamp(torch.round(-lo / s), 0, scheme.qmax)
         out = (torch.clamp(torch.round(xf / s) + z, 0, scheme.qmax) - z) * s
     return out.reshape(shape).to(x.dtype)
+
+
+def rows_quantizable(scheme: QuantScheme) -> bool:
+    """Whether :func:`quantize_rows` takes ``scheme``: symmetric int8 or FP8 E4M3, one scale per
+    token (dynamic) or per tensor (dynamic or static), what the W8A8 / FP8 GEMMs consume."""
+    if scheme.granularity not in ("token", "tensor") or scheme.scale_format in ("e4m3", "e8m0"):
+        return False
+    if (not scheme.dynamic and scheme.granularity != "tensor") or scheme.dynamic == "local":
+        return False
+    if scheme.type == "float":
+        return scheme.float_format == "e4m3"
+    return scheme.type == "int" and scheme.bits == 8 and scheme.symmetric
+
+
+def quantize_rows(x: torch.Tensor, scheme: QuantScheme, input_scale: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes and float32 scales of a 2-D input ``[M, K]`` that :func:`fake_quantize_input` rounds to:
+    ``codes.float() * scale`` equals its result (before the cast to ``x``'s dtype) bit for bit.
+
+    Codes are ``int8`` or ``float8_e4m3fn`` ``[M, K]``; the scale is ``[M, 1]`` (per token) or
+    ``[1, 1]`` (per tensor). Only the schemes :func:`rows_quantizable` accepts; no host sync.
+    """
+    if not rows_quantizable(scheme):
+        raise LowbitError(None, f"input activations {scheme.describe()}: not one int8 / E4M3 scale per token or tensor")
+    xf = x.float()
+    if not scheme.dynamic:
+        if input_scale is None:
+            raise LowbitError(None, f"input activations {scheme.describe()}: a static scheme needs input_scale")
+        s = input_scale.float().reshape(1, 1).to(xf.device)
+        if scheme.type == "float":
+            fmax = scheme.float_spec.max
+            return (xf / s).clamp(-fmax, fmax).to(torch.float8_e4m3fn), s
+        return torch.clamp(torch.round(xf / s), -128, 127).to(torch.int8), s
+    qmax = scheme.float_spec.max if scheme.type == "float" else 127.0
+    s = _nonzero(_absmax(xf, scheme.granularity) / qmax)
+    if scheme.type == "float":
+        return (xf / s).clamp(-qmax, qmax).to(torch.float8_e4m3fn), s
+    return torch.clamp(torch.round(xf / s), -128, 127).to(torch.int8), s
