@@ -193,12 +193,16 @@ def quantize_model(
     given = calib if isinstance(calib, CalibrationData) else None
     cfg = calib if isinstance(calib, CalibrationConfig) else CalibrationConfig()
     data: CalibrationData | None = given
-    if handler.needs_inputs and data is None:
+    prepare = getattr(handler, "prepare", None)  # a whole-model pass before the layers (SqueezeLLM's Fisher)
+    wants = handler.needs_inputs or (prepare is not None and getattr(handler, "wants_calibration", True))
+    if wants and data is None:
         data = load_calibration(load_tokenizer(src.hf_dir), cfg, m.calibration_default, source=src, device=device)
     calib_id: Any = None
     if m.calibrated:
         calib_id = cfg.resolved(m.calibration_default).describe() if given is None else {"ids_sha256": _ids_digest(given)}
     request = {"source": _source_identity(src.hf_dir), "calib": calib_id, "dtype": str(dtype)}
+    if prepare is not None:
+        prepare(config, ckpt, data, device=device, dtype=dtype)
     sr = stream_quantize(
         config, ckpt, data, handler, device=device, dtype=dtype, batch_size=cfg.batch_size,
         workdir=workdir, request=request, stop_after=stop_after, outer=outer,

@@ -90,5 +90,9 @@ for _p in (
            description="FP4 with double quantization: absmax as 8-bit codes per 256 (--method bnb)"),
     Preset("LLM_INT8", QuantScheme(8, -1, True),
            description="int8 weights per row, absmax scales (bitsandbytes LLM.int8 with --method bnb)"),
+    Preset("LUT4", QuantScheme(4, -1, True, type="codebook", codebook="learned", strategy="channel"),
+           description="a learned 16-value lookup table per output row (SqueezeLLM; --method squeezellm)"),
+    Preset("LUT3", QuantScheme(3, -1, True, type="codebook", codebook="learned", strategy="channel"),
+           description="a learned 8-value lookup table per output row (SqueezeLLM; --method squeezellm)"),
 ):
     register_preset(_p)

@@ -31,6 +31,7 @@ import torch
 
 from lowbit.errors import LowbitError
 
+from .lut import sparse_dense
 from .scheme import QuantScheme
 
 # FP4 E2M1: index bit 3 is the sign, bits 0-2 the magnitude code (as NVFP4, MXFP4 and GGUF store it).
@@ -129,6 +130,9 @@ class QuantizedWeight:
             w = self.values() * self._per_element(self.scale)
         if self.global_scale is not None:
             w = w / self.global_scale.float().reshape(1, 1)
+        sparse = sparse_dense(self.extra, (w.shape[0], w.shape[1]), w.device)
+        if sparse is not None:  # dense-and-sparse (SqueezeLLM): exact float remainders of the outliers
+            w = w + sparse
         return w.to(dtype)
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedWeight:

@@ -39,6 +39,9 @@ from .kernels import select
 
 __all__ = ["QuantLinear", "load_quantized", "quantize_model_linears"]
 
+#: ``extra`` tensors of a :class:`QuantizedWeight` kept as buffers (``lowbit.core.lut``'s CSR outliers)
+SPARSE = ("sparse_rows", "sparse_cols", "sparse_vals")
+
 
 def _packable(scheme: QuantScheme) -> bool:
     """Integer grids with one scale per row or per group: stored bit-packed."""
@@ -90,6 +93,11 @@ class QuantLinear(nn.Module):
         self.codebook: torch.Tensor | None
         self.register_buffer("global_scale", None)
         self.register_buffer("codebook", None)
+        self.sparse_rows: torch.Tensor | None  # dense-and-sparse (SqueezeLLM): a CSR remainder added to the weight
+        self.sparse_cols: torch.Tensor | None
+        self.sparse_vals: torch.Tensor | None
+        for name in SPARSE:
+            self.register_buffer(name, None)
         self.bias: torch.Tensor | None
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.input_scheme: QuantScheme | None = None
@@ -146,6 +154,9 @@ class QuantLinear(nn.Module):
             m.zeros = None if qw.zero is None else qw.zero.detach().clone()
             m.g_idx = None if qw.g_idx is None else qw.g_idx.to(torch.int64).clone()
             m.codebook = None if qw.codebook is None else qw.codebook.detach().clone()
+            for name in SPARSE:
+                if name in qw.extra:
+                    setattr(m, name, qw.extra[name].detach().clone())
         m.global_scale = None if qw.global_scale is None else qw.global_scale.detach().clone()
         m._grouped = None
         if bias is not None:
@@ -182,8 +193,9 @@ class QuantLinear(nn.Module):
     def to_quantized(self) -> QuantizedWeight:
         """The stored weight as a :class:`QuantizedWeight` (``g_idx`` kept only if non-default)."""
         g_idx = None if self._default_groups() else self.g_idx.to(torch.int32)  # type: ignore[union-attr]
+        extra = {n: t for n in SPARSE if (t := getattr(self, n)) is not None}
         return QuantizedWeight(self.codes(), self.scales.clone(), None if self.zeros is None else self.zeros.clone(),
-                               self.scheme, g_idx, global_scale=self.global_scale, codebook=self.codebook)
+                               self.scheme, g_idx, global_scale=self.global_scale, codebook=self.codebook, extra=extra)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight ``[out, in]`` in ``dtype``, as :meth:`QuantizedWeight.dequantize` computes it (float32)."""
