@@ -23,8 +23,9 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,7 @@ def hqq_part(shapes: list[tuple[int, int]]) -> None:
             cpu = solve(w, bits, group)
             cpu_s = time.perf_counter() - t0
             wc = w.to(DEV)
-            gpu, gpu_s = timed(lambda: solve(wc, bits, group), DEV)
+            gpu, gpu_s = timed(lambda wc=wc, bits=bits, group=group: solve(wc, bits, group), DEV)
             deq_c = (cpu.codes.float().reshape(-1, group) - cpu.zero.reshape(-1, 1)) * cpu.scale.reshape(-1, 1)
             deq_g = ((gpu.codes.float().reshape(-1, group) - gpu.zero.reshape(-1, 1)) * gpu.scale.reshape(-1, 1)).cpu()
             emit({"part": "hqq", "shape": [out_f, in_f], "bits": bits, "group": group,
@@ -120,10 +121,10 @@ def kernel_part(n: int = 4096) -> None:
         for tokens in (1, 2048):
             x = (torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens)) * 0.5).half().to(DEV)
             layer.kernel = "torch"
-            ref, ref_s = timed(lambda: layer(x), DEV, repeat=10)
+            ref, ref_s = timed(lambda layer=layer, x=x: layer(x), DEV, repeat=10)
             layer.kernel = "lut"
-            out, lut_s = timed(lambda: layer(x), DEV, repeat=10)
-            _, dense_s = timed(lambda: F.linear(x, dense), DEV, repeat=10)
+            out, lut_s = timed(lambda layer=layer, x=x: layer(x), DEV, repeat=10)
+            _, dense_s = timed(lambda x=x, dense=dense: F.linear(x, dense), DEV, repeat=10)
             emit({"part": "lut_kernel", "shape": [n, n], "outliers": outliers, "tokens": tokens,
                   "max_abs_diff_vs_reference": float((out.float() - ref.float()).abs().max()),
                   "equal": bool(torch.equal(out, ref)), "lut_ms": round(lut_s * 1e3, 4),
