@@ -203,3 +203,48 @@ def test_cuda_kernels_match_the_reference(name, m, dtype):
     x = _x((m, 512), dtype, seed=m).cuda()
     assert select(layer, x).name == kernel
     _close(layer(x), _reference(layer, x))
+
+
+# ----------------------------------------------------------------------------- whole checkpoints
+
+
+@pytest.fixture(scope="module")
+def w8a8_checkpoints(tmp_path_factory, stories_dir):
+    import lowbit.api as lb
+    from lowbit.recipe import Recipe
+
+    out = {}
+    for name in ("FP8_DYNAMIC", "W8A8"):
+        out[name] = lb.quantize(stories_dir, tmp_path_factory.mktemp("w8a8") / name,
+                                recipe=Recipe(scheme=preset(name).scheme))
+    return out
+
+
+@pytest.mark.parametrize("name", ["FP8_DYNAMIC", "W8A8"])
+def test_load_quantized_applies_the_declared_input_quantization(w8a8_checkpoints, name):
+    """The runtime's layers quantize their inputs as the checkpoint declares: the logits equal eval's
+    (the dequantized model with the fake-quant hooks of lowbit.eval.numerics) exactly."""
+    from lowbit.eval.numerics import apply
+    from lowbit.models.loader import load
+    from lowbit.runtime import load_quantized
+
+    path = w8a8_checkpoints[name]
+    model, _ = load_quantized(path)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.input_scheme == preset(name).input_activations for m in layers)
+    ref = load(path).model
+    assert apply(ref, path)
+    ids = torch.tensor([[1, 400, 20, 30, 55, 7, 90, 300, 2, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    if torch.cuda.is_available():  # the 64-wide attention projections run the kernels, the 172-wide MLP the reference
+        model = model.cuda().to(torch.bfloat16)
+        kernel = "int-mm-w8a8" if name == "W8A8" else "scaled-mm-fp8"
+        x = torch.randn(20, 64, device="cuda", dtype=torch.bfloat16)
+        q = model.model.layers[0].self_attn.q_proj
+        if kernel == "int-mm-w8a8" or torch.cuda.get_device_capability() >= (8, 9):
+            assert select(q, x).name == kernel
+        with torch.no_grad():
+            logits = model(ids.cuda()).logits.float().cpu()
+        expect = ref(ids).logits
+        assert (logits - expect).abs().max() <= 0.05 * expect.abs().max()

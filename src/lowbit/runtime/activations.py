@@ -20,12 +20,17 @@ E4M3 / E8M0 scale formats, static asymmetric grids, per-channel activation scale
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..core.scheme import QuantScheme
 from ..errors import LowbitError
 
-__all__ = ["check_input_scheme", "fake_quantize_input", "quantize_rows", "rows_quantizable"]
+if TYPE_CHECKING:
+    from ..core.quantized import QuantizedWeight
+
+__all__ = ["check_input_scheme", "declared_inputs", "fake_quantize_input", "quantize_rows", "rows_quantizable"]
 
 _FLOAT8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
@@ -142,3 +147,18 @@ def quantize_rows(x: torch.Tensor, scheme: QuantScheme, input_scale: torch.Tenso
     if scheme.type == "float":
         return (xf / s).clamp(-qmax, qmax).to(torch.float8_e4m3fn), s
     return torch.clamp(torch.round(xf / s), -128, 127).to(torch.int8), s
+
+
+def declared_inputs(qw: QuantizedWeight) -> tuple[QuantScheme | None, torch.Tensor | None]:
+    """The input-activation scheme and static ``input_scale`` a stored weight declares (its
+    ``scheme.activations``, ``extra["input_scale"]``), as :class:`~lowbit.runtime.qlinear.QuantLinear`
+    takes them; ``(None, None)`` when it declares none, or one :func:`fake_quantize_input` cannot
+    apply (NVFP4's local scales): such layers run with float inputs."""
+    acts = qw.scheme.activations
+    if acts is None:
+        return None, None
+    try:
+        check_input_scheme(acts)
+    except LowbitError:
+        return None, None
+    return acts, qw.extra.get("input_scale")

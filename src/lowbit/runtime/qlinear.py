@@ -34,7 +34,7 @@ from ..core.packing import pack, unpack
 from ..core.quantized import QuantizedWeight
 from ..core.scheme import PER_CHANNEL, QuantScheme
 from ..errors import LowbitError
-from .activations import check_input_scheme
+from .activations import check_input_scheme, declared_inputs
 from .kernels import select
 
 __all__ = ["QuantLinear", "load_quantized", "quantize_model_linears"]
@@ -278,7 +278,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_model_linears(model: nn.Module, weights: dict[str, QuantizedWeight], floats: dict[str, torch.Tensor]) -> list[str]:
     """Replace each ``nn.Linear`` named in ``weights`` (``<module>.weight``) by a :class:`QuantLinear`.
 
-    A bias for a replaced layer is taken (and removed) from ``floats``. Returns the replaced
+    A bias for a replaced layer is taken (and removed) from ``floats``; the input-activation
+    quantization a weight declares (W8A8, FP8) is applied by the layer. Returns the replaced
     module names.
     """
     replaced = []
@@ -298,7 +299,7 @@ def quantize_model_linears(model: nn.Module, weights: dict[str, QuantizedWeight]
         if old.bias is not None and bias is None:
             raise LowbitError(module_name, "the model has a bias here but the checkpoint stores none")
         try:
-            layer = QuantLinear.from_quantized(qw, bias)
+            layer = QuantLinear.from_quantized(qw, bias, *declared_inputs(qw))
         except LowbitError as exc:
             raise LowbitError(exc.where or module_name, exc.problem) from None
         _set_module(model, module_name, layer)
