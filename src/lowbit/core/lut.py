@@ -14,8 +14,8 @@ Fisher diagonal: squared gradients) gets ``2**bits`` centroids minimising ``sum 
 
 Dense-and-sparse (:func:`split_outliers`): a fraction of the largest-magnitude values and of the
 most sensitive values leaves the k-means (weight 0); their dense code is the centroid nearest 0
-and the remainder ``w - c[code]`` is kept exactly in float32 in a CSR matrix (``rows``
-``[out + 1]``, ``cols``, ``vals``), so ``dense + sparse`` is the original value.
+and the remainder ``w - c[code]`` is kept in float32 in a CSR matrix (``rows`` ``[out + 1]``,
+``cols``, ``vals``), so ``dense + sparse`` is the original value (to float32 rounding: one ulp).
 
 Packing (:func:`pack_qweight`): SqueezeLLM's ``qweight`` int32 ``[in * bits / 32, out]``, the
 codes of each output column as one little-endian bit stream along the input dimension (4 bits:
@@ -157,7 +157,7 @@ def weighted_kmeans(w: torch.Tensor, f: torch.Tensor | None, bits: int, iters: i
 
 def outlier_mask(w: torch.Tensor, f: torch.Tensor | None, magnitude: float, sensitive: float) -> torch.Tensor:
     """Bool ``[out, in]``: the ``magnitude`` fraction of largest ``|w|`` and the ``sensitive`` fraction
-    of largest ``f`` (ties broken by position, so exactly ``round(fraction * numel)`` each)."""
+    of largest ``f`` (``round(fraction * numel)`` each, ``torch.topk``; the two sets may overlap)."""
     mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
     for frac, score in ((magnitude, w.abs()), (sensitive, f)):
         n = int(round(frac * w.numel()))

@@ -131,7 +131,7 @@ class QuantizedWeight:
         if self.global_scale is not None:
             w = w / self.global_scale.float().reshape(1, 1)
         sparse = sparse_dense(self.extra, (w.shape[0], w.shape[1]), w.device)
-        if sparse is not None:  # dense-and-sparse (SqueezeLLM): exact float remainders of the outliers
+        if sparse is not None:  # dense-and-sparse (SqueezeLLM): the outliers' float32 remainders
             w = w + sparse
         return w.to(dtype)
 
