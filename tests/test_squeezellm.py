@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit.core.lut import outlier_mask, pack_qweight, sparse_dense, unpack_qweight, uniform_levels, weighted_kmeans
+from lowbit.core.lut import outlier_mask, pack_qweight, sparse_dense, uniform_levels, unpack_qweight, weighted_kmeans
 from lowbit.core.presets import preset
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
@@ -187,10 +187,10 @@ def test_streamed_fisher_equals_whole_model_autograd(stories_dir: Path, tmp_path
 
 
 def test_fisher_pass_holds_one_layer_at_a_time(stories_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    import lowbit.models.capture as capture
-    import lowbit.models.layers as layers_mod
     from transformers import AutoConfig
 
+    import lowbit.models.capture as capture
+    import lowbit.models.layers as layers_mod
     from lowbit.methods.squeezellm import fisher_diagonal
     from lowbit.models import Checkpoint
 
