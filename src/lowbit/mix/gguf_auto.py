@@ -19,11 +19,9 @@ target); ``target_size`` is the whole file (metadata and alignment counted, cons
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,9 @@ from gguf import GGMLQuantizationType as T
 from ..errors import LowbitError
 from ..gguf import mixes
 from ..gguf.writer import PlannedTensor
-from .allocate import Item, allocate
+from .table import Table, TensorCosts, budget_bytes, choose_labels, summary
+
+__all__ = ["Table", "TensorCosts", "budget_bytes", "choose", "measure", "quantize_auto", "summary"]
 
 #: candidate types (llama.cpp writes IMATRIX_TYPES only with an importance matrix)
 TYPES: tuple[str, ...] = ("Q2_K", "Q3_K", "IQ3_S", "IQ4_XS", "IQ4_NL", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1",
@@ -45,47 +45,6 @@ _MIX_OF = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M",
            "IQ3_XXS": "IQ3_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_M"}
 _ROWS_AT_ONCE = 1 << 22  # values encoded per step when measuring (bounds the memory of large embeddings)
 _HEADER_SLACK = 1024  # bytes of metadata lowbit may add to the source's (quantization and imatrix keys)
-
-
-@dataclass
-class TensorCosts:
-    name: str
-    shape: tuple[int, ...]
-    types: list[str]
-    nbytes: list[int]
-    kl: list[float]
-
-
-@dataclass
-class Table:
-    """What :func:`choose` needs, measured once (JSON with :meth:`save` / :meth:`load`)."""
-
-    model: str
-    tensors: list[TensorCosts]
-    fixed_bytes: int  # tensors llama.cpp leaves unquantized (norms...), in their source types
-    n_weights: int  # every tensor's values (the bits-per-weight denominator)
-    header_bytes: int  # metadata, tensor infos and worst-case alignment: the file beyond tensor bytes
-    imatrix: str | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, path: str | Path) -> Path:
-        from ..fileio import atomic_file
-
-        with atomic_file(path, overwrite=True) as tmp:
-            Path(tmp).write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Table:
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-            d["tensors"] = [TensorCosts(**{**t, "shape": tuple(t["shape"])}) for t in d["tensors"]]
-            return cls(**d)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise LowbitError(path, f"not a sensitivity table of lowbit ({e})") from None
-
-    def bpw(self, tensor_bytes: int) -> float:
-        return 8.0 * (tensor_bytes + self.fixed_bytes) / self.n_weights
 
 
 def candidate_types(ncols: int, has_imatrix: bool, types: Sequence[str] | None = None) -> list[T]:
@@ -100,15 +59,6 @@ def candidate_types(ncols: int, has_imatrix: bool, types: Sequence[str] | None =
             if has_imatrix or not mixes.requires_imatrix("blk.0.any.weight", t, "Q4_K_M"):
                 out.append(t)
     return out
-
-
-def parse_size(text: str | int | float, where: str = "--target-size") -> int:
-    """Bytes of ``4GB``, ``3.5GiB``, ``800MB``, ``123456`` (decimal units; ``iB`` binary ones)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
-    if not m:
-        raise LowbitError(where, f"{text!r} is not a size (e.g. 4GB, 3.5GiB, 800MB, 123456)")
-    power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
 
 
 def _header_bytes(src: Any, names: Sequence[str]) -> int:
@@ -192,46 +142,9 @@ def measure(model: Any, imatrix: str | Path | None = None, types: Sequence[str] 
                            "seed": settings.seed})
 
 
-def budget_bytes(table: Table, target_bpw: float | None = None, target_size: str | int | None = None) -> int:
-    """Bytes the choosable tensors may take: from bits per weight (every tensor counted) or the file size."""
-    if (target_bpw is None) == (target_size is None):
-        raise LowbitError("--to auto", "give one budget: --target-bpw BITS or --target-size SIZE")
-    if target_bpw is not None:
-        where = "--target-bpw"
-        total = int(np.floor(float(target_bpw) * table.n_weights / 8))
-    else:
-        where = "--target-size"
-        total = parse_size(target_size if target_size is not None else "", where) - table.header_bytes
-    budget = total - table.fixed_bytes
-    low = sum(min(t.nbytes) for t in table.tensors)
-    high = sum(max(t.nbytes) for t in table.tensors)
-    if budget < low:
-        smallest = sorted({t.types[int(np.argmin(t.nbytes))] for t in table.tensors})
-        raise LowbitError(where, f"{target_bpw if target_bpw is not None else target_size} is below the smallest "
-                          f"file: {table.bpw(low):.4f} bits per weight, {low + table.fixed_bytes + table.header_bytes} "
-                          f"bytes ({'/'.join(smallest)} everywhere)")
-    if budget > high:
-        largest = sorted({t.types[int(np.argmax(t.nbytes))] for t in table.tensors})
-        raise LowbitError(where, f"{target_bpw if target_bpw is not None else target_size} is above the largest "
-                          f"file ({table.bpw(high):.4f} bits per weight, {'/'.join(largest)} everywhere): "
-                          f"use --to {largest[-1]}")
-    return budget
-
-
 def choose(table: Table, budget: int) -> dict[str, T]:
     """GGUF name -> type of every choosable tensor: least summed predicted KL within ``budget`` bytes."""
-    items = [Item(t.name, tuple(t.nbytes), tuple(t.kl)) for t in table.tensors]
-    picks = allocate(items, budget)
-    return {t.name: mixes.parse_type(t.types[j]) for t, j in zip(table.tensors, picks, strict=True)}
-
-
-def summary(table: Table, chosen: Mapping[str, T]) -> dict[str, Any]:
-    """Bits per weight, tensor bytes, predicted KL and the count of each type of a choice."""
-    by = {t.name: t for t in table.tensors}
-    nbytes = sum(by[n].nbytes[by[n].types.index(t.name)] for n, t in chosen.items())
-    kl = sum(by[n].kl[by[n].types.index(t.name)] for n, t in chosen.items())
-    return {"bits_per_weight": round(table.bpw(nbytes), 4), "tensor_bytes": nbytes + table.fixed_bytes,
-            "predicted_kl": kl, "types": dict(sorted(Counter(t.name for t in chosen.values()).items()))}
+    return {n: mixes.parse_type(c) for n, c in choose_labels(table, budget).items()}
 
 
 def overrides(chosen: Mapping[str, T]) -> tuple[str, list[str]]:
@@ -260,7 +173,7 @@ def quantize_auto(model: Any, out: str | Path, *, target_bpw: float | None = Non
     rep: dict[str, Any] = {}
     path = quantize_to_gguf(model, out, mix, imatrix_path=imatrix, tensor_types=tensor_types, overwrite=overwrite,
                             report=rep)
-    info = summary(table, chosen)
+    info = summary(table, {n: t.name for n, t in chosen.items()})
     if report is not None:
         report.update(rep)
         report["auto"] = {**info, "budget_bytes": budget + table.fixed_bytes, "mix_file_type": mix,
