@@ -341,3 +341,40 @@ def test_corrupt_checkpoints_are_one_line_errors(squeezed: Path, tmp_path: Path,
         for qw in weights.values():  # lazily decoded formats fail on access
             qw.dequantize()
     assert "\n" not in str(exc.value)
+
+
+# --- the command line: quantize, eval, generate ----------------------------------------------------
+
+
+def test_cli_quantize_eval_generate(capsys, stories_dir: Path, wikitext: Path, tmp_path: Path) -> None:
+    from lowbit.cli import EXIT_OK, main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = main(["--quiet", *argv])
+        except SystemExit as exc:
+            code = int(exc.code)  # type: ignore[arg-type]
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    out = tmp_path / "sq"
+    code, stdout, err = run("quantize", str(stories_dir), "--method", "squeezellm", "--scheme", "LUT3", "--format",
+                            "squeezellm", "--keep", "down_proj", "--samples", "2", "--seq-len", "32",
+                            "--outliers", "0.004", "-o", str(out), "--json")
+    assert code == EXIT_OK, err
+    assert json.loads((out / "quant_config.json").read_text()) == {"wbits": 3}
+    code, stdout, err = run("eval", str(out), "--ref", str(stories_dir), "--text", str(wikitext), "--chunks", "1",
+                            "--ctx", "128", "--json")
+    assert code == EXIT_OK, err
+    res = json.loads(stdout)
+    assert res["kl_mean"] < 1.0 and res["top1_agreement"] > 0.4
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\n")
+    code, stdout, err = run("generate", str(out), "--ref", str(stories_dir), "--prompts", str(prompts),
+                            "--max-new-tokens", "8", "--json")
+    assert code == EXIT_OK, err
+    code, _, err = run("quantize", str(stories_dir), "--outliers", "0.01", "-o", str(tmp_path / "x"))
+    assert code != EXIT_OK and "--outliers" in err and "\n" not in err.strip()
+    code, _, err = run("quantize", str(stories_dir), "--method", "squeezellm", "--group-size", "-1",
+                       "-o", str(tmp_path / "y"))
+    assert code != EXIT_OK and "--scheme LUT4" in err
