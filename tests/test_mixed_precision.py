@@ -167,3 +167,36 @@ def test_fisher_prediction_matches_the_kl_of_one_quantized_tensor() -> None:
             measured = _kl(ref_lp, _log_probs(loaded.model, chunks, 0, 8))
         pred = predicted_kl(fisher[name], w, wq)
         assert 0.5 < pred / measured < 2.0, (name, pred, measured)
+
+
+@needs_stories
+def test_hf_auto_checkpoint_within_budget_with_several_config_groups(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors import safe_open
+
+    from lowbit.mix.hf_auto import measure
+    from lowbit.mix.sensitivity import FisherSettings
+    from lowbit.models import load
+
+    table = tmp_path / "hf-sensitivity.json"
+    measure(STORIES, FisherSettings(ctx=128, chunks=4)).save(table)
+    out = tmp_path / "auto-ct"
+    assert main(["--quiet", "quantize", str(STORIES), "--scheme", "auto", "--target-bpw", "7.5", "--sensitivity",
+                 str(table), "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    payload = 0
+    for f in out.glob("*.safetensors"):
+        with safe_open(f, "pt") as s:
+            for k in s.keys():
+                t = s.get_tensor(k)
+                payload += t.numel() * t.element_size()
+    assert payload == result["auto"]["tensor_bytes"]  # the size model is the format's exact layout
+    assert 8 * payload / result["size"]["params"] <= 7.5
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len({g["weights"]["num_bits"] for g in groups.values()}) >= 2
+    assert np.isfinite(load(out).model(input_ids=__import__("torch").tensor([[1, 2, 3]])).logits.detach().numpy()).all()
+    assert main(["quantize", str(STORIES), "--scheme", "auto", "--target-bpw", "7.5", "--to", "auto",
+                 "-o", str(tmp_path / "x")]) == 1
+    assert main(["quantize", str(STORIES), "--scheme", "auto", "--sensitivity", str(table), "--target-bpw", "99",
+                 "-o", str(tmp_path / "x")]) == 1
+    assert "above the largest" in capsys.readouterr().err

@@ -59,11 +59,12 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def _add_scheme_args(p: argparse.ArgumentParser) -> None:
+def _add_scheme_args(p: argparse.ArgumentParser, auto: bool = False) -> None:
     presets = registry_entries("scheme")
-    p.add_argument("--scheme", metavar="PRESET", type=str.upper, choices=[n for n, _, _ in presets],
+    p.add_argument("--scheme", metavar="PRESET", type=str.upper, choices=[n for n, _, _ in presets] + ["AUTO"] * auto,
                    help="a named scheme (--bits/--group-size/--sym/--asym change its weights): "
-                        + help_line(presets))
+                        + help_line(presets) + ("; AUTO: int2/3/4/8 or float per tensor from measured sensitivity "
+                                                "to --target-bpw/--target-size" if auto else ""))
     p.add_argument("--bits", type=int, default=None, help="integer bits, 1-8 (default 4)")
     p.add_argument("--group-size", type=int, default=None,
                    help="columns per scale; -1 per channel, 0 per tensor (default 128)")
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=[*(n for n, _, _ in formats), "gguf"], default=None,
                    help="output format (default compressed-tensors; gguf when --to is given): "
                         f"{formats_help}; gguf: llama.cpp's file (--to TYPE)")
-    _add_scheme_args(q)
+    _add_scheme_args(q, auto=True)
     q.add_argument("--to", metavar="TYPE", help="GGUF type or mix: Q4_K_M, Q8_0, Q6_K, IQ4_XS, F16 ... "
                    "or auto (llama.cpp's types chosen per tensor from measured sensitivity to --target-bpw/--target-size) "
                    "(with --method gptq/awq: Q4_0, Q4_1 or Q8_0 blocks holding the calibrated codes; with "
@@ -325,6 +326,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     _check_inputs(args.model)
     if (args.to or "").lower() == "auto":
         return _quantize_auto(args)
+    if args.scheme == "AUTO":
+        return _quantize_auto_hf(args)
     if args.target_bpw is not None or args.target_size is not None or args.sensitivity:
         raise LowbitError("--target-bpw", "--target-bpw, --target-size and --sensitivity go with --to auto")
     fast = _quantize_gguf_without_torch(args)
@@ -383,8 +386,8 @@ def _quantize_auto(args: argparse.Namespace) -> dict[str, Any]:
 
     if (args.format or "gguf") != "gguf" or args.method != "rtn":
         raise LowbitError("--to", "auto chooses llama.cpp's types (RTN, --format gguf)")
-    if args.tensor_type or args.pure or args.output_tensor_type or args.token_embedding_type:
-        raise LowbitError("--to", "auto chooses every tensor's type: drop --tensor-type/--pure/--*-tensor-type")
+    if args.scheme or args.tensor_type or args.pure or args.output_tensor_type or args.token_embedding_type:
+        raise LowbitError("--to", "auto chooses every tensor's type: drop --scheme/--tensor-type/--pure/--*-tensor-type")
     if (args.target_bpw is None) == (args.target_size is None):
         raise LowbitError("--to", "auto needs one budget: --target-bpw BITS or --target-size SIZE")
     report: dict[str, Any] = {}
@@ -392,6 +395,25 @@ def _quantize_auto(args: argparse.Namespace) -> dict[str, Any]:
                        report=report, target_bpw=args.target_bpw, target_size=args.target_size,
                        sensitivity=args.sensitivity, calib=args.calib)
     return {"output": str(out), "format": "gguf", "method": "rtn", "type": "auto", **report}
+
+
+def _quantize_auto_hf(args: argparse.Namespace) -> dict[str, Any]:
+    """``--scheme auto``: integer bits (or float) per tensor to a budget (lowbit.mix.hf_auto)."""
+    from .eval import folder_size
+    from .mix.hf_auto import quantize_auto_cached
+
+    if args.to or args.format == "gguf":
+        raise LowbitError("--scheme", "auto is for Hugging Face formats; GGUF: --to auto")
+    if args.bits is not None or args.group_size is not None or args.override or args.keep:
+        raise LowbitError("--scheme", "auto chooses every tensor's scheme: drop --bits/--group-size/--override/--keep")
+    if (args.target_bpw is None) == (args.target_size is None):
+        raise LowbitError("--scheme", "auto needs one budget: --target-bpw BITS or --target-size SIZE")
+    report: dict[str, Any] = {}
+    out = quantize_auto_cached(args.model, args.output, sensitivity=args.sensitivity, calib=args.calib,
+                               target_bpw=args.target_bpw, target_size=args.target_size, method=args.method,
+                               format=args.format or "compressed-tensors", overwrite=args.overwrite, report=report)
+    return {"output": str(out), "format": args.format or "compressed-tensors", "method": args.method,
+            "scheme": "auto", **report, "size": folder_size(out).as_dict()}
 
 
 def _quantize_gguf_without_torch(args: argparse.Namespace) -> dict[str, Any] | None:

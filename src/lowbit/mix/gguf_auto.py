@@ -139,7 +139,7 @@ def measure(model: Any, imatrix: str | Path | None = None, types: Sequence[str] 
     return Table(model=str(model), tensors=rows, fixed_bytes=fixed, n_weights=n_weights,
                  header_bytes=_header_bytes(src, names), imatrix=None if imatrix is None else str(imatrix),
                  settings={"text": str(settings.text or "pydoc"), "ctx": settings.ctx, "chunks": int(chunks.shape[0]),
-                           "seed": settings.seed})
+                           "seed": settings.seed, "route": "gguf"})
 
 
 def choose(table: Table, budget: int) -> dict[str, T]:
@@ -192,6 +192,8 @@ def quantize_auto_cached(model: Any, out: str | Path, *, target_bpw: float | Non
     table: Table | None = None
     if sensitivity is not None and Path(sensitivity).is_file():
         table = Table.load(sensitivity)
+        if table.settings.get("route", "gguf") != "gguf":
+            raise LowbitError(sensitivity, "measured for --scheme auto (Hugging Face formats), not --to auto")
         if (table.imatrix is None) != (imatrix is None):
             raise LowbitError(sensitivity, "measured " + ("without" if table.imatrix is None else "with")
                               + " an importance matrix: measure again for this --imatrix setting")
