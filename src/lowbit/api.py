@@ -78,6 +78,9 @@ def quantize(source: Any, out: str | Path, method: str = "rtn", recipe: Recipe |
             raise LowbitError(out, f"--to {to} is a GGUF type: it needs --format gguf (or no --format)")
         if fmt not in FORMATS:
             raise LowbitError(out, f"unknown format {fmt!r} (choose from {', '.join([*FORMATS, 'gguf'])})")
+    if fmt == "gguf" and method_args.get("kv_cache") not in (None, "none"):
+        raise LowbitError(out, "GGUF files hold no KV-cache scales (llama.cpp picks its cache type at run "
+                               "time): drop kv_cache (--kv-cache) or write compressed-tensors")
     # llama.cpp's types read a GGUF source as it is: no dequantized copy of it is made (or reused)
     src = source if fmt == "gguf" and method == "rtn" else resolve(source)
     if fmt == "gguf":
@@ -207,15 +210,9 @@ def _eval_model(spec: Any, settings: EvalSettings, first: int, role: str) -> tup
 
 def _eval_load(spec: Any) -> Any:
     """``spec`` loaded for evaluation; a checkpoint of float weights with an FP8 KV cache
-    (compressed-tensors ``dense``) loads as the float model it is (its k/v scales are applied by
-    :func:`_declared_numerics`)."""
-    from .eval.numerics import load_float_with_kv
-    from .formats.kv_cache import is_float_with_kv
-
-    src = resolve(spec)
-    if src.kind == "quantized" and is_float_with_kv(src.quantization_config):
-        return load_float_with_kv(src)
-    return load(src)
+    (compressed-tensors ``dense``) loads as the float model it is (``resolve``: kind ``hf``; its
+    k/v scales are applied by :func:`_declared_numerics`)."""
+    return load(resolve(spec))
 
 
 def _declared_numerics(loaded: Any) -> str:

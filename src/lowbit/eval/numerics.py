@@ -26,7 +26,7 @@ from ..errors import LowbitError
 from ..runtime import kvcache
 from ..runtime.activations import check_input_scheme, fake_quantize_input
 
-__all__ = ["apply", "input_schemes", "kv_scales", "load_float_with_kv"]
+__all__ = ["apply", "input_schemes", "kv_scales"]
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([kv])_scale$")
 
@@ -95,19 +95,6 @@ def kv_scales(get: Any, names: list[str], qconfig: Mapping[str, Any]) -> dict[in
     if not out:
         raise LowbitError("config.json", "kv_cache_scheme is declared but the checkpoint has no self_attn.k_scale / v_scale")
     return out
-
-
-def load_float_with_kv(src: Any) -> Any:
-    """A checkpoint of float weights with FP8 KV-cache scales (compressed-tensors ``dense``) as the
-    float transformers model it is (a ``LoadedModel``); :func:`apply` then installs its cache."""
-    from ..models.checkpoint import Checkpoint
-    from ..models.loader import LoadedModel, build_empty_model, fill_model, load_tokenizer
-
-    ckpt = Checkpoint(Path(src.hf_dir))
-    tensors = {n: ckpt.get(n) for n in ckpt.keys() if not _LAYER.search(n)}
-    model = build_empty_model(Path(src.hf_dir), torch.float32)
-    fill_model(model, tensors, Path(src.hf_dir), torch.float32, "cpu")
-    return LoadedModel(model, load_tokenizer(Path(src.hf_dir), src.gguf_path), model.config, src)
 
 
 def apply(model: nn.Module, hf_dir: str | Path) -> str:

@@ -26,8 +26,8 @@ from ..errors import LowbitError
 from ..runtime.kvcache import STRATEGIES, scale_from_amax
 from ._common import model_dtype
 
-__all__ = ["CHOICES", "INFO_KEY", "KVCacheHandler", "annotate", "float_config", "is_float_with_kv", "parse", "scheme_args",
-           "tensors"]
+__all__ = ["CHOICES", "INFO_KEY", "KVCacheHandler", "annotate", "float_config", "is_float_with_kv", "is_kv_scale", "parse",
+           "scheme_args", "tensors"]
 
 INFO_KEY = "kv_cache"
 #: ``--kv-cache`` values -> strategy
@@ -132,6 +132,11 @@ def is_float_with_kv(qconfig: Mapping[str, Any] | None) -> bool:
     """Whether a ``quantization_config`` is float weights with a quantized KV cache (``dense``)."""
     return (isinstance(qconfig, Mapping) and qconfig.get("format") == "dense" and not qconfig.get("config_groups")
             and bool(qconfig.get("kv_cache_scheme")))
+
+
+def is_kv_scale(name: str) -> bool:
+    """Whether a checkpoint tensor is an attention's KV-cache scale (``...self_attn.k_scale`` / ``v_scale``)."""
+    return name.endswith(("self_attn.k_scale", "self_attn.v_scale"))
 
 
 def float_config(strategy: str, version: str = "0.19.0") -> dict[str, Any]:

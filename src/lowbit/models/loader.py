@@ -99,13 +99,42 @@ def resolve(source: str | Path | ModelSource) -> ModelSource:
     if path.is_dir():
         cfg = read_config(path)
         validate_hf_config(cfg, path / "config.json")  # values only; the tensors are checked where they are used
-        kind = "quantized" if "quantization_config" in cfg else "hf"
+        kind = "quantized" if "quantization_config" in cfg and not _float_with_kv(cfg) else "hf"
         return ModelSource(spec, kind, path)
     if path.suffix == ".gguf" or is_gguf(path):
         if not is_gguf(path):
             raise LowbitError(path, "not a GGUF file (bad magic bytes)")
         return ModelSource(spec, "gguf", _gguf_to_folder(path), path)
     raise LowbitError(path, "not a model: expected a Hugging Face folder, a .gguf file, hf:ORG/NAME or a demo name")
+
+
+def _float_with_kv(cfg: dict[str, Any]) -> bool:
+    """Float weights with an FP8 KV cache (compressed-tensors ``dense`` + ``kv_cache_scheme``): a float
+    model (kind ``hf``) whose ``self_attn.k_scale`` / ``v_scale`` eval applies (:mod:`lowbit.eval.numerics`)."""
+    from ..formats.kv_cache import is_float_with_kv
+
+    return is_float_with_kv(cfg.get("quantization_config"))
+
+
+class _WithoutKVScales:
+    """A checkpoint's names and shapes less its KV-cache scales, for :func:`check_checkpoint`."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        from ..formats.kv_cache import is_kv_scale
+
+        self.ckpt, self.folder, self._skip = ckpt, ckpt.folder, is_kv_scale
+
+    def keys(self) -> list[str]:
+        return [n for n in self.ckpt.keys() if not self._skip(n)]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and not self._skip(name) and name in self.ckpt
+
+    def shape(self, name: str) -> Any:
+        return self.ckpt.shape(name)
+
+    def file_of(self, name: str) -> Any:
+        return self.ckpt.file_of(name)
 
 
 def check_architecture(folder: Path, cfg: dict[str, Any]) -> str:
@@ -219,6 +248,7 @@ def load(source: str | Path | ModelSource, dtype: torch.dtype = torch.float32,
         tensors = Checkpoint(src.hf_dir)
     model = build_empty_model(src.hf_dir, dtype)
     if isinstance(tensors, Checkpoint):  # names and shapes against the architecture, before reading any
-        check_checkpoint(model.config, tensors, src.gguf_path, model=model)
+        kv = _float_with_kv(read_config(src.hf_dir))  # fill_model takes only the model's parameters
+        check_checkpoint(model.config, _WithoutKVScales(tensors) if kv else tensors, src.gguf_path, model=model)
     fill_model(model, tensors, src.hf_dir, dtype, device)
     return LoadedModel(model, load_tokenizer(src.hf_dir, src.gguf_path), model.config, src)
