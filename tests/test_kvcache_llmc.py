@@ -3,12 +3,12 @@
 Goldens: tests/data/llmc_sq/kv_{tensor,head}.safetensors and kv_*_config.json, made by
 tests/reference/make_llmc_sq_goldens.py (llm-compressor 0.14, compressed-tensors 0.19,
 transformers 5.17; ``QuantizationModifier(kv_cache_scheme=FP8 tensor / attn_head, observer
-static_minmax)`` on 8 x 64 seeded token ids). The ``quantization_config`` is equal; layer 0's
-scales are byte-identical; later layers' differ by at most a few float32 ulps (measured: 4 ulps,
-5e-7 relative) because llm-compressor's calibration forward computes the later layers' inputs a
-few ulps away from transformers' own forward: the plain transformers model (5.17 or 5.25) run on
-these tokens gives lowbit's maxima, not llm-compressor's. A second test reruns llm-compressor
-live when it is importable (never in CI).
+static_minmax)`` on 8 x 64 seeded token ids). The ``quantization_config`` and every layer's scales are
+byte-identical. Layers after the first matched only once lowbit calibrated with eager attention, as
+llm-compressor does (``calibration_forward_context`` -> ``use_eager_attention``): with transformers'
+default SDPA the attention outputs, hence the later layers' inputs, keys and values, differed by a
+few float32 ulps (measured before: up to 4 ulps, 5e-7 relative, on layers 1-4). A second test reruns
+llm-compressor live when it is importable (never in CI).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 DATA = Path(__file__).parent / "data" / "llmc_sq"
-REL_TOL = 1e-6
 
 
 def lowbit_kv(model_dir: Path, ids: torch.Tensor, strategy: str, out: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -41,10 +40,7 @@ def _compare(ours: dict[str, torch.Tensor], gold: dict[str, torch.Tensor]) -> No
     assert sorted(ours) == sorted(gold) and len(ours) == 10
     for name, g in gold.items():
         assert ours[name].shape == g.shape and ours[name].dtype == g.dtype, name
-        if ".layers.0." in name:
-            assert torch.equal(ours[name], g), name
-        rel = float(((ours[name] - g).abs() / g).max())
-        assert rel < REL_TOL, (name, rel)
+        assert torch.equal(ours[name], g), (name, float(((ours[name] - g).abs() / g).max()))
 
 
 @pytest.mark.parametrize("strategy,tag", [("tensor", "kv_tensor"), ("head", "kv_head")])

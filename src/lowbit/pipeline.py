@@ -185,6 +185,9 @@ def quantize_model(
         from lowbit.formats.kv_cache import KVCacheHandler
 
         handler = KVCacheHandler(handler, kv_strategy)
+        # llm-compressor calibrates with eager attention; SDPA's attention outputs differ by a few ulps,
+        # and through them the later layers' keys and values: eager gives its KV scales bit for bit
+        config._attn_implementation = "eager"
     check_model = getattr(handler, "check_model", None)
     if check_model is not None:  # what the method needs of the architecture (SmoothQuant's mappings), before calibrating
         check_model(adapter)
