@@ -22,20 +22,58 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"stories260K": str(ROOT.parent / "shared" / "models" / "stories260K"), "smollm2-135m": "smollm2-135m"}
-SETTINGS = {  # label -> (method, scheme, format)
+MODELS = {"stories260K": str(ROOT.parent / "shared" / "models" / "stories260K"), "smollm2-135m": "smollm2-135m",
+          "gemma3-270m": "gemma3-270m"}
+SETTINGS = {  # label -> (method, scheme, format[, handler options])
     "NF4 (b64)": ("bnb", "NF4", "bitsandbytes"),
     "NF4 + DQ (b64)": ("bnb", "NF4_DQ", "bitsandbytes"),
     "FP4 (b64)": ("bnb", "FP4", "bitsandbytes"),
     "FP4 + DQ (b64)": ("bnb", "FP4_DQ", "bitsandbytes"),
     "int4 asym g64 (RTN)": ("rtn", QuantScheme(4, 64, False), "compressed-tensors"),
     "int4 sym g128 (RTN)": ("rtn", QuantScheme(4, 128, True), "compressed-tensors"),
+    # issue 11 items 2-3: group 128 and 3 bits, RTN and HQQ beside SqueezeLLM's lookup tables
+    "NF4 (b128)": ("bnb", QuantScheme(4, 128, True, type="codebook", codebook="nf4", strategy="flat"), "bitsandbytes"),
+    "int4 asym g128 (RTN)": ("rtn", QuantScheme(4, 128, False), "compressed-tensors"),
+    "int3 asym g64 (RTN)": ("rtn", QuantScheme(3, 64, False), "compressed-tensors"),
+    "int3 asym g128 (RTN)": ("rtn", QuantScheme(3, 128, False), "compressed-tensors"),
+    "int4 asym per-channel (RTN)": ("rtn", QuantScheme(4, -1, False), "compressed-tensors"),
+    "int3 asym per-channel (RTN)": ("rtn", QuantScheme(3, -1, False), "compressed-tensors"),
+    "HQQ 4 g64": ("hqq", QuantScheme(4, 64, False), "hqq"),
+    "HQQ 4 g128": ("hqq", QuantScheme(4, 128, False), "hqq"),
+    "HQQ 3 g64": ("hqq", QuantScheme(3, 64, False), "hqq"),
+    "HQQ 3 g128": ("hqq", QuantScheme(3, 128, False), "hqq"),
+    "SqueezeLLM 4 dense": ("squeezellm", "LUT4", "squeezellm", {}),
+    "SqueezeLLM 3 dense": ("squeezellm", "LUT3", "squeezellm", {}),
+    "SqueezeLLM 4 D+S 0.45+0.05%": ("squeezellm", "LUT4", "squeezellm", {"outliers": 0.0045, "sensitive": 0.0005}),
+    "SqueezeLLM 3 D+S 0.45+0.05%": ("squeezellm", "LUT3", "squeezellm", {"outliers": 0.0045, "sensitive": 0.0005}),
+    "LUT4 unweighted k-means": ("squeezellm", "LUT4", "squeezellm", {"weighting": "none"}),
+    "LUT3 unweighted k-means": ("squeezellm", "LUT3", "squeezellm", {"weighting": "none"}),
 }
+#: SqueezeLLM's Fisher pass: calibration sequences (pydoc, lowbit's default text) x tokens
+SQ_CALIB = {"samples": 16, "seq_len": 512}
+
+
+def packed_lut_bpw(src: str, bits: int, options: dict) -> float:
+    """Bits per quantized weight of SqueezeLLM's layout for every decoder linear of ``src``: packed codes,
+    a float32 table of ``2**bits`` per row, and 64 bits (int32 column + float32 value) per outlier plus
+    the row pointers (for stories260K, held in the lowbit container whose uint8 codes inflate the file)."""
+    from lowbit.models import Checkpoint, resolve
+
+    ckpt = Checkpoint(resolve(src).hf_dir)
+    frac = options.get("outliers", 0.0) + options.get("sensitive", 0.0)
+    n = total = 0.0
+    for name in ckpt.keys():
+        if ".layers." in name and name.endswith("proj.weight"):
+            out_f, in_f = ckpt.shape(name)
+            n += out_f * in_f
+            total += out_f * in_f * (bits + 64 * frac) + out_f * ((32 << bits) + 32 * bool(frac))
+    return total / n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--settings", nargs="+", default=None, help="labels to run (default: all)")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"))
@@ -47,17 +85,27 @@ def main() -> None:
     done = {(r["model"], r["setting"]) for r in rows}
     for model in args.models:
         src = MODELS.get(model, model)
-        for label, (method, scheme, fmt) in SETTINGS.items():
-            if (model, label) in done:
+        for label, (method, scheme, fmt, *opts) in SETTINGS.items():
+            if (model, label) in done or (args.settings and label not in args.settings):
                 continue
             qs = preset(scheme).weights if isinstance(scheme, str) else scheme
+            options = dict(opts[0]) if opts else {}
+            if method == "squeezellm":
+                options.update(SQ_CALIB)
+            if model == "stories260K" and method in ("squeezellm", "hqq"):
+                fmt = "lowbit"  # down_proj's 172 columns: no whole 32-column SqueezeLLM words, no hqq groups
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
-                out = lb.quantize(src, Path(tmp) / "q", method=method, format=fmt,
-                                 recipe=Recipe(scheme=qs, group_fallback=method == "rtn"))  # 172 columns: per channel
+                out = lb.quantize(src, Path(tmp) / "q", method=method, format=fmt,  # 172 columns: per channel
+                                 recipe=Recipe(scheme=qs, group_fallback=method in ("rtn", "hqq")), **options)
                 seconds = time.perf_counter() - t0
                 r = lb.evaluate(str(out), ref=src, settings=settings)
-            row = {"model": model, "setting": label, "method": method, "format": fmt, "ppl": r["ppl"],
+            if method == "squeezellm":  # codes packed at `bits`, the fp32 table per row, CSR outliers at 64 bits each
+                assert qs is not None
+                row_extra = {"bpw_packed": packed_lut_bpw(src, qs.bits, options)}
+            else:
+                row_extra = {}
+            row = {"model": model, "setting": label, "method": method, "format": fmt, "ppl": r["ppl"], **row_extra,
                    "ref_ppl": r.get("ppl_ref"), "kl": r["kl_mean"], "top1": r["top1_agreement"],
                    "bpw": r["size"]["bpw_quantized"], "quantize_s": round(seconds, 1), "chunks": args.chunks,
                    "ctx": args.ctx}

@@ -283,6 +283,10 @@ def test_same_input_same_bytes(stories_dir: Path, squeezed: Path, tmp_path: Path
     lb.quantize(stories_dir, again, method="squeezellm", format="squeezellm", samples=4, seq_len=64,
                 recipe=Recipe(scheme=LUT4, overrides=((r"down_proj", None),)), outliers=0.004, sensitive=0.001)
     assert (again / "model.safetensors").read_bytes() == (squeezed / "model.safetensors").read_bytes()
+    plain = tmp_path / "plain"  # the handler's options reach it through the API (equal weights: other tables)
+    lb.quantize(stories_dir, plain, method="squeezellm", format="squeezellm", samples=4, seq_len=64,
+                recipe=Recipe(scheme=LUT4, overrides=((r"down_proj", None),)), outliers=0.004, weighting="none")
+    assert (plain / "model.safetensors").read_bytes() != (squeezed / "model.safetensors").read_bytes()
 
 
 # --- bad input -------------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ from lowbit.models.layers import LayerContext, LayerResult, full_weight_name
 from ._common import Rules, keeps_float, rules_fingerprint, scheme_lookup
 from .registry import Method, register_method
 
-SENSITIVITIES = ("fisher", "none")
+#: how values are weighted in the k-means (``weighting``): the Fisher diagonal, or all equally
+WEIGHTINGS = ("fisher", "none")
 
 
 def lut_quantize(w: torch.Tensor, scheme: QuantScheme, fisher: torch.Tensor | None = None, outliers: float = 0.0,
@@ -215,34 +216,34 @@ class SqueezeLLMHandler:
     rules: Rules = None
     outliers: float = 0.0
     sensitive: float = 0.0
-    sensitivity: str = "fisher"
+    weighting: str = "fisher"
     iters: int = ITERS
     propagate: str = "quantized"
     needs_inputs: bool = False  # the Fisher pass reads the calibration data, the layers do not
     _folder: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.sensitivity not in SENSITIVITIES:
-            raise LowbitError("squeezellm", f"unknown sensitivity {self.sensitivity!r} (choose from {', '.join(SENSITIVITIES)})")
+        if self.weighting not in WEIGHTINGS:
+            raise LowbitError("squeezellm", f"unknown weighting {self.weighting!r} (choose from {', '.join(WEIGHTINGS)})")
         for name in ("outliers", "sensitive"):
             if not 0.0 <= float(getattr(self, name)) < 0.5:
                 raise LowbitError("squeezellm", f"{name} must be a fraction in [0, 0.5), got {getattr(self, name)}")
-        if self.sensitive and self.sensitivity == "none":
+        if self.sensitive and self.weighting == "none":
             raise LowbitError("squeezellm", "sensitive outliers need the Fisher sensitivity")
 
     @property
     def wants_calibration(self) -> bool:
-        return self.sensitivity == "fisher"
+        return self.weighting == "fisher"
 
     def fingerprint(self) -> dict[str, Any]:
         return {"method": "squeezellm", "scheme": self.scheme, "rules": rules_fingerprint(self.rules),
-                "outliers": self.outliers, "sensitive": self.sensitive, "sensitivity": self.sensitivity,
+                "outliers": self.outliers, "sensitive": self.sensitive, "weighting": self.weighting,
                 "iters": self.iters}
 
     def prepare(self, config: Any, ckpt: Any, calib: Any, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> None:
         """The Fisher pass over the whole model (one layer in memory) before the layers are quantized."""
-        if self.sensitivity != "fisher":
+        if self.weighting != "fisher":
             return
         if calib is None:
             raise LowbitError("calibration", "squeezellm's Fisher sensitivity needs calibration data")
@@ -253,10 +254,10 @@ class SqueezeLLMHandler:
         fisher_diagonal(config, ckpt, calib, self._folder.path, device, dtype, lm_head=lookup("lm_head.weight") is not None)
 
     def _fisher(self, file: str) -> dict[str, torch.Tensor]:
-        if self.sensitivity != "fisher":
+        if self.weighting != "fisher":
             return {}
         if self._folder is None:
-            raise LowbitError("squeezellm", "no Fisher diagonal: run through the pipeline (prepare) or pass sensitivity='none'")
+            raise LowbitError("squeezellm", "no Fisher diagonal: run through the pipeline (prepare) or pass weighting='none'")
         path = Path(self._folder.path) / file
         return load_file(str(path)) if path.exists() else {}
 
@@ -285,7 +286,7 @@ class SqueezeLLMHandler:
         if keeps_float(scheme, w, name):
             return None
         fisher = self._fisher("fisher_outer.safetensors").get(name)
-        if fisher is None and self.sensitivity == "fisher":
+        if fisher is None and self.weighting == "fisher":
             warnings.warn(f"{name}: no Fisher diagonal; clustered with equal weights", stacklevel=2)
         return self.round(w, scheme, fisher, name)
 
@@ -297,7 +298,7 @@ class SqueezeLLM(Method):
     name = "squeezellm"
     calibrated = True
     calibration_default = (32, 512)
-    options = ("outliers", "sensitive", "sensitivity", "iters")
+    options = ("outliers", "sensitive", "weighting", "iters")
 
     def handler(self, scheme: QuantScheme, rules: Rules, act_order: bool | str | None = None,
                 **options: Any) -> SqueezeLLMHandler:
