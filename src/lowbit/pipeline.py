@@ -185,8 +185,10 @@ def quantize_model(
         from lowbit.formats.kv_cache import KVCacheHandler
 
         handler = KVCacheHandler(handler, kv_strategy)
-        # llm-compressor calibrates with eager attention; SDPA's attention outputs differ by a few ulps,
-        # and through them the later layers' keys and values: eager gives its KV scales bit for bit
+    acts = scheme.activations if scheme is not None else None
+    if kv_strategy is not None or (acts is not None and acts.dynamic is not True):
+        # llm-compressor calibrates with eager attention; SDPA's attention outputs differ by a few ulps, and
+        # through them the later layers' inputs: eager gives its KV and static input scales bit for bit
         config._attn_implementation = "eager"
     check_model = getattr(handler, "check_model", None)
     if check_model is not None:  # what the method needs of the architecture (SmoothQuant's mappings), before calibrating
