@@ -24,7 +24,7 @@ from torch import nn
 from ..core.scheme import QuantScheme
 from ..errors import LowbitError
 from ..runtime import kvcache
-from ..runtime.activations import check_input_scheme, fake_quantize_input
+from ..runtime.activations import check_input_scheme, fake_quantize_input, nvfp4_inputs
 
 __all__ = ["apply", "input_schemes", "kv_scales"]
 
@@ -45,7 +45,7 @@ def _scheme(args: Mapping[str, Any], where: str) -> QuantScheme:
 
     scheme = scheme_from_args(args, where)
     try:
-        check_input_scheme(scheme)
+        check_input_scheme(scheme, nvfp4=True)
     except LowbitError as exc:
         raise LowbitError("config.json", f"{where}: {exc.problem}") from None
     return scheme
@@ -113,10 +113,11 @@ def apply(model: nn.Module, hf_dir: str | Path) -> str:
     modules = dict(model.named_modules())
     for name, scheme in schemes.items():
         scale = None
-        if not scheme.dynamic:
-            key = f"{name}.input_scale"
+        if not scheme.dynamic or nvfp4_inputs(scheme):  # a static scale, or NVFP4's static global scale
+            key = f"{name}.input_global_scale" if nvfp4_inputs(scheme) else f"{name}.input_scale"
             if key not in names:
-                raise LowbitError(key, "a static activation scheme needs the layer's input_scale, which the checkpoint lacks")
+                raise LowbitError(key, f"the activation scheme needs the layer's {key.rsplit('.', 1)[1]}, "
+                                       "which the checkpoint lacks")
             scale = ckpt.get(key).float()
 
         def hook(_m: nn.Module, args: tuple[Any, ...], scheme: QuantScheme = scheme,

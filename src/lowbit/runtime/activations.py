@@ -30,17 +30,28 @@ from ..errors import LowbitError
 if TYPE_CHECKING:
     from ..core.quantized import QuantizedWeight
 
-__all__ = ["check_input_scheme", "declared_inputs", "fake_quantize_input", "quantize_rows", "rows_quantizable"]
+__all__ = ["check_input_scheme", "declared_inputs", "fake_quantize_input", "nvfp4_inputs", "quantize_rows", "rows_quantizable"]
 
 _FLOAT8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
-def check_input_scheme(scheme: QuantScheme) -> None:
-    """Raise :class:`LowbitError` when :func:`fake_quantize_input` cannot apply ``scheme``."""
+def nvfp4_inputs(scheme: QuantScheme) -> bool:
+    """NVFP4 activations: E2M1 values, dynamic E4M3 scales per group under a static global scale."""
+    return (scheme.type == "float" and scheme.float_format == "e2m1" and scheme.dynamic == "local"
+            and scheme.scale_format == "e4m3" and scheme.granularity == "group")
+
+
+def check_input_scheme(scheme: QuantScheme, nvfp4: bool = False) -> None:
+    """Raise :class:`LowbitError` when :func:`fake_quantize_input` cannot apply ``scheme``.
+
+    ``nvfp4``: the caller has each layer's ``input_global_scale`` (evaluation does; a
+    :class:`~lowbit.runtime.qlinear.QuantLinear` has no place for it), so NVFP4 inputs are accepted."""
 
     def bad(problem: str) -> LowbitError:
         return LowbitError(None, f"input activations {scheme.describe()}: {problem}")
 
+    if nvfp4 and nvfp4_inputs(scheme):
+        return
     if scheme.type == "codebook":
         raise bad("codebook activations are not supported")
     if scheme.type == "float" and scheme.float_format not in _FLOAT8:
@@ -72,11 +83,16 @@ def _nonzero(s: torch.Tensor) -> torch.Tensor:
 def fake_quantize_input(x: torch.Tensor, scheme: QuantScheme, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` rounded to ``scheme``'s grid and scaled back, in ``x``'s dtype (computed in float32).
 
-    ``input_scale`` is the static per-tensor scale (required when ``scheme`` is static).
+    ``input_scale`` is the static per-tensor scale (required when ``scheme`` is static), or for
+    NVFP4 inputs the layer's ``input_global_scale`` (compressed-tensors: each group of 16 gets the
+    E4M3 scale ``E4M3(global * amax / 6)``, a zero one 0.125, and the values are rounded to E2M1 in
+    units of ``scale / global``).
     """
-    check_input_scheme(scheme)
+    check_input_scheme(scheme, nvfp4=True)
     xf = x.float()
     shape = xf.shape
+    if nvfp4_inputs(scheme):
+        return _nvfp4_qdq(xf, scheme, input_scale).reshape(shape).to(x.dtype)
     granularity = scheme.granularity
     if scheme.dynamic and granularity == "group":
         k = shape[-1]
@@ -109,6 +125,25 @@ def fake_quantize_input(x: torch.Tensor, scheme: QuantScheme, input_scale: torch
         z = torch.clamp(torch.round(-lo / s), 0, scheme.qmax)
         out = (torch.clamp(torch.round(xf / s) + z, 0, scheme.qmax) - z) * s
     return out.reshape(shape).to(x.dtype)
+
+
+def _nvfp4_qdq(xf: torch.Tensor, scheme: QuantScheme, global_scale: torch.Tensor | None) -> torch.Tensor:
+    from ..core.fp4 import E2M1_MAX, E4M3_MAX, round_e2m1
+    from ..core.quantized import e2m1_table
+
+    if global_scale is None:
+        raise LowbitError(None, f"input activations {scheme.describe()}: NVFP4 inputs need the layer's input_global_scale")
+    k = xf.shape[-1]
+    if k % scheme.group_size:
+        raise LowbitError(None, f"input activations {scheme.describe()}: group size {scheme.group_size} does not "
+                          f"divide the {k} input features")
+    g = xf.reshape(*xf.shape[:-1], k // scheme.group_size, scheme.group_size)
+    gs = global_scale.float().reshape(1).to(xf.device)
+    local = gs * (g.abs().amax(dim=-1, keepdim=True) / E2M1_MAX)
+    scale = torch.clamp(local, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    unit = torch.where(scale == 0, torch.full_like(scale, 0.125), scale) / gs
+    codes = round_e2m1(torch.clamp(g / unit + torch.zeros((), dtype=g.dtype), -E2M1_MAX, E2M1_MAX))
+    return e2m1_table(xf.device)[codes.long()] * unit
 
 
 def rows_quantizable(scheme: QuantScheme) -> bool:
@@ -155,7 +190,7 @@ def declared_inputs(qw: QuantizedWeight) -> tuple[QuantScheme | None, torch.Tens
     takes them; ``(None, None)`` when it declares none, or one :func:`fake_quantize_input` cannot
     apply (NVFP4's local scales): such layers run with float inputs."""
     acts = qw.scheme.activations
-    if acts is None:
+    if acts is None or nvfp4_inputs(acts):
         return None, None
     try:
         check_input_scheme(acts)
