@@ -191,6 +191,22 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
+@pytest.mark.parametrize("scheme", [FP8_TOKEN, FP8_STATIC, INT8_TOKEN, INT8_STATIC])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 4096), (17, 14336), (130, 576)])
+def test_cuda_fused_input_rounding_is_the_torch_code_bit_for_bit(scheme, dtype, shape):
+    from lowbit.runtime.kernels._rows_triton import fast_rows, quantize_rows_fast
+
+    x = _x(shape, dtype, seed=shape[0]).cuda()
+    scale = torch.tensor([0.02], device="cuda")
+    codes, s = quantize_rows_fast(x, scheme, scale)
+    ref_codes, ref_s = quantize_rows(x, scheme, scale)
+    if fast_rows(x, scheme):  # Triton installed
+        assert codes.dtype == ref_codes.dtype
+        assert torch.equal(codes.view(torch.int8), ref_codes.view(torch.int8)) and torch.equal(s, ref_s)
+
+
+@cuda
 @pytest.mark.parametrize("name", ["FP8", "FP8_DYNAMIC", "W8A8"])
 @pytest.mark.parametrize("m", [1, 16, 17, 130])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..activations import quantize_rows, rows_quantizable
+from ..activations import rows_quantizable
 from . import Kernel, register
+from ._rows_triton import quantize_rows_fast
 from ._w8a8 import DTYPES, int_mm_accepts, int_mm_rows, rows, weight_cache
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def int_mm_w8a8(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T + bias`` of an int8 W8A8 layer through ``torch._int_mm`` (also runs on the CPU, for tests)."""
     assert layer.input_scheme is not None
     k, n = layer.in_features, layer.out_features
-    codes, sa = quantize_rows(x.reshape(-1, k), layer.input_scheme, layer.input_scale)
+    codes, sa = quantize_rows_fast(x.reshape(-1, k), layer.input_scheme, layer.input_scale)
     wt, sb = weight_cache(layer, _weight)
     m = codes.shape[0]
     padded = int_mm_rows(m)

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..activations import quantize_rows, rows_quantizable
+from ..activations import rows_quantizable
 from . import Kernel, register
+from ._rows_triton import quantize_rows_fast
 from ._w8a8 import DTYPES, rows, scaled_mm_accepts, weight_cache
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def scaled_mm_fp8(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T + bias`` of an FP8 layer through ``torch._scaled_mm`` (also runs on the CPU, for tests)."""
     assert layer.input_scheme is not None
     k, n = layer.in_features, layer.out_features
-    codes, sa = quantize_rows(x.reshape(-1, k), layer.input_scheme, layer.input_scale)
+    codes, sa = quantize_rows_fast(x.reshape(-1, k), layer.input_scheme, layer.input_scale)
     wt, sb = weight_cache(layer, _weight)
     if sa.numel() == 1 and sb.numel() == 1:  # per tensor both: cuBLASLt's tensor-wise scaling
         sa = sa.reshape(())

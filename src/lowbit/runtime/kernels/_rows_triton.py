@@ -1,0 +1,88 @@
+"""One Triton kernel for the W8A8 kernels' input rounding on CUDA: :func:`quantize_rows` in one launch.
+
+:func:`lowbit.runtime.activations.quantize_rows` in torch is five to seven small kernels (the float32
+copy, the row maxima, the division, the clamp, the cast), which cost more than the 8-bit GEMM itself
+at decode sizes. Here each program reads one row once: its absolute maximum, the scale
+``amax / qmax`` (1 for an all-zero row; or the static scale), ``x / scale`` with IEEE division
+(``div_rn``), the clamp, and the cast to E4M3 (round to nearest even, as torch's cast) or the
+rounding half to even to int8 (``rint``, as ``torch.round``): the same codes and scales as the torch
+code, bit for bit (tests/test_w8a8_kernels.py checks it on CUDA). Per-token dynamic and static
+per-tensor schemes only; anything else, or no Triton, takes the torch code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...core.scheme import QuantScheme
+from ..activations import quantize_rows
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    _jit: Any = triton.jit
+except ImportError:  # CPU-only installs: the kernel below is never called
+    triton = None
+    tl = None
+    libdevice = None
+
+    def _jit(fn: Any) -> Any:
+        return fn
+
+__all__ = ["ENABLED", "fast_rows", "quantize_rows_fast"]
+
+#: Set to False to take the torch code everywhere (the kernel bench times both).
+ENABLED = True
+
+
+@_jit
+def _rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, qmax, FP8: tl.constexpr, STATIC: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if STATIC:
+        s = tl.load(s_ptr)
+    else:
+        amax = tl.max(tl.abs(x), axis=0)
+        s = tl.math.div_rn(amax, qmax)
+        s = tl.where(s > 0, s, 1.0)
+        tl.store(s_ptr + row, s)
+    y = tl.math.div_rn(x, s)
+    if FP8:
+        y = tl.minimum(tl.maximum(y, -qmax), qmax)
+        tl.store(q_ptr + row * K + offs, y.to(tl.float8e4nv), mask=mask)
+    else:
+        y = tl.minimum(tl.maximum(libdevice.rint(y), -128.0), 127.0)
+        tl.store(q_ptr + row * K + offs, y.to(tl.int8), mask=mask)
+
+
+def fast_rows(x: torch.Tensor, scheme: QuantScheme) -> bool:
+    """Whether :func:`quantize_rows_fast` runs the Triton kernel for ``x`` (2-D, CUDA) and ``scheme``."""
+    return (ENABLED and triton is not None and x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] <= 65536
+            and ((scheme.dynamic is True and scheme.granularity == "token")
+                 or (not scheme.dynamic and scheme.granularity == "tensor")))
+
+
+def quantize_rows_fast(x: torch.Tensor, scheme: QuantScheme, input_scale: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~lowbit.runtime.activations.quantize_rows`, in one Triton launch where :func:`fast_rows` allows."""
+    if not fast_rows(x, scheme) or (not scheme.dynamic and input_scale is None):
+        return quantize_rows(x, scheme, input_scale)
+    m, k = x.shape
+    fp8 = scheme.type == "float"
+    q = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    if scheme.dynamic:
+        s = torch.empty(m, 1, device=x.device, dtype=torch.float32)
+    else:
+        assert input_scale is not None
+        s = input_scale.float().reshape(1, 1).to(x.device)
+    block = triton.next_power_of_2(k)
+    _rows_kernel[(m,)](x, q, s, k, x.stride(0), scheme.float_spec.max if fp8 else 127.0, FP8=fp8,
+                       STATIC=not scheme.dynamic, BLOCK=block, num_warps=4 if block <= 4096 else 8)
+    return q, s
