@@ -254,7 +254,7 @@ def test_load_quantized_applies_the_declared_input_quantization(w8a8_checkpoints
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
     if torch.cuda.is_available():  # the 64-wide attention projections run the kernels, the 172-wide MLP the reference
-        model = model.cuda().to(torch.bfloat16)
+        model, _ = load_quantized(path, device="cuda", dtype=torch.bfloat16)  # (.to(bf16) would cast FP8 codes)
         kernel = "int-mm-w8a8" if name == "W8A8" else "scaled-mm-fp8"
         x = torch.randn(20, 64, device="cuda", dtype=torch.bfloat16)
         q = model.model.layers[0].self_attn.q_proj
