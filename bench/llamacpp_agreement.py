@@ -128,6 +128,7 @@ class ToolKL:
         self.k = 0
         self.kl: list[float] = []
         self.same: list[bool] = []
+        self.chunk_nll: list[float] = []
 
     def chunk_logits(self, batch: torch.Tensor) -> torch.Tensor:
         logits = self.runner.chunk_logits(batch)
@@ -145,7 +146,40 @@ class ToolKL:
             term = np.where(keep, np.exp(p_log_base) * (p_log_base - lg + (mx + lse)), 0.0)
             self.kl.extend(term.astype(np.float64).sum(-1).tolist())
             self.same.extend((lg.argmax(-1) == p_log_base.argmax(-1)).tolist())
+        self.chunk_nll.extend(chunk_nll(logits[:, first:], batch, first))
         return logits
+
+
+def chunk_nll(logits: torch.Tensor, batch: torch.Tensor, first: int) -> list[float]:
+    """Each chunk's mean NLL over its scored tokens (the second half), as lowbit's evaluation scores them
+    (``logits``: positions ``first..ctx-1``)."""
+    from lowbit.eval.perplexity import _nll
+
+    return _nll(logits, batch, first).double().reshape(batch.shape[0], -1).mean(-1).tolist()
+
+
+class Recorder:
+    """Passes a model's logits on to lowbit's evaluation, keeping each chunk's mean NLL (for paired gaps)."""
+
+    def __init__(self, model, first: int) -> None:
+        self.model, self.first = model, first
+        self.chunk_nll: list[float] = []
+
+    def chunk_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        from lowbit.eval.perplexity import _logits
+
+        logits = _logits(self.model, batch, self.first)
+        self.chunk_nll.extend(chunk_nll(logits, batch, self.first))
+        return logits
+
+
+def paired_gap(a: list[float], b: list[float]) -> dict:
+    """PPL of ``a`` against ``b`` on the same chunks: the gap in percent and its standard error, from the
+    per-chunk differences of mean NLL (chunks, not tokens, are the independent units: a rounding
+    difference early in a chunk moves every later token of it)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    return {"gap_pct": 100 * float(np.expm1(d.mean())), "se_pct": 100 * se, "chunks": int(d.size)}
 
 
 # --- lowbit -----------------------------------------------------------------------------------------
@@ -177,7 +211,43 @@ def lowbit_llamacpp_runtime(q: Path, ref: Path, text: Path, ctx: int, chunks: in
                              max_chunks=chunks)["q"]
     return {"ppl": res.ppl, "ppl_ref": res.ppl_ref, "kl_mean": res.kl_mean, "top1": res.top1_agreement,
             "n_tokens": res.n_tokens, "kl_tool_formula": float(np.mean(side.kl)),
-            "top1_tool_formula": float(np.mean(side.same)), "seconds": time.perf_counter() - t0}
+            "top1_tool_formula": float(np.mean(side.same)), "chunk_nll": side.chunk_nll,
+            "seconds": time.perf_counter() - t0}
+
+
+def lowbit_emulated(q: Path, ref: Path, text: Path, ctx: int, chunks: int) -> dict:
+    """``lowbit eval --emulate llama.cpp`` (api.evaluate's model loading, tokens and compare_models),
+    keeping each chunk's mean NLL of the quantized model."""
+    import lowbit.api as lb
+    from lowbit.eval import chunk_bos, compare_models
+
+    t0 = time.perf_counter()
+    settings = lb.EvalSettings(text=text, ctx=ctx, max_chunks=chunks, emulate="llama.cpp")
+    model, tok, _, numerics = lb._eval_model(str(q), settings, ctx // 2, "model")
+    ref_model, _, _, _ = lb._eval_model(str(ref), settings, ctx // 2, "ref")
+    _, tokens = lb._text_tokens(tok, settings)
+    rec = Recorder(model, ctx // 2)
+    res = compare_models(ref_model, {"q": rec}, tokens, ctx=ctx, batch_size=settings.batch_size,
+                         bos_id=chunk_bos(tok, tokens), max_chunks=chunks)["q"]
+    return {"ppl": res.ppl, "ppl_ref": res.ppl_ref, "kl_mean": res.kl_mean, "top1": res.top1_agreement,
+            "n_tokens": res.n_tokens, "numerics": numerics, "chunk_nll": rec.chunk_nll,
+            "seconds": time.perf_counter() - t0}
+
+
+def llamacpp_ubatch(q: Path, text: Path, ctx: int, chunks: int, n_ubatch: int = 32) -> dict:
+    """llama.cpp's runtime on the quantized model with micro-batches of ``n_ubatch`` tokens (under 64:
+    its attention then takes F16 queries and accumulates in F16): how far llama.cpp moves from itself."""
+    import lowbit.api as lb
+    from lowbit.eval import chunk_bos, perplexity
+    from lowbit.gguf.llamacpp import LlamaCppTokenizer, Runner, Vocab
+
+    settings = lb.EvalSettings(text=text, ctx=ctx, max_chunks=chunks, runtime="llama.cpp")
+    tok = LlamaCppTokenizer(None, Vocab(q))
+    _, tokens = lb._text_tokens(tok, settings)
+    with Runner(q, ctx, ctx // 2, n_ubatch=n_ubatch) as qr:
+        rec = Recorder(qr, ctx // 2)
+        res = perplexity(rec, tokens, ctx=ctx, batch_size=4, bos_id=chunk_bos(tok, tokens), max_chunks=chunks)
+    return {"ppl": res.ppl, "n_ubatch": n_ubatch, "chunk_nll": rec.chunk_nll}
 
 
 def token_check(gguf: Path, text: Path, ctx: int, chunks: int, base_file: Path) -> dict:
@@ -253,6 +323,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def paired_table(rows: list[dict]) -> str:
+    """The quantized model's PPL, emulated against llama.cpp's runtime on the same chunks, beside llama.cpp
+    against itself with 32-token micro-batches: gap and standard error (per-chunk differences)."""
+    out = ["| model | text | chunks | emulated vs llama.cpp: PPL gap ± SE | within 0.1% | within 2 SE "
+           "| llama.cpp -ub 32 vs llama.cpp: PPL gap ± SE |", "|" + "---|" * 7]
+    for r in rows:
+        if "paired" not in r:
+            continue
+        e, u = r["paired"]["emulated"], r["paired"]["llamacpp_ub32"]
+        out.append(f"| {r['model']} ({r['quant']}) | {r['text']} | {e['chunks']} | {e['gap_pct']:+.3f}% ± {e['se_pct']:.3f}% "
+                   f"| {'yes' if abs(e['gap_pct']) <= 0.1 else 'no'} | {'yes' if abs(e['gap_pct']) <= 2 * e['se_pct'] else 'no'} "
+                   f"| {u['gap_pct']:+.3f}% ± {u['se_pct']:.3f}% |")
+    return "\n".join(out)
+
+
 def prepare(model: str, quant: str, work: Path) -> tuple[Path, Path]:
     from lowbit.gguf.convert import quantize_to_gguf
 
@@ -315,7 +400,11 @@ def main(argv: list[str] | None = None) -> None:
             base = Path(row["llama_perplexity"]["base_file"])
             row["tokens"] = token_check(f32, text, a.ctx, a.chunks, base)
             row["runtime_llamacpp"] = lowbit_llamacpp_runtime(q, f32, text, a.ctx, a.chunks, base)
-            row["emulated"] = lowbit_eval(q, f32, text, a.ctx, a.chunks, emulate="llama.cpp")
+            row["emulated"] = lowbit_emulated(q, f32, text, a.ctx, a.chunks)
+            row["llamacpp_ub32"] = llamacpp_ubatch(q, text, a.ctx, a.chunks)
+            rt_nll = row["runtime_llamacpp"]["chunk_nll"]
+            row["paired"] = {"emulated": paired_gap(row["emulated"]["chunk_nll"], rt_nll),
+                             "llamacpp_ub32": paired_gap(row["llamacpp_ub32"]["chunk_nll"], rt_nll)}
             row["lowbit"] = lowbit_eval(q, f32, text, a.ctx, a.chunks)
             row["imatrix"] = imatrix_check(bin_dir, f32, text, a.ctx, a.imatrix_chunks, a.threads, tw)
             rows.append(row)
@@ -324,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ctx {a.ctx}, {a.chunks} chunks (second half of each scored), imatrix on {a.imatrix_chunks} chunks of the "
           f"F32 GGUF; reference: the model's F32 GGUF; threads {a.threads}; llama.cpp from llama-cpp-python 0.3.36")
     print(table(rows))
+    print()
+    print(paired_table(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1, default=str))
 

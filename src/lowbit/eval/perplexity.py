@@ -60,18 +60,22 @@ def _first_scored(ctx: int, score_all: bool) -> int:
 
 
 @torch.inference_mode()
-def _logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Logits ``[b, ctx, vocab]`` of a batch of chunks: a torch model's forward, or a runtime
+def _logits(model: torch.nn.Module, batch: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Logits ``[b, ctx - first, vocab]`` of positions ``first..ctx-1`` of a batch of chunks: a torch
+    model's forward (the output layer runs on those positions only, as llama.cpp's tools ask for
+    them: half the output matmul and half the memory when the second half is scored), or a runtime
     outside torch that gives them itself (``chunk_logits``: :class:`lowbit.gguf.llamacpp.Runner`)."""
     if hasattr(model, "chunk_logits"):
-        return model.chunk_logits(batch)
+        out = model.chunk_logits(batch)
+        return out[:, first:] if out.shape[1] == batch.shape[1] else out
     device = next(model.parameters()).device
-    return model(input_ids=batch.to(device), use_cache=False).logits.float()
+    return model(input_ids=batch.to(device), use_cache=False, logits_to_keep=batch.shape[1] - first).logits.float()
 
 
 def _nll(logits: torch.Tensor, batch: torch.Tensor, first: int) -> torch.Tensor:
-    """Negative log-likelihood of tokens ``first+1 .. ctx-1`` given their prefixes, flat."""
-    lp = F.log_softmax(logits[:, first:-1], dim=-1)
+    """Negative log-likelihood of tokens ``first+1 .. ctx-1`` given their prefixes, flat, from the
+    logits of positions ``first..ctx-1`` (:func:`_logits`)."""
+    lp = F.log_softmax(logits[:, :-1], dim=-1)
     target = batch[:, first + 1 :].to(lp.device)
     return -lp.gather(-1, target[..., None]).squeeze(-1).reshape(-1).cpu()
 
@@ -96,7 +100,7 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, ctx: int = 512, bat
     with bar(sum(min(batch_size, chunks.shape[0] - i) for i in mine), desc, unit="chunk") as pbar:
         for i in mine:
             batch = chunks[i : i + batch_size]
-            nlls.append(_nll(_logits(model, batch), batch, first))
+            nlls.append(_nll(_logits(model, batch, first), batch, first))
             pbar.update(batch.shape[0])
     nlls = dist.interleave(dist.gather(nlls))  # the one-process order: the same sums
     seconds = time.perf_counter() - start
@@ -126,16 +130,22 @@ def compare_models(ref: torch.nn.Module, models: dict[str, torch.nn.Module], tok
     with bar(sum(min(batch_size, chunks.shape[0] - i) for i in mine), desc, unit="chunk") as pbar:
         for i in mine:
             batch = chunks[i : i + batch_size]
-            lp_ref = F.log_softmax(_logits(ref, batch)[:, first:-1], dim=-1)
-            p_ref = lp_ref.exp()
-            top_ref = lp_ref.argmax(-1)
-            target = batch[:, first + 1 :].to(lp_ref.device)[..., None]
-            nll_ref.append(-lp_ref.gather(-1, target).reshape(-1).cpu())
+            logits_ref = _logits(ref, batch, first)
+            logits: dict[str, torch.Tensor] = {}
             for key, model in models.items():
                 t0 = time.perf_counter()
-                lp_q = F.log_softmax(_logits(model, batch)[:, first:-1].to(lp_ref.device), dim=-1)
+                logits[key] = _logits(model, batch, first).to(logits_ref.device)
                 seconds[key] += time.perf_counter() - t0
-                _accumulate(stats[key], lp_ref, p_ref, top_ref, lp_q, target)
+            for j in range(batch.shape[0]):  # one chunk at a time: a few vocab-wide buffers, not per batch
+                lp_ref = F.log_softmax(logits_ref[j, :-1], dim=-1)
+                p_ref = lp_ref.exp()
+                top_ref = lp_ref.argmax(-1)
+                target = batch[j, first + 1 :].to(lp_ref.device)[..., None]
+                nll_ref.append(-lp_ref.gather(-1, target).reshape(-1).cpu())
+                for key in models:
+                    _accumulate(stats[key], lp_ref, p_ref, top_ref, F.log_softmax(logits[key][j, :-1], dim=-1), target)
+                del lp_ref, p_ref
+            del logits_ref, logits
             pbar.update(batch.shape[0])
     if dist.size() > 1:  # every rank's batches back in the one-process order
         nll_ref = dist.interleave(dist.gather(nll_ref))
@@ -211,9 +221,9 @@ def reference_scores(ref: torch.nn.Module, tokens: torch.Tensor, ctx: int = 512,
     with bar(chunks.shape[0], desc, unit="chunk") as pbar:
         for i in range(0, chunks.shape[0], batch_size):
             batch = chunks[i : i + batch_size]
-            logits = _logits(ref, batch)  # the batch runs as compare_models runs it: the same logits
+            logits = _logits(ref, batch, first)  # the batch runs as compare_models runs it: the same logits
             for j in range(batch.shape[0]):  # then one chunk at a time (softmax is per position)
-                lp_ref = F.log_softmax(logits[j, first:-1], dim=-1)
+                lp_ref = F.log_softmax(logits[j, :-1], dim=-1)
                 target = batch[j, first + 1 :].to(lp_ref.device)[..., None]
                 nll_ref.append(-lp_ref.gather(-1, target).reshape(-1).cpu())
                 out.vocab = lp_ref.shape[-1]
@@ -244,10 +254,10 @@ def score_against(reference: ReferenceScores, model: torch.nn.Module, desc: str 
         for i in range(0, chunks.shape[0], reference.batch_size):
             batch = chunks[i : i + reference.batch_size]
             t0 = time.perf_counter()
-            logits = _logits(model, batch)
+            logits = _logits(model, batch, first)
             seconds += time.perf_counter() - t0
             for j in range(batch.shape[0]):
-                lp_q = F.log_softmax(logits[j, first:-1], dim=-1)
+                lp_q = F.log_softmax(logits[j, :-1], dim=-1)
                 lp_ref = reference.log_probs(i + j).to(lp_q.device)
                 target = batch[j, first + 1 :].to(lp_q.device)[..., None]
                 st["same"].append((lp_ref.argmax(-1) == lp_q.argmax(-1)).reshape(-1).cpu())
