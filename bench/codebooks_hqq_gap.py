@@ -46,26 +46,42 @@ def deq_hqq(w: torch.Tensor, **kw: float) -> tuple[torch.Tensor, torch.Tensor]:
     return d, r.scale.repeat_interleave(GROUP, 1)
 
 
-def deq_hqq_rtn_zero_clip(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """HQQ's zero point, but no value clipped: the grid shifted back just enough to hold the group's min and max."""
-    r = solve(w, BITS, GROUP)
-    s = r.scale.reshape(-1, 1)
+def deq_hqq_integer_zero(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HQQ's scale and fitted zero point rounded to an integer, codes rounded again (lowbit's integer-zero formats)."""
+    from lowbit.methods.hqq import hqq
+
+    qw = hqq(w, QuantScheme(BITS, GROUP, False), integer_zero=True)
+    return qw.dequantize(), qw.scale.repeat_interleave(GROUP, 1)
+
+
+def deq_rtn_float_zero(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN's min/max grid with the zero point left unrounded (min and max exact; 0 in general not on the grid)."""
     g = w.float().reshape(-1, GROUP)
     qmax = (1 << BITS) - 1
-    lo = g.min(1, keepdim=True).values / s + r.zero.reshape(-1, 1)  # code of the minimum
-    hi = g.max(1, keepdim=True).values / s + r.zero.reshape(-1, 1)
-    z = r.zero.reshape(-1, 1) - torch.clamp(lo, max=0.0) - torch.clamp(hi - qmax, min=0.0)
+    lo, hi = g.min(1, keepdim=True).values.clamp(max=0), g.max(1, keepdim=True).values.clamp(min=0)
+    s = ((hi - lo) / qmax).clamp_min(1e-12)
+    z = -lo / s
     q = torch.round(g / s + z).clamp(0, qmax)
-    return ((q - z) * s).reshape(w.shape), r.scale.repeat_interleave(GROUP, 1)
+    return ((q - z) * s).reshape(w.shape), s.reshape(w.shape[0], -1).repeat_interleave(GROUP, 1)
 
 
-VARIANTS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+def mixed(base: str, other: str, kinds: tuple[str, ...]) -> Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    return lambda name, w: PLAIN[other if name.rsplit(".", 1)[-1] in kinds else base](w)
+
+
+PLAIN: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
     "rtn": deq_rtn,
     "hqq (p=0.7, hqq's default)": deq_hqq,
     "hqq p=1": lambda w: deq_hqq(w, lp_norm=1.0),
     "hqq p=2 (least squares)": lambda w: deq_hqq(w, lp_norm=2.0),
-    "hqq, grid widened to hold min and max": deq_hqq_rtn_zero_clip,
     "hqq without optimisation (min/max, float zero)": lambda w: deq_hqq(w, optimize=False),  # type: ignore[dict-item]
+    "rtn with a float zero point (min and max exact)": deq_rtn_float_zero,
+    "hqq, fitted zero rounded to an integer": deq_hqq_integer_zero,
+}
+VARIANTS: dict[str, Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    **{k: (lambda name, w, f=f: f(w)) for k, f in PLAIN.items()},
+    "rtn, v_proj by hqq": mixed("rtn", "hqq (p=0.7, hqq's default)", ("v_proj",)),
+    "hqq, v_proj by rtn": mixed("hqq (p=0.7, hqq's default)", "rtn", ("v_proj",)),
 }
 
 
@@ -99,6 +115,7 @@ def main() -> None:
 
     stats: dict[str, dict[str, float]] = {v: defaultdict(float) for v in VARIANTS}
     per_kind: dict[tuple[str, str], list[float]] = defaultdict(list)
+    mean_kind: dict[tuple[str, str], list[float]] = defaultdict(list)
     deqs: dict[str, dict[str, torch.Tensor]] = {v: {} for v in VARIANTS}
     for n, w in float_w.items():
         x = torch.cat(xs[n])
@@ -108,7 +125,7 @@ def main() -> None:
         is_top = torch.zeros(w.numel() // GROUP, GROUP, dtype=torch.bool).scatter_(1, top, True).reshape(w.shape)
         kind = n.rsplit(".", 1)[-1]
         for v, fn in VARIANTS.items():
-            d, scale = fn(w)
+            d, scale = fn(n, w)
             deqs[v][n] = d
             e = w - d
             oe = x @ e.t()
@@ -122,6 +139,7 @@ def main() -> None:
             s["rest_err"] += float((e.abs() * ~is_top).sum() / (~is_top).sum())
             s["layers"] += 1
             per_kind[(v, kind)].append(float((oe * oe).sum() / (y * y).sum()))
+            mean_kind[(v, kind)].append(float(((mean @ e.t()) ** 2).sum() * x.shape[0] / (y * y).sum()))
     xs.clear()
 
     def ppl(weights: dict[str, torch.Tensor] | None) -> float:
@@ -150,6 +168,10 @@ def main() -> None:
               "|---|" + "---|" * len(kinds)]
     for v in VARIANTS:
         lines.append(f"| {v} | " + " | ".join(f"{sum(per_kind[(v, k)]) / len(per_kind[(v, k)]):.4f}" for k in kinds) + " |")
+    lines += ["", "Of which the inputs' mean (the same shift on every token), relative to the output:", "",
+              "| variant | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for v in VARIANTS:
+        lines.append(f"| {v} | " + " | ".join(f"{sum(mean_kind[(v, k)]) / len(mean_kind[(v, k)]):.4f}" for k in kinds) + " |")
     text = "\n".join(lines[1:]) + "\n"
     print(text)
     if args.out is not None:

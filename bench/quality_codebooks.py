@@ -19,6 +19,7 @@ from pathlib import Path
 import lowbit.api as lb
 from lowbit.core.presets import preset
 from lowbit.core.scheme import QuantScheme
+from lowbit.models.cache import cache_dir
 from lowbit.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--settings", nargs="+", default=None, help="labels to run (default: all)")
+    ap.add_argument("--fisher-dir", type=Path, default=cache_dir() / "fisher", help="kept Fisher diagonals, one folder a model")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"))
@@ -82,16 +84,16 @@ def main() -> None:
     args = ap.parse_args()
     settings = lb.EvalSettings(text=args.text, ctx=args.ctx, max_chunks=args.chunks)
     rows = [json.loads(line) for line in args.jsonl.read_text().splitlines()] if args.jsonl.exists() else []
-    done = {(r["model"], r["setting"]) for r in rows}
+    done = {(r["model"], r["setting"], r["chunks"]) for r in rows}
     for model in args.models:
         src = MODELS.get(model, model)
         for label, (method, scheme, fmt, *opts) in SETTINGS.items():
-            if (model, label) in done or (args.settings and label not in args.settings):
+            if (model, label, args.chunks) in done or (args.settings and label not in args.settings):
                 continue
             qs = preset(scheme).weights if isinstance(scheme, str) else scheme
             options = dict(opts[0]) if opts else {}
-            if method == "squeezellm":
-                options.update(SQ_CALIB)
+            if method == "squeezellm":  # one Fisher pass per model, kept for its other settings
+                options.update(SQ_CALIB, fisher_dir=str(args.fisher_dir / model))
             if model == "stories260K" and method in ("squeezellm", "hqq"):
                 fmt = "lowbit"  # down_proj's 172 columns: no whole 32-column SqueezeLLM words, no hqq groups
             with tempfile.TemporaryDirectory() as tmp:

@@ -382,3 +382,25 @@ def test_cli_quantize_eval_generate(capsys, stories_dir: Path, wikitext: Path, t
     code, _, err = run("quantize", str(stories_dir), "--method", "squeezellm", "--group-size", "-1",
                        "-o", str(tmp_path / "y"))
     assert code != EXIT_OK and "--scheme LUT4" in err
+
+
+def test_kept_fisher_is_reused_only_for_the_same_inputs(stories_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from transformers import AutoConfig
+
+    import lowbit.methods.squeezellm as sq
+    from lowbit.models import Checkpoint
+
+    calls: list[int] = []
+    real = sq.fisher_diagonal
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sq, "fisher_diagonal", counted)
+    config, ckpt = AutoConfig.from_pretrained(stories_dir), Checkpoint(stories_dir)
+    for calib in (_calib(stories_dir), _calib(stories_dir), _calib(stories_dir, 3)):
+        h = sq.SqueezeLLMHandler(LUT4, fisher_dir=str(tmp_path / "f"))
+        h.prepare(config, ckpt, calib)
+        assert h._fisher("fisher_000.safetensors")
+    assert len(calls) == 2  # the second run reused the first's; other calibration tokens computed again

@@ -28,6 +28,8 @@ uses 0.45% and 0.05%). Schemes: ``LUT4`` / ``LUT3`` (``codebook="learned"``, per
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ from lowbit.core.lut import ITERS, outlier_mask, split_outliers, weighted_kmeans
 from lowbit.core.quantized import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
+from lowbit.fileio import atomic_file
 from lowbit.models.adapters import get_weight, set_weight
 from lowbit.models.layers import LayerContext, LayerResult, full_weight_name
 
@@ -205,6 +208,24 @@ def _head_gradients(model: Any, adapter: Any, config: Any, ckpt: Any, hidden: li
     return grads, head_fisher
 
 
+def _fisher_key(config: Any, ckpt: Any, calib: Any, dtype: torch.dtype, lm_head: bool) -> str:
+    """What a kept Fisher diagonal depends on: the model (config and tensor shapes), the calibration tokens."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(sorted((n, list(ckpt.shape(n))) for n in ckpt.keys())).encode())
+    h.update(calib.input_ids.to(torch.int64).contiguous().numpy().tobytes())
+    if calib.attention_mask is not None:
+        h.update(calib.attention_mask.to(torch.int64).contiguous().numpy().tobytes())
+    h.update(f"{dtype} {lm_head}".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class _Kept:
+    """A folder the user keeps (``fisher_dir``), seen like a :class:`~lowbit.models.store.ScratchDir`."""
+
+    path: Path
+
+
 # --- the handler ---------------------------------------------------------------------------------
 
 
@@ -218,6 +239,8 @@ class SqueezeLLMHandler:
     sensitive: float = 0.0
     weighting: str = "fisher"
     iters: int = ITERS
+    #: a folder keeping the Fisher diagonal between runs (same model, calibration tokens and plan: reused)
+    fisher_dir: str | None = None
     propagate: str = "quantized"
     needs_inputs: bool = False  # the Fisher pass reads the calibration data, the layers do not
     _folder: Any = field(default=None, repr=False)
@@ -236,7 +259,7 @@ class SqueezeLLMHandler:
         return self.weighting == "fisher"
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"method": "squeezellm", "scheme": self.scheme, "rules": rules_fingerprint(self.rules),
+        return {"method": "squeezellm", "scheme": self.scheme, "rules": rules_fingerprint(self.rules),  # not fisher_dir
                 "outliers": self.outliers, "sensitive": self.sensitive, "weighting": self.weighting,
                 "iters": self.iters}
 
@@ -249,9 +272,22 @@ class SqueezeLLMHandler:
             raise LowbitError("calibration", "squeezellm's Fisher sensitivity needs calibration data")
         from lowbit.models.store import ScratchDir
 
-        self._folder = ScratchDir("lowbit-fisher-")
         lookup = scheme_lookup(self.scheme, self.rules)
-        fisher_diagonal(config, ckpt, calib, self._folder.path, device, dtype, lm_head=lookup("lm_head.weight") is not None)
+        lm_head = lookup("lm_head.weight") is not None
+        if self.fisher_dir is None:
+            self._folder = ScratchDir("lowbit-fisher-")
+            fisher_diagonal(config, ckpt, calib, self._folder.path, device, dtype, lm_head=lm_head)
+            return
+        folder = Path(self.fisher_dir)
+        key = _fisher_key(config, ckpt, calib, dtype, lm_head)
+        stamp = folder / "fisher.json"
+        self._folder = _Kept(folder)
+        if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        fisher_diagonal(config, ckpt, calib, folder, device, dtype, lm_head=lm_head)
+        with atomic_file(stamp, overwrite=True) as tmp:  # written last: the folder is complete
+            tmp.write_text(json.dumps({"key": key}) + "\n")
 
     def _fisher(self, file: str) -> dict[str, torch.Tensor]:
         if self.weighting != "fisher":
@@ -298,7 +334,7 @@ class SqueezeLLM(Method):
     name = "squeezellm"
     calibrated = True
     calibration_default = (32, 512)
-    options = ("outliers", "sensitive", "weighting", "iters")
+    options = ("outliers", "sensitive", "weighting", "iters", "fisher_dir")
 
     def handler(self, scheme: QuantScheme, rules: Rules, act_order: bool | str | None = None,
                 **options: Any) -> SqueezeLLMHandler:
