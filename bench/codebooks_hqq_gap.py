@@ -85,12 +85,48 @@ VARIANTS: dict[str, Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tens
 }
 
 
+def channel_check(model: torch.nn.Module, ids: torch.Tensor) -> list[str]:
+    """v_proj's input channel of largest mean, per layer: how small its weights are, how many lie within half a
+    grid step of 0, and the error there (and on ``W @ mean(x)``) with an integer and with a float zero point."""
+    xs: dict[int, list[torch.Tensor]] = defaultdict(list)
+    layers = model.model.layers  # type: ignore[union-attr]
+    hooks = [lay.self_attn.v_proj.register_forward_pre_hook(
+        lambda _m, a, i=i: xs[i].append(a[0].reshape(-1, a[0].shape[-1]))) for i, lay in enumerate(layers)]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    lines = ["", "v_proj's input channel of largest mean (per layer; first 6 and every 10th):", "",
+             "| layer | channel | its mean / median channel's | its weights' mean abs / all | within half a step of 0 |",
+             "|---|---|---|---|---|"]
+    tot = {"rtn (integer zero)": [0.0, 0.0], "float zero (min/max)": [0.0, 0.0], "hqq (fitted float zero)": [0.0, 0.0]}
+    fns = dict(zip(tot, (deq_rtn, deq_rtn_float_zero, deq_hqq)))
+    for i, lay in enumerate(layers):
+        w = lay.self_attn.v_proj.weight.detach()
+        mu = torch.cat(xs[i]).mean(0)
+        j = int(mu.abs().argmax())
+        for name, fn in fns.items():
+            d, _ = fn(w)
+            e = w - d
+            tot[name][0] += float(e[:, j].abs().mean()) / len(layers)
+            tot[name][1] += float(((e @ mu) ** 2).sum() / ((w @ mu) ** 2).sum()) / len(layers)
+        if i < 6 or i % 10 == 0:
+            _, s = deq_rtn(w)
+            lines.append(f"| {i} | {j} | {float(mu.abs().max() / mu.abs().median()):.0f}x | "
+                         f"{float(w[:, j].abs().mean() / w.abs().mean()):.2f} | "
+                         f"{float((w[:, j].abs() < s[:, j] / 2).float().mean()):.0%} |")
+    lines += ["", "| grid | mean abs error in that channel (all layers) | relative error of W @ mean(x) |", "|---|---|---|"]
+    lines += [f"| {k} | {a:.4f} | {b:.3f} |" for k, (a, b) in tot.items()]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--channel-check", action="store_true", help="only the v_proj channel check (appended to --out)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -103,6 +139,13 @@ def main() -> None:
     model.eval()
     tok = load_tokenizer(src.hf_dir)
     ids = torch.tensor(encode(tok, Path(args.text).read_text()[:200000])[: args.tokens]).reshape(-1, 512)
+    if args.channel_check:
+        text = "\n".join(channel_check(model, ids)) + "\n"
+        print(text)
+        if args.out is not None:
+            with args.out.open("a") as f:
+                f.write(text)
+        return
     linears = {n: m for n, m in model.named_modules() if n.endswith("proj") and isinstance(m, torch.nn.Linear)}
     xs: dict[str, list[torch.Tensor]] = defaultdict(list)
     hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
