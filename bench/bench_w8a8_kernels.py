@@ -247,7 +247,8 @@ def main() -> None:
         problems = "; ".join(row[k] for k in ("fp8_error", "int8_error") if k in row)
         print(f"{shape:>11} {m:>4} {row['bf16_us']:8.1f} {cells}  fp8 {row['fp8_err']:.3g} int8 {row['int8_err']:.3g} "
               f"({row['fp8_ref_max']:.3g}) {problems}", flush=True)
-    print("ratios: bf16 time / kernel time (higher is faster); 'gemm' = the torch GEMM alone on pre-quantized inputs")
+    print("ratios: bf16 time / kernel time (higher is faster); 'gemm' = the torch GEMM alone on pre-quantized inputs; "
+          f"input rounding in Triton: {'yes' if _rows_triton.ENABLED else 'NO (it failed: see the warning)'}")
     if not a.skip_e2e:
         print("\nend to end: random bf16 Llama (2 layers, hidden 1024, ffn 2816), 4 x 128 tokens, logits")
         for row in end_to_end(dev):

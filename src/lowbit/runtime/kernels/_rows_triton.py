@@ -12,6 +12,7 @@ per-tensor schemes only; anything else, or no Triton, takes the torch code.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -83,6 +84,13 @@ def quantize_rows_fast(x: torch.Tensor, scheme: QuantScheme, input_scale: torch.
         assert input_scale is not None
         s = input_scale.float().reshape(1, 1).to(x.device)
     block = triton.next_power_of_2(k)
-    _rows_kernel[(m,)](x, q, s, k, x.stride(0), scheme.float_spec.max if fp8 else 127.0, FP8=fp8,
-                       STATIC=not scheme.dynamic, BLOCK=block, num_warps=4 if block <= 4096 else 8)
+    try:
+        _rows_kernel[(m,)](x, q, s, k, x.stride(0), scheme.float_spec.max if fp8 else 127.0, FP8=fp8,
+                           STATIC=not scheme.dynamic, BLOCK=block, num_warps=4 if block <= 4096 else 8)
+    except Exception as exc:  # noqa: BLE001 - a Triton that cannot build it: the torch code, once said
+        global ENABLED
+        ENABLED = False
+        warnings.warn(f"lowbit: the Triton input-rounding kernel failed ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); using torch ops", stacklevel=2)
+        return quantize_rows(x, scheme, input_scale)
     return q, s
