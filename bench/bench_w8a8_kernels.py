@@ -42,7 +42,7 @@ import itertools
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -104,6 +104,17 @@ def layer_for(kind: str, w: torch.Tensor) -> QuantLinear:
                                       p.input_activations).to(w.device)
 
 
+def guarded(timer: Callable[..., float], row: dict, key: str) -> Callable[[Sequence[Callable[[], object]]], None]:
+    """``timer`` whose result (microseconds) goes to ``row[key + "_us"]``, a failure to ``row[key + "_error"]``."""
+    def run(calls: Sequence[Callable[[], object]]) -> None:
+        try:
+            row[key + "_us"] = timer(calls) * 1e6
+        except Exception as exc:  # noqa: BLE001 - one failing kernel does not end the table
+            row[key + "_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            torch.cuda.synchronize()
+    return run
+
+
 def measure(shape: str, m: int, dev: torch.device, l2: int, timer: Callable[..., float]) -> dict:
     """One weight shape and token count: every kernel's time per call and its error against the oracle."""
     n, k = (int(v) for v in shape.split("x"))
@@ -130,12 +141,12 @@ def measure(shape: str, m: int, dev: torch.device, l2: int, timer: Callable[...,
             continue
         copies = max(2, -(-4 * l2 // (n * k)))
         layers = [layer] + [copy.deepcopy(layer) for _ in range(copies - 1)]
-        row[f"{kind}_us"] = timer([partial(lay, x) for lay in layers]) * 1e6
-        _rows_triton.ENABLED = False
+        guarded(timer, row, kind)([partial(lay, x) for lay in layers])
+        enabled, _rows_triton.ENABLED = _rows_triton.ENABLED, False
         try:
-            row[f"{kind}_torchq_us"] = timer([partial(lay, x) for lay in layers]) * 1e6
+            guarded(timer, row, f"{kind}_torchq")([partial(lay, x) for lay in layers])
         finally:
-            _rows_triton.ENABLED = True
+            _rows_triton.ENABLED = enabled
         assert layer.input_scheme is not None
         codes, sa = quantize_rows(x, layer.input_scheme)
         if kind == "fp8":
@@ -147,7 +158,7 @@ def measure(shape: str, m: int, dev: torch.device, l2: int, timer: Callable[...,
             padded = F.pad(codes, (0, 0, 0, int_mm_rows(m) - m))
             wts = [(lay.codes() - 128).to(torch.int8).contiguous().t() for lay in layers]
             calls = [partial(torch._int_mm, padded, wt) for wt in wts]
-        row[f"{kind}_gemm_us"] = timer(calls) * 1e6
+        guarded(timer, row, f"{kind}_gemm")(calls)
         del layers, wts, calls
         torch.cuda.empty_cache()
     return row
@@ -244,7 +255,7 @@ def main() -> None:
         row = measure(shape, m, dev, l2, timer)
         rows.append(row)
         cells = " ".join(cell(row, key) for key in ("fp8", "fp8_torchq", "fp8_gemm", "int8", "int8_torchq", "int8_gemm"))
-        problems = "; ".join(row[k] for k in ("fp8_error", "int8_error") if k in row)
+        problems = "; ".join(f"{k}: {v}" for k, v in row.items() if k.endswith("_error"))
         print(f"{shape:>11} {m:>4} {row['bf16_us']:8.1f} {cells}  fp8 {row['fp8_err']:.3g} int8 {row['int8_err']:.3g} "
               f"({row['fp8_ref_max']:.3g}) {problems}", flush=True)
     print("ratios: bf16 time / kernel time (higher is faster); 'gemm' = the torch GEMM alone on pre-quantized inputs; "
