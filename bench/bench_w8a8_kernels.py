@@ -262,7 +262,12 @@ def main() -> None:
           f"input rounding in Triton: {'yes' if _rows_triton.ENABLED else 'NO (it failed: see the warning)'}")
     if not a.skip_e2e:
         print("\nend to end: random bf16 Llama (2 layers, hidden 1024, ffn 2816), 4 x 128 tokens, logits")
-        for row in end_to_end(dev):
+        try:
+            e2e = end_to_end(dev)
+        except Exception as exc:  # noqa: BLE001 - the kernel table above still gets written
+            print(f"end to end failed: {type(exc).__name__}: {exc}")
+            e2e = []
+        for row in e2e:
             rows.append(row)
             print(f"{row['e2e']:>12}: kernels {','.join(row['kernels'])} on {row['linears']} linears; max |logit| "
                   f"{row['logit_max']:.3g}; max diff kernel vs bf16 reference {row['kernel_vs_reference_bf16']:.3g}, "
