@@ -75,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--settings", nargs="+", default=None, help="labels to run (default: all)")
+    ap.add_argument("--sq-samples", type=int, default=SQ_CALIB["samples"], help="SqueezeLLM's Fisher pass: sequences of 512")
     ap.add_argument("--fisher-dir", type=Path, default=cache_dir() / "fisher", help="kept Fisher diagonals, one folder a model")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
@@ -93,7 +94,7 @@ def main() -> None:
             qs = preset(scheme).weights if isinstance(scheme, str) else scheme
             options = dict(opts[0]) if opts else {}
             if method == "squeezellm":  # one Fisher pass per model, kept for its other settings
-                options.update(SQ_CALIB, fisher_dir=str(args.fisher_dir / model))
+                options.update(SQ_CALIB, samples=args.sq_samples, fisher_dir=str(args.fisher_dir / model))
             if model == "stories260K" and method in ("squeezellm", "hqq"):
                 fmt = "lowbit"  # down_proj's 172 columns: no whole 32-column SqueezeLLM words, no hqq groups
             with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +108,8 @@ def main() -> None:
                 row_extra = {"bpw_packed": packed_lut_bpw(src, qs.bits, options)}
             else:
                 row_extra = {}
+            if method == "squeezellm":
+                row_extra["fisher_calib"] = f"pydoc {options['samples']}x{options['seq_len']}"
             row = {"model": model, "setting": label, "method": method, "format": fmt, "ppl": r["ppl"], **row_extra,
                    "ref_ppl": r.get("ppl_ref"), "kl": r["kl_mean"], "top1": r["top1_agreement"],
                    "bpw": r["size"]["bpw_quantized"], "quantize_s": round(seconds, 1), "chunks": args.chunks,
