@@ -3,7 +3,7 @@
 Usage (a CUDA machine; prints a table and writes JSON lines)::
 
     python bench/bench_w4a16_kernels.py [--shapes 4096x4096,1024x4096,14336x4096,4096x14336]
-        [--tokens 1,4,16] [--group 128] [--sweep] [--out results.jsonl]
+        [--tokens 1,4,16,64] [--group 128] [--out results.jsonl]
 
 Llama-3-8B's linear shapes (``out x in``). Every timing is a CUDA graph of ``L`` calls, each on
 its own copy of the weight (``L`` copies hold more than 4x the GPU's L2 cache), replayed and
@@ -13,8 +13,11 @@ launch cost is the graph's, as in a CUDA-graph decode loop. Rows:
 * ``bf16``: ``F.linear`` on a bf16 weight (cuBLAS);
 * ``int4pack``: ``torch._weight_int4pack_mm`` (tinygemm) on the same 4-bit codes;
 * ``triton-wna16``: lowbit's tensor-core tile kernel;
-* ``triton-gemv``: lowbit's GEMV kernel with its own tile choice, and with ``--sweep`` the best
-  of a grid of tile sizes (the table then shows the chosen and the best configuration).
+* ``lowbit``: a QuantLinear layer as lowbit's runtime runs it (the kernel registry's choice,
+  named in the last column; ``torch-int4pack`` up to 16 bf16 tokens).
+
+(A Triton GEMV kernel was tried on 2026-12-08 and removed: at best 0.54x bf16 at 1 token after a
+sweep of tile sizes, bench/results/w4a16_kernels_h100_sweep.txt.)
 
 Each kernel's output is checked against the torch reference (dequantize, float32 matmul) on
 the same input; the maximum relative error is printed beside its time.
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods.rtn import rtn
 from lowbit.runtime import QuantLinear
-from lowbit.runtime.kernels.triton_gemv import GemvConfig, config, gemv_linear, prepared
+from lowbit.runtime.kernels import select
 from lowbit.runtime.kernels.triton_w4a16 import wna16_linear
 
 
@@ -77,8 +80,11 @@ def cell(row: dict, key: str) -> str:
     return f"{v:6.1f} ({row['bf16_us'] / v:4.2f}x)" if v else "-"
 
 
-def measure(shape: str, m: int, group: int, sweep: bool, dev: torch.device, dtype: torch.dtype, l2: int,
-            sms: int) -> dict:
+def layers_calls(layers: list, x: torch.Tensor) -> list:
+    return [partial(layer, x) for layer in layers]
+
+
+def measure(shape: str, m: int, group: int, dev: torch.device, dtype: torch.dtype, l2: int) -> dict:
     """One weight shape and token count: every kernel's time per call and its error."""
     n, k = (int(v) for v in shape.split("x"))
     torch.manual_seed(0)
@@ -88,16 +94,11 @@ def measure(shape: str, m: int, group: int, sweep: bool, dev: torch.device, dtyp
     copies_bf16 = max(4, -(-4 * l2 // (n * k * 2)))
     wb = [q.dequantized_weight(dtype).clone() for _ in range(copies_bf16)]
     qw = [q.qweight.clone() for _ in range(copies)]
-    sb = prepared(q)
-    sbs = [sb.clone() for _ in range(copies)]
     x = torch.randn(m, k, device=dev, dtype=dtype)
     ref = F.linear(x.float(), q.dequantized_weight(torch.float32))
 
     def err(y: torch.Tensor) -> float:
         return float((y.float() - ref).abs().max() / ref.abs().max())
-
-    def gemv_time(c: GemvConfig, reps: int = 20) -> float:
-        return graph_time([partial(gemv_linear, x, qw[i], sbs[i], 4, cfg=c) for i in range(copies)], reps)
 
     row: dict = {"shape": shape, "tokens": m, "group": group, "device": torch.cuda.get_device_name(dev)}
     row["bf16_us"] = graph_time([partial(F.linear, x, wb[i]) for i in range(copies_bf16)]) * 1e6
@@ -119,38 +120,19 @@ def measure(shape: str, m: int, group: int, sweep: bool, dev: torch.device, dtyp
     row["wna16_err"] = err(wna16_linear(x, q.qweight, q.scales, q.zeros, q.g_idx, 4, contiguous=True))
     row["wna16_us"] = graph_time([partial(wna16_linear, x, qw[i], q.scales, q.zeros, q.g_idx, 4, contiguous=True)
                                   for i in range(copies)]) * 1e6
-    cfg = config(m, n, k, group, 4, sms)
-    assert cfg is not None
-    row["gemv_config"] = str(cfg)
-    row["gemv_err"] = err(gemv_linear(x, q.qweight, sb, 4, cfg=cfg))
-    row["gemv_us"] = gemv_time(cfg) * 1e6
-    if sweep:
-        results = []
-        for bn, bk, sk, nw in itertools.product((16, 32, 64), (64, 128), (1, 2, 4, 8), (4, 8)):
-            c = GemvConfig(bn, bk, sk, nw, 3)
-            if k % (sk * bk) or group % bk:
-                continue
-            try:
-                results.append((gemv_time(c, 10), c))
-            except Exception as ex:  # noqa: BLE001 - a tile that does not compile is skipped
-                print("  skip", c, str(ex).splitlines()[0][:80])
-        t, c = min(results, key=lambda r: r[0])
-        for ns in (2, 4):  # stages for the best tile
-            c2 = GemvConfig(c.block_n, c.block_k, c.split_k, c.num_warps, ns)
-            t2 = gemv_time(c2, 10)
-            if t2 < t:
-                t, c = t2, c2
-        row["gemv_best_us"], row["gemv_best_config"] = t * 1e6, str(c)
-        row["gemv_best_err"] = err(gemv_linear(x, q.qweight, sb, 4, cfg=c))
+    layers = [QuantLinear.from_quantized(q.to_quantized()).to(dev) for _ in range(copies)]
+    row["lowbit_kernel"] = select(layers[0], x).name
+    with torch.inference_mode():
+        row["lowbit_err"] = err(layers[0](x))
+        row["lowbit_us"] = graph_time(layers_calls(layers, x)) * 1e6
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="4096x4096,1024x4096,14336x4096,4096x14336")
-    ap.add_argument("--tokens", default="1,4,16")
+    ap.add_argument("--tokens", default="1,4,16,64")
     ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out")
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -159,21 +141,19 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     rows = []
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, L2 {l2 / 2**20:.0f} MiB, {sms} SMs")
-    print(f"{'shape':>11} {'tok':>3} {'bf16 us':>8} {'int4pack':>15} {'triton-wna16':>15} {'triton-gemv':>15} "
-          f"{'gemv best':>15}  config")
+    print(f"{'shape':>11} {'tok':>3} {'bf16 us':>8} {'int4pack':>15} {'triton-wna16':>15} {'lowbit':>15}  kernel")
     for shape, m in itertools.product(a.shapes.split(","), [int(t) for t in a.tokens.split(",")]):
-        row = measure(shape, m, a.group, a.sweep, dev, dtype, l2, sms)
+        row = measure(shape, m, a.group, dev, dtype, l2)
         rows.append(row)
-        cells = " ".join(f"{cell(row, key):>15}" for key in ("int4pack", "wna16", "gemv", "gemv_best"))
-        print(f"{shape:>11} {m:>3} {row['bf16_us']:8.1f} {cells}  {row.get('gemv_best_config', row['gemv_config'])}  "
+        if a.out:  # after every row: a run cut short keeps what it measured
+            with open(a.out, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        cells = " ".join(f"{cell(row, key):>15}" for key in ("int4pack", "wna16", "lowbit"))
+        print(f"{shape:>11} {m:>3} {row['bf16_us']:8.1f} {cells}  {row['lowbit_kernel']}  "
               f"err int4pack {row.get('int4pack_err', float('nan')):.1e} wna16 {row['wna16_err']:.1e} "
-              f"gemv {row['gemv_err']:.1e}", flush=True)
+              f"lowbit {row['lowbit_err']:.1e}", flush=True)
         torch.cuda.empty_cache()
     print("ratios are bf16 time / kernel time (higher is faster); bandwidth limit for 4-bit g128 is about 3.8x")
-    if a.out:
-        with open(a.out, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

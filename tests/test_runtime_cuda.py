@@ -32,9 +32,10 @@ def test_triton_matches_reference(bits, group, g_idx, dtype, m, in_f):
     assert err <= 2e-2 * ref.abs().max().item(), err
     from lowbit.runtime.kernels import select
 
-    # the best kernel for this layer on CUDA: the GEMV for a few tokens of contiguous groups, else the tile kernel
-    few = x.shape[0] * x.shape[1] <= 16 and not g_idx
-    assert select(layer, x).name == ("triton-gemv" if few else "triton-wna16")
+    # the best kernel for this layer on CUDA: tinygemm for a few bf16 tokens of 4-bit groups, else the tile kernel
+    tiny = (x.shape[0] * x.shape[1] <= 16 and dtype == torch.bfloat16 and bits == 4 and layer.default_groups()
+            and in_f % 128 == 0 and in_f // layer.scales.shape[1] in (32, 64, 128, 256))
+    assert select(layer, x).name == ("torch-int4pack" if tiny else "triton-wna16")
     layer.kernel = "torch"
     assert select(layer, x).name == "torch"
     assert torch.allclose(layer(x).float(), ref, atol=2e-2 * ref.abs().max().item())
@@ -53,5 +54,6 @@ def test_layers_triton_cannot_run_fall_back_to_the_reference():
     layer = QuantLinear.from_quantized(qw, input_scheme=token).cuda()  # input quantization: the reference's
     assert select(layer, x).name == "torch"
     layer.set_input_scheme(None)
-    assert select(layer, x).name == "triton-gemv"  # 4 tokens
-    assert select(layer, torch.randn(32, 128, device="cuda", dtype=torch.float16)).name == "triton-wna16"
+    assert select(layer, x).name == "triton-wna16"  # float16: tinygemm takes bf16 only
+    assert select(layer, x.bfloat16()).name == "torch-int4pack"
+    assert select(layer, torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)).name == "triton-wna16"
