@@ -1,11 +1,16 @@
-"""Quality of bitsandbytes' codebooks (NF4, NF4 + double quantization, FP4) beside RTN integer grids.
+"""Quality of codebooks and calibration-free grids: bitsandbytes NF4/FP4, HQQ, SqueezeLLM lookup tables, beside RTN.
 
-For each model: quantize (``--method bnb --format bitsandbytes``; RTN to compressed-tensors), then
-``lowbit eval`` against the unquantized model on WikiText-2 test: PPL, KL-divergence, top-1
-agreement, and the bits per quantized weight of the file (scales, absmax codes, quant maps and
-quant-state JSON included). Rows go to ``--jsonl`` as they finish; the Markdown table to ``--out``.
+For each model and setting: quantize (bnb to ``bitsandbytes``, HQQ to ``hqq``, SqueezeLLM to ``squeezellm``,
+RTN to compressed-tensors; stories260K's HQQ and SqueezeLLM rows go to the ``lowbit`` container, its
+172-column down_proj fitting neither), then ``lowbit eval`` against the unquantized model on WikiText-2
+test: PPL, KL-divergence, top-1 agreement, and the bits per quantized weight of the file (scales, zero
+points, absmax codes, quant maps, lookup tables, sparse outliers included; ``bpw_packed``: SqueezeLLM's
+packed layout computed from the shapes, for stories260K whose container stores codes as bytes).
+SqueezeLLM's Fisher pass calibrates on pydoc (``--sq-samples`` sequences of 512), once per model
+(``--fisher-dir``). Rows go to ``--jsonl`` as they finish; the Markdown table to ``--out``.
 
-    OMP_NUM_THREADS=2 python bench/quality_codebooks.py [--models stories260K smollm2-135m] [--chunks 8]
+    OMP_NUM_THREADS=2 python bench/quality_codebooks.py [--models stories260K smollm2-135m gemma3-270m]
+        [--chunks 8] [--settings "SqueezeLLM 4 dense" "HQQ 3 g64" ...]
 """
 
 from __future__ import annotations
