@@ -6,7 +6,10 @@ at decode sizes. Here each program reads one row once: its absolute maximum, the
 ``amax / qmax`` (1 for an all-zero row; or the static scale), ``x / scale`` with IEEE division
 (``div_rn``), the clamp, and the cast to E4M3 (round to nearest even, as torch's cast) or the
 rounding half to even to int8 (``rint``, as ``torch.round``): the same codes and scales as the torch
-code, bit for bit (tests/test_w8a8_kernels.py checks it on CUDA). Per-token dynamic and static
+code, bit for bit (tests/test_w8a8_kernels.py checks it on CUDA; the int8 path and the scales also in
+Triton's CPU interpreter, whose FP8 cast rounds differently from the GPU's). The first call of each
+kind also compares its result with the torch code's and turns the kernel off, with a warning, if
+they differ; a kernel that fails to build does the same. Per-token dynamic and static
 per-tensor schemes only; anything else, or no Triton, takes the torch code.
 """
 
@@ -38,6 +41,8 @@ __all__ = ["ENABLED", "fast_rows", "quantize_rows_fast"]
 
 #: Set to False to take the torch code everywhere (the kernel bench times both).
 ENABLED = True
+#: (FP8?, dynamic?, input dtype) whose first Triton result was checked against the torch code's bits
+_CHECKED: set[tuple[bool, bool, torch.dtype]] = set()
 
 
 @_jit
@@ -84,13 +89,22 @@ def quantize_rows_fast(x: torch.Tensor, scheme: QuantScheme, input_scale: torch.
         assert input_scale is not None
         s = input_scale.float().reshape(1, 1).to(x.device)
     block = triton.next_power_of_2(k)
+    global ENABLED
     try:
         _rows_kernel[(m,)](x, q, s, k, x.stride(0), scheme.float_spec.max if fp8 else 127.0, FP8=fp8,
                            STATIC=not scheme.dynamic, BLOCK=block, num_warps=4 if block <= 4096 else 8)
     except Exception as exc:  # noqa: BLE001 - a Triton that cannot build it: the torch code, once said
-        global ENABLED
         ENABLED = False
         warnings.warn(f"lowbit: the Triton input-rounding kernel failed ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); using torch ops", stacklevel=2)
         return quantize_rows(x, scheme, input_scale)
+    key = (fp8, bool(scheme.dynamic), x.dtype)
+    if key not in _CHECKED and not torch.cuda.is_current_stream_capturing():  # once per kind: the torch code's bits?
+        _CHECKED.add(key)
+        ref_q, ref_s = quantize_rows(x, scheme, input_scale)
+        if not (torch.equal(q.view(torch.int8), ref_q.view(torch.int8)) and torch.equal(s, ref_s)):
+            ENABLED = False
+            warnings.warn("lowbit: the Triton input-rounding kernel's codes differ from the torch code's; "
+                          "using torch ops", stacklevel=2)
+            return ref_q, ref_s
     return q, s
