@@ -123,16 +123,22 @@ def main() -> None:
             rows.append(row)
             with args.jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-    lines = ["# bitsandbytes codebooks beside RTN integer grids (lowbit's runtime, float32 activations)", "",
+    lines = ["# Codebooks (NF4/FP4, SqueezeLLM lookup tables) and HQQ beside RTN integer grids (lowbit's runtime, "
+             "float32 activations)", "",
              f"WikiText-2 test, chunks of {args.ctx} tokens (second half of each scored), against the "
              "unquantized model. bpw: bits per quantized weight in the file (absmax or its 8-bit codes, nested "
-             "absmax, quant maps, quant-state JSON; RTN: scales and zero points). `python bench/quality_codebooks.py`. "
-             "SmolLM2-135M is the Q4_1 GGUF dequantized: its weights already sit on a 4-bit grid.", "",
+             "absmax, quant maps, quant-state JSON; RTN and HQQ: scales and zero points; SqueezeLLM: packed codes, "
+             "float32 tables, CSR outliers); in brackets SqueezeLLM's packed layout where the file is the lowbit "
+             "container (stories260K). `python bench/quality_codebooks.py`. stories260K's rows are 64 wide, so its "
+             "g64, g128 and per-channel grids coincide and a 16-entry float32 table per row costs 8 bits per weight. "
+             "SmolLM2-135M and Gemma-3-270M are Q4_1 / Q4_K_M GGUFs dequantized: their weights already sit on 4-bit "
+             "grids of 32-value blocks, which grouped grids follow and per-row tables do not.", "",
              "| model | setting | format | bpw | PPL | ref PPL | KL | top-1 | chunks |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = f"{r['ref_ppl']:.3f}" if r.get("ref_ppl") else "-"
-        lines.append(f"| {r['model']} | {r['setting']} | {r['format']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {ref} | "
+        bpw = f"{r['bpw']:.3f}" + (f" ({r['bpw_packed']:.3f})" if r.get("bpw_packed") and r["format"] == "lowbit" else "")
+        lines.append(f"| {r['model']} | {r['setting']} | {r['format']} | {bpw} | {r['ppl']:.3f} | {ref} | "
                      f"{r['kl']:.4f} | {r['top1']:.3f} | {r['chunks']} |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
