@@ -79,12 +79,24 @@ def perplexity(bin_dir: Path, model: Path, base: Path, text: Path, ctx: int, chu
     exe = str(bin_dir / "llama-perplexity")
     cmd = [exe, "-m", str(model), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads),
            "--kl-divergence-base", str(base)]
+    cache = log.parent / "ppl-cache.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
     if make_base:
-        out = _run(cmd, log, "Final estimate")
-        return {"ppl": _num(r"Final estimate: PPL = ([0-9.]+)", out)}
+        key = f"base:{model.name}:{ctx}:{chunks}"
+        if key not in known or not base.exists():
+            out = _run(cmd, log, "Final estimate")
+            known[key] = {"ppl": _num(r"Final estimate: PPL = ([0-9.]+)", out)}
+            cache.write_text(json.dumps(known, indent=1))
+        return known[key]
+    st = model.stat()
+    key = f"{model.name}:{st.st_size}:{st.st_mtime_ns}:{ctx}:{chunks}"  # a file made again is measured again
+    if key in known:
+        return known[key]
     out = _run(cmd + ["--kl-divergence"], log, "Same top p:")
-    return {"ppl": _num(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out), "kl": _num(r"Mean\s+KLD:\s*([0-9.]+)", out),
+    known[key] = {"ppl": _num(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out), "kl": _num(r"Mean\s+KLD:\s*([0-9.]+)", out),
             "kl_p99": _num(r"99\.0%\s+KLD:\s*([0-9.]+)", out), "top1": _num(r"Same top p:\s*([0-9.]+)", out) / 100}
+    cache.write_text(json.dumps(known, indent=1))
+    return known[key]
 
 
 def predicted(table, types: dict[str, str]) -> float | None:
@@ -167,7 +179,7 @@ def table_md(rows: list[dict]) -> str:
         rel = "" if r["file"].startswith("llama.cpp") or not ref else f"{100 * (r['kl'] / ref - 1):+.1f}%"
         pk = "" if r["predicted_kl"] is None else f"{r['predicted_kl']:.4f}"
         types = ", ".join(f"{k} {v}" for k, v in r["types"].items())
-        out.append(f"| {r['model']} | {r['file']} | {r['size']} | {r['bpw']:.3f} | {r['kl']:.5f} | {r['kl_p99']:.4f} "
+        out.append(f"| {r['model']} ({r['chunks']}x{r['ctx']}) | {r['file']} | {r['size']} | {r['bpw']:.3f} | {r['kl']:.5f} | {r['kl_p99']:.4f} "
                    f"| {r['ppl']:.3f} ({r['ppl_base']:.3f}) | {100 * r['top1']:.2f}% | {pk} | {rel} | {types} |")
     return "\n".join(out)
 
@@ -184,20 +196,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--llama-bin", default=str(LLAMA_BIN))
     ap.add_argument("--work", default="/work/scratch/12/mixed_precision")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mixed_precision"))
+    ap.add_argument("--merge", nargs="*", default=[], help="JSON-lines files of other runs whose rows join the table")
     a = ap.parse_args(argv)
     out = Path(a.out)
     jsonl = out.with_suffix(".jsonl")
     old = [json.loads(x) for x in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    old += [json.loads(x) for f in a.merge for x in Path(f).read_text().splitlines()]
     rows = [r for r in old if r["model"] not in a.models]
-    for m in a.models:
-        rows += run_model(m, a, Path(a.work) / m)
-        rows.sort(key=lambda r: (list(MODELS).index(r["model"]), r["mix"] not in a.mixes, r["mix"]))
+    for m in [*a.models, None]:
+        if m is not None:
+            rows += run_model(m, a, Path(a.work) / m)
+        order = {mix: i for i, mix in enumerate(a.mixes)}
+        rows.sort(key=lambda r: (list(MODELS).index(r["model"]), order.get(r["mix"], len(order)), r["mix"]))
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out.with_suffix(".md").write_text(
             "# Mixed precision to a budget: lowbit --to auto beside llama.cpp's mixes\n\n"
             "Every file made from the same F32 base with the same importance matrix (llama-imatrix on pydoc); "
             "lowbit's budget is each mix's tensor bytes. Measured by llama-perplexity --kl-divergence on "
-            f"WikiText-2 test ({a.chunks} chunks of {a.ctx}), not used for calibration. "
+            "WikiText-2 test (chunks x ctx beside each model), not used for calibration. "
             "`predicted KL` is lowbit's Fisher estimate (the allocator's objective) of each file's types.\n\n"
             + table_md(rows) + "\n\nCommand: `" + " ".join(["python", "bench/mixed_precision.py", *(argv or sys.argv[1:])])
             + "`\n", encoding="utf-8")

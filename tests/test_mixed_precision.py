@@ -49,7 +49,7 @@ def test_allocation_never_over_and_optimal_on_small_cases() -> None:
 
 def test_allocation_with_coarse_units_is_never_over_and_deterministic() -> None:
     rng = np.random.default_rng(1)
-    items = _random_items(rng, 200, 8)
+    items = _random_items(rng, 60, 8)
     lo, hi = sum(min(it.sizes) for it in items), sum(max(it.sizes) for it in items)
     for budget in (lo, lo + 1, (lo + hi) // 2, hi - 1, hi):
         pick = allocate(items, budget, resolution=97)  # units of many bytes: rounded up, then filled
@@ -84,7 +84,7 @@ def stories_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lowbit.mix.sensitivity import FisherSettings
 
     path = tmp_path_factory.mktemp("auto") / "sensitivity.json"
-    measure(STORIES, settings=FisherSettings(ctx=128, chunks=4)).save(path)
+    measure(STORIES, settings=FisherSettings(ctx=64, chunks=2)).save(path)
     return path
 
 
@@ -155,16 +155,16 @@ def test_fisher_prediction_matches_the_kl_of_one_quantized_tensor() -> None:
     from lowbit.models import load
 
     loaded = load(STORIES)
-    chunks = calibration_chunks(loaded.tokenizer, FisherSettings(ctx=128, chunks=8))
+    chunks = calibration_chunks(loaded.tokenizer, FisherSettings(ctx=128, chunks=4))
     fisher = fisher_diagonal(loaded.model, chunks, seed=0)
     params = dict(loaded.model.named_parameters())
-    ref_lp = _log_probs(loaded.model, chunks, 0, 8)
+    ref_lp = _log_probs(loaded.model, chunks, 0, 4)
     for name in ("model.layers.1.mlp.gate_proj.weight", "model.layers.3.self_attn.v_proj.weight",
                  "model.embed_tokens.weight"):
         w = params[name].detach().float()
         wq = torch.from_numpy(dequantize_bytes(quantize_array(w.numpy(), T.Q4_0), T.Q4_0, tuple(w.shape)))
         with _Swap(params, {name: wq})([name]):
-            measured = _kl(ref_lp, _log_probs(loaded.model, chunks, 0, 8))
+            measured = _kl(ref_lp, _log_probs(loaded.model, chunks, 0, 4))
         pred = predicted_kl(fisher[name], w, wq)
         assert 0.5 < pred / measured < 2.0, (name, pred, measured)
 
@@ -179,7 +179,7 @@ def test_hf_auto_checkpoint_within_budget_with_several_config_groups(tmp_path: P
     from lowbit.models import load
 
     table = tmp_path / "hf-sensitivity.json"
-    measure(STORIES, FisherSettings(ctx=128, chunks=4)).save(table)
+    measure(STORIES, FisherSettings(ctx=64, chunks=2)).save(table)
     out = tmp_path / "auto-ct"
     assert main(["--quiet", "quantize", str(STORIES), "--scheme", "auto", "--target-bpw", "7.5", "--sensitivity",
                  str(table), "-o", str(out), "--json"]) == 0
