@@ -14,10 +14,12 @@ the same calls timed with CUDA events over many iterations). Rows:
 * ``fp8``: lowbit's whole FP8_DYNAMIC linear (``QuantLinear`` through the kernel registry, which
   picks ``scaled-mm-fp8``): per-token E4M3 rounding of the bf16 input (one Triton launch), then
   ``torch._scaled_mm`` with row-wise scales; ``fp8 torchq``: the same with the rounding in torch ops
-  (no Triton); ``fp8 gemm``: ``torch._scaled_mm`` alone on inputs quantized beforehand;
+  (no Triton); ``fp8 tw+scale``: the same linear with ``scaled_mm_fp8.ROWWISE = False`` (the GEMM with
+  unit tensor-wise scales and float32 output, then one Triton launch applying both scales);
+  ``fp8 gemm``: ``torch._scaled_mm`` alone (row-wise scales) on inputs quantized beforehand;
 * ``int8``, ``int8 torchq``, ``int8 gemm``: lowbit's whole W8A8 linear (``int-mm-w8a8``): per-token
-  int8 rounding, ``torch._int_mm`` (inputs of 16 rows or fewer padded to 32), float32 scaling; the
-  same with torch rounding; ``torch._int_mm`` alone.
+  int8 rounding (one Triton launch, padding included), ``torch._int_mm`` (inputs of 16 rows or fewer
+  padded to 32), the scaling (one Triton launch); the same with torch ops; ``torch._int_mm`` alone.
 
 Ratios are bf16 time / kernel time (higher is faster). Beside each kernel, its maximum absolute
 error against the fake-quant oracle (the same layer forced to the ``torch`` reference kernel:
@@ -53,7 +55,7 @@ from lowbit.core.floatq import quantize_fp8, quantize_int
 from lowbit.core.presets import preset
 from lowbit.runtime import QuantLinear
 from lowbit.runtime.activations import quantize_rows
-from lowbit.runtime.kernels import _rows_triton, select
+from lowbit.runtime.kernels import _rows_triton, scaled_mm_fp8, select
 from lowbit.runtime.kernels._w8a8 import int_mm_rows
 
 KERNELS = {"fp8": ("FP8_DYNAMIC", "scaled-mm-fp8"), "int8": ("W8A8", "int-mm-w8a8")}
@@ -142,6 +144,13 @@ def measure(shape: str, m: int, dev: torch.device, l2: int, timer: Callable[...,
         copies = max(2, -(-4 * l2 // (n * k)))
         layers = [layer] + [copy.deepcopy(layer) for _ in range(copies - 1)]
         guarded(timer, row, kind)([partial(lay, x) for lay in layers])
+        if kind == "fp8":  # the variant: unit tensor-wise scales, float32 sums, then one scaling launch
+            scaled_mm_fp8.ROWWISE = False
+            try:
+                row["fp8_tw_err"] = float((layer(x).float() - ref).abs().max())
+                guarded(timer, row, "fp8_tw")([partial(lay, x) for lay in layers])
+            finally:
+                scaled_mm_fp8.ROWWISE = True
         enabled, _rows_triton.ENABLED = _rows_triton.ENABLED, False
         try:
             guarded(timer, row, f"{kind}_torchq")([partial(lay, x) for lay in layers])
@@ -249,12 +258,13 @@ def main() -> None:
     rows = []
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, L2 {l2 / 2**20:.0f} MiB, "
           f"{'CUDA events' if a.no_graph else 'CUDA graphs'}, weights from HBM")
-    print(f"{'shape':>11} {'tok':>4} {'bf16 us':>8} {'fp8 (lowbit)':>15} {'fp8 torchq':>15} {'fp8 gemm':>15} "
+    print(f"{'shape':>11} {'tok':>4} {'bf16 us':>8} {'fp8 (lowbit)':>15} {'fp8 tw+scale':>15} {'fp8 torchq':>15} {'fp8 gemm':>15} "
           f"{'int8 (lowbit)':>15} {'int8 torchq':>15} {'int8 gemm':>15}  max abs err vs oracle (oracle max)")
     for shape, m in itertools.product(a.shapes.split(","), [int(t) for t in a.tokens.split(",")]):
         row = measure(shape, m, dev, l2, timer)
         rows.append(row)
-        cells = " ".join(cell(row, key) for key in ("fp8", "fp8_torchq", "fp8_gemm", "int8", "int8_torchq", "int8_gemm"))
+        cells = " ".join(cell(row, key) for key in ("fp8", "fp8_tw", "fp8_torchq", "fp8_gemm", "int8", "int8_torchq",
+                                                   "int8_gemm"))
         problems = "; ".join(f"{k}: {v}" for k, v in row.items() if k.endswith("_error"))
         print(f"{shape:>11} {m:>4} {row['bf16_us']:8.1f} {cells}  fp8 {row['fp8_err']:.3g} int8 {row['int8_err']:.3g} "
               f"({row['fp8_ref_max']:.3g}) {problems}", flush=True)

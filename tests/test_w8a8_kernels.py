@@ -174,6 +174,25 @@ def test_kernel_arithmetic_equals_the_reference(wscheme, ascheme, dtype, shape):
     _close(run(layer, x), _reference(layer, x))
 
 
+def test_fp8_unit_scales_then_scaling_equals_the_reference(monkeypatch):
+    monkeypatch.setattr(fp8_module, "ROWWISE", False)  # tensor-wise GEMM with scales 1, float32 sums, then scale_rows
+    for ws, a in ((FP8_W_CHANNEL, FP8_TOKEN), (FP8_W_TENSOR, FP8_TOKEN), (FP8_W_CHANNEL, FP8_STATIC)):
+        layer = _layer(ws, a)
+        x = _x((2, 9, 64), torch.bfloat16)
+        _close(scaled_mm_fp8(layer, x), _reference(layer, x))
+
+
+def test_rounding_pads_rows_with_zeros():
+    from lowbit.runtime.kernels._rows_triton import quantize_rows_fast
+
+    x = _x((5, 64))
+    for scheme in (INT8_TOKEN, FP8_TOKEN, INT8_STATIC):
+        q, s = quantize_rows_fast(x, scheme, torch.tensor([0.02]), rows=32)
+        q0, s0 = quantize_rows(x, scheme, torch.tensor([0.02]))
+        assert q.shape == (32, 64) and q.dtype == q0.dtype and torch.equal(q[:5].float(), q0.float())
+        assert not q[5:].float().any() and torch.equal(s[:5], s0) and bool((s[5:] == 1).all())
+
+
 def test_the_cached_weight_follows_the_layer():
     layer = _layer(INT8_W, INT8_TOKEN)
     x = _x((20, 64))
@@ -207,6 +226,28 @@ def test_cuda_fused_input_rounding_is_the_torch_code_bit_for_bit(scheme, dtype, 
     assert torch.equal(codes.view(torch.int8), ref_codes.view(torch.int8)) and torch.equal(s, ref_s)
     if importlib.util.find_spec("triton") is not None:
         assert fast_rows(x, scheme), "the Triton kernel failed and was turned off (see the warning)"
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("acc_dtype, m", [(torch.int32, 1), (torch.int32, 40), (torch.float32, 7)])
+def test_cuda_scaling_launch_is_the_torch_code_bit_for_bit(dtype, acc_dtype, m, monkeypatch):
+    from lowbit.runtime.kernels import _rows_triton
+
+    g = torch.Generator().manual_seed(m)
+    rows = max(m, 32)
+    acc = (torch.randint(-(2**20), 2**20, (rows, 3000), generator=g) if acc_dtype == torch.int32
+           else torch.randn(rows, 3000, generator=g) * 1e3).to(acc_dtype).cuda()
+    sa, sb, bias = torch.rand(rows, 1).cuda(), torch.rand(1, 3000).cuda(), torch.randn(3000).cuda().to(dtype)
+    for per_row in (sa, sa[:1, :1].contiguous()):
+        for b in (None, bias):
+            y = _rows_triton.scale_rows(acc, per_row, sb, b, m, dtype)
+            if importlib.util.find_spec("triton") is not None:
+                assert _rows_triton.ENABLED, "the Triton scaling kernel failed or differed and was turned off"
+            monkeypatch.setattr(_rows_triton, "ENABLED", False)
+            ref = _rows_triton.scale_rows(acc, per_row, sb, b, m, dtype)
+            monkeypatch.setattr(_rows_triton, "ENABLED", True)
+            assert torch.equal(y, ref)
 
 
 @cuda

@@ -6,11 +6,12 @@ activations are symmetric int8 with one scale per token (dynamic) or per tensor 
 static with the layer's ``input_scale``). The input is rounded by
 :func:`~lowbit.runtime.activations.quantize_rows` to exactly the codes and scales of the
 reference's :func:`~lowbit.runtime.activations.fake_quantize_input`; the int32 sums are exact, then
-scaled in float32 (``acc * s_token * s_channel``, plus the bias) and cast to the input's dtype.
+scaled in float32 (``acc * s_token * s_channel``, plus the bias) and cast to the input's dtype (on
+CUDA the rounding and this scaling are one Triton launch each, :mod:`._rows_triton`).
 The signed int8 weight (codes minus the zero point 128, ``[N, K]`` row-major, given to the GEMM
 transposed: column-major) is made once per layer and kept beside its packed codes (as many bytes
 again). ``torch._int_mm`` needs more than 16 rows on CUDA: smaller inputs (decoding) are
-zero-padded to 32 rows. ``K``, ``N`` not multiples of 8, asymmetric grids and other devices go to
+zero-padded to 32 rows (by the rounding kernel). ``K``, ``N`` not multiples of 8, asymmetric grids and other devices go to
 the next kernel, in the end the reference.
 """
 
@@ -19,11 +20,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from ..activations import rows_quantizable
 from . import Kernel, register
-from ._rows_triton import quantize_rows_fast
+from ._rows_triton import quantize_rows_fast, scale_rows
 from ._w8a8 import DTYPES, int_mm_accepts, int_mm_rows, rows, weight_cache
 
 if TYPE_CHECKING:
@@ -54,17 +54,12 @@ def int_mm_w8a8(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T + bias`` of an int8 W8A8 layer through ``torch._int_mm`` (also runs on the CPU, for tests)."""
     assert layer.input_scheme is not None
     k, n = layer.in_features, layer.out_features
-    codes, sa = quantize_rows_fast(x.reshape(-1, k), layer.input_scheme, layer.input_scale)
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    codes, sa = quantize_rows_fast(x2, layer.input_scheme, layer.input_scale, rows=int_mm_rows(m))
     wt, sb = weight_cache(layer, _weight)
-    m = codes.shape[0]
-    padded = int_mm_rows(m)
-    if padded != m:
-        codes = F.pad(codes, (0, 0, 0, padded - m))
-    acc = torch._int_mm(codes, wt)[:m]
-    y = acc.float() * sa * sb
-    if layer.bias is not None:
-        y = y + layer.bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    acc = torch._int_mm(codes, wt)
+    return scale_rows(acc, sa, sb, layer.bias, m, x.dtype).reshape(*x.shape[:-1], n)
 
 
 @register

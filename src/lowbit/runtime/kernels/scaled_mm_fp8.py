@@ -21,13 +21,19 @@ import torch
 
 from ..activations import rows_quantizable
 from . import Kernel, register
-from ._rows_triton import quantize_rows_fast
+from ._rows_triton import quantize_rows_fast, scale_rows
 from ._w8a8 import DTYPES, rows, scaled_mm_accepts, weight_cache
 
 if TYPE_CHECKING:
     from ..qlinear import QuantLinear
 
-__all__ = ["ScaledMMFP8", "fp8_layer", "scaled_mm_fp8"]
+__all__ = ["ROWWISE", "ScaledMMFP8", "fp8_layer", "scaled_mm_fp8"]
+
+#: Per-token / per-channel scales through ``torch._scaled_mm``'s row-wise scaling (True), or unit
+#: tensor-wise scales with float32 output and :func:`._rows_triton.scale_rows` after it (False; the bench
+#: times both: which is faster depends on the shape and on torch's kernels).
+ROWWISE = True
+_ONE: dict[torch.device, torch.Tensor] = {}
 
 
 @functools.cache
@@ -67,6 +73,10 @@ def scaled_mm_fp8(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         sa = sa.expand(codes.shape[0], 1).contiguous()
         if sb.numel() == 1:
             sb = sb.reshape(1, 1).expand(1, n).contiguous()
+        if not ROWWISE:  # unit tensor-wise scales, float32 sums, then one scaling launch
+            one = _ONE.get(x.device) or _ONE.setdefault(x.device, torch.ones((), device=x.device))
+            acc = torch._scaled_mm(codes, wt, scale_a=one, scale_b=one, out_dtype=torch.float32)
+            return scale_rows(acc, sa, sb, layer.bias, codes.shape[0], x.dtype).reshape(*x.shape[:-1], n)
     y = torch._scaled_mm(codes, wt, scale_a=sa, scale_b=sb, out_dtype=x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)
