@@ -51,8 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fisher-chunks", type=int, default=8)
     ap.add_argument("--work", default="/work/scratch/12/mixed_precision_hf")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mixed_precision_hf"))
+    ap.add_argument("--from-jsonl", help="only write the table of these rows (no run)")
     a = ap.parse_args(argv)
-    rows = []
+    rows: list[dict] = []
+    if a.from_jsonl:
+        write([json.loads(x) for x in Path(a.from_jsonl).read_text().splitlines()], Path(a.out), argv)
+        return
     settings = EvalSettings(text=WIKITEXT, ctx=a.ctx, max_chunks=a.chunks)
     for m in a.models:
         src = MODELS[m] or str(STORIES)
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             bits, group = (int(x) for x in spec.split(":"))
             uni = work / f"uniform-w{bits}g{group}"
             if not uni.exists():
-                api.quantize(src, uni, recipe=Recipe(scheme=QuantScheme(bits, group, False)))
+                api.quantize(src, uni, recipe=Recipe(scheme=QuantScheme(bits, group, False), group_fallback=True))
             size = payload(uni)
             auto = work / f"auto-at-w{bits}g{group}"
             rep: dict = {}
@@ -74,11 +78,15 @@ def main(argv: list[str] | None = None) -> None:
                 nb = payload(path)
                 row = {"model": m, "file": label, "tensor_bytes": nb, "bpw": round(8 * nb / table.n_weights, 4),
                        "kl": ev["kl_mean"], "ppl": ev["ppl"], "ppl_ref": ev.get("ppl_ref"), "top1": ev.get("top1_agreement"),
-                       "types": rep.get("auto", {}).get("types"), "predicted_kl": rep.get("auto", {}).get("predicted_kl"),
+                       "types": rep["auto"]["types"] if path == auto else None,
+                       "predicted_kl": rep["auto"]["predicted_kl"] if path == auto else None,
                        "ctx": a.ctx, "chunks": a.chunks}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    out = Path(a.out)
+    write(rows, Path(a.out), argv)
+
+
+def write(rows: list[dict], out: Path, argv: list[str] | None) -> None:
     out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     lines = ["| model | file | tensor bytes | bpw | KL mean | PPL (ref) | top-1 | KL vs uniform | schemes |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
