@@ -74,10 +74,15 @@ def _logits(model: torch.nn.Module, batch: torch.Tensor, first: int = 0) -> torc
 
 def _nll(logits: torch.Tensor, batch: torch.Tensor, first: int) -> torch.Tensor:
     """Negative log-likelihood of tokens ``first+1 .. ctx-1`` given their prefixes, flat, from the
-    logits of positions ``first..ctx-1`` (:func:`_logits`)."""
-    lp = F.log_softmax(logits[:, :-1], dim=-1)
-    target = batch[:, first + 1 :].to(lp.device)
-    return -lp.gather(-1, target[..., None]).squeeze(-1).reshape(-1).cpu()
+    logits of positions ``first..ctx-1`` (:func:`_logits`); one chunk at a time, so the
+    log-softmax needs one chunk's vocab-wide buffer, not the batch's."""
+    out = []
+    for j in range(logits.shape[0]):
+        lp = F.log_softmax(logits[j, :-1], dim=-1)
+        target = batch[j, first + 1 :].to(lp.device)
+        out.append(-lp.gather(-1, target[:, None]).squeeze(-1).cpu())
+        del lp
+    return torch.cat(out)
 
 
 def _summarize(nll: torch.Tensor) -> tuple[float, float, float]:
