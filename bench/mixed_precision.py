@@ -215,6 +215,12 @@ def main(argv: list[str] | None = None) -> None:
             "lowbit's budget is each mix's tensor bytes. Measured by llama-perplexity --kl-divergence on "
             "WikiText-2 test (chunks x ctx beside each model), not used for calibration. "
             "`predicted KL` is lowbit's Fisher estimate (the allocator's objective) of each file's types.\n\n"
+            "stories260K is the float model. SmolLM2-135M and Gemma-3-270M are the demo GGUFs, whose weights already "
+            "sit on a 4-bit grid (Q4_1; Q4_K_M): a type equal to a tensor's source type reproduces it exactly, which "
+            "--to auto finds (its measured error is zero there) and llama.cpp's mixes do not (their K-quants fall back "
+            "on rows of 576 or 640 values, Q4_K to Q5_0, and re-round); those rows show the allocator on such files, "
+            "not on float weights. Their KL is not zero even where every tensor keeps its source values: llama.cpp "
+            "rounds the activations of quantized matmuls, not those of the F32 base.\n\n"
             + table_md(rows) + "\n\nCommand: `" + " ".join(["python", "bench/mixed_precision.py", *(argv or sys.argv[1:])])
             + "`\n", encoding="utf-8")
 
