@@ -28,38 +28,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import graph_time
 
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods.rtn import rtn
 from lowbit.runtime import QuantLinear
 from lowbit.runtime.kernels import select
 from lowbit.runtime.kernels.triton_w4a16 import wna16_linear
-
-
-def graph_time(calls: list, reps: int = 20) -> float:
-    """Seconds per call: one CUDA graph holding ``calls`` in sequence, replayed ``reps`` times."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:  # warm-up (compiles Triton kernels, allocates)
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        g.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / (reps * len(calls))
 
 
 def int4pack(q: QuantLinear, dtype: torch.dtype, high_first: bool) -> tuple[torch.Tensor, torch.Tensor]:

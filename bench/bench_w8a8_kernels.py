@@ -43,13 +43,13 @@ import copy
 import itertools
 import json
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import graph_time
 
 from lowbit.core.floatq import quantize_fp8, quantize_int
 from lowbit.core.presets import preset
@@ -59,27 +59,6 @@ from lowbit.runtime.kernels import _rows_triton, scaled_mm_fp8, select
 from lowbit.runtime.kernels._w8a8 import int_mm_rows
 
 KERNELS = {"fp8": ("FP8_DYNAMIC", "scaled-mm-fp8"), "int8": ("W8A8", "int-mm-w8a8")}
-
-
-def graph_time(calls: list[Callable[[], object]], reps: int = 20) -> float:
-    """Seconds per call: one CUDA graph holding ``calls`` in sequence, replayed ``reps`` times."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:  # warm-up: allocations, cuBLAS handles, lowbit's per-layer weight views
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        g.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / (reps * len(calls))
 
 
 def event_time(calls: list[Callable[[], object]], reps: int = 50) -> float:

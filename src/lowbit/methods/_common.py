@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -46,6 +46,23 @@ def keeps_float(scheme: QuantScheme | None, w: torch.Tensor, where: str) -> bool
         warnings.warn(f"{where}: group size {scheme.group_size} does not divide {w.shape[1]}; left float", stacklevel=3)
         return True
     return False
+
+
+def layer_weights(ctx: Any, lookup: Callable[[str], QuantScheme | None]) -> Iterator[tuple[str, torch.Tensor, str, QuantScheme]]:
+    """The weights of ``ctx``'s layer to quantize, in the adapter's order: ``(name in the layer, weight,
+    full HF name, scheme)``; those :func:`keeps_float` keeps are skipped."""
+    from lowbit.models.adapters import get_weight
+    from lowbit.models.layers import full_weight_name
+
+    for group in ctx.adapter.sequential_for(ctx.layer):
+        for name in group:
+            w = get_weight(ctx.adapter, ctx.layer, name)
+            full = full_weight_name(ctx.adapter, ctx.index, name)
+            scheme = lookup(full)
+            if keeps_float(scheme, w, full):
+                continue
+            assert scheme is not None
+            yield name, w, full, scheme
 
 
 def split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:

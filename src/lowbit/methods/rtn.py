@@ -22,7 +22,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.adapters import get_weight, set_weight
 from lowbit.models.layers import LayerContext, LayerResult, full_weight_name
 
-from ._common import Rules, keeps_float, rules_fingerprint, scheme_lookup
+from ._common import Rules, keeps_float, layer_weights, rules_fingerprint, scheme_lookup
 from .registry import Method, register_method
 
 #: Linears that vLLM fuses into one (q/k/v, gate/up...), so share one NVFP4 global scale (llm-compressor's list).
@@ -105,24 +105,17 @@ class RTNHandler:
         lookup = scheme_lookup(self.scheme, self.rules)
         input_amax = self._input_amax(ctx, lookup) if self.needs_inputs else {}
         group_amax = fused_amax(ctx, lookup, self.dtype)
-        for group in ctx.adapter.sequential_for(ctx.layer):
-            for name in group:
-                w = get_weight(ctx.adapter, ctx.layer, name)
-                full = full_weight_name(ctx.adapter, ctx.index, name)
-                scheme = lookup(full)
-                if keeps_float(scheme, w, full):
-                    continue
-                assert scheme is not None
-                qw = self.round(w, scheme) if name not in group_amax else self.round(w, scheme, group_amax[name])
-                if name in input_amax:
-                    assert scheme.activations is not None
-                    amax = input_amax[name].to(self.dtype).reshape(1)
-                    if nvfp4(scheme.activations):
-                        qw.extra["input_global_scale"] = nvfp4_global_scale(amax)
-                    else:
-                        qw.extra["input_scale"] = symmetric_scale(amax, half_range(scheme.activations))
-                set_weight(ctx.adapter, ctx.layer, name, qw.dequantize(w.dtype))
-                res.weights[name] = qw.to("cpu")
+        for name, w, _, scheme in layer_weights(ctx, lookup):
+            qw = self.round(w, scheme) if name not in group_amax else self.round(w, scheme, group_amax[name])
+            if name in input_amax:
+                assert scheme.activations is not None
+                amax = input_amax[name].to(self.dtype).reshape(1)
+                if nvfp4(scheme.activations):
+                    qw.extra["input_global_scale"] = nvfp4_global_scale(amax)
+                else:
+                    qw.extra["input_scale"] = symmetric_scale(amax, half_range(scheme.activations))
+            set_weight(ctx.adapter, ctx.layer, name, qw.dequantize(w.dtype))
+            res.weights[name] = qw.to("cpu")
         return res
 
     def _input_amax(self, ctx: LayerContext, lookup: Any) -> dict[str, torch.Tensor]:

@@ -44,10 +44,10 @@ from lowbit.core.quantized import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.fileio import atomic_file
-from lowbit.models.adapters import get_weight, set_weight
-from lowbit.models.layers import LayerContext, LayerResult, full_weight_name
+from lowbit.models.adapters import set_weight
+from lowbit.models.layers import LayerContext, LayerResult
 
-from ._common import Rules, keeps_float, rules_fingerprint, scheme_lookup
+from ._common import Rules, keeps_float, layer_weights, rules_fingerprint, scheme_lookup
 from .registry import Method, register_method
 
 #: how values are weighted in the k-means (``weighting``): the Fisher diagonal, or all equally
@@ -304,17 +304,10 @@ class SqueezeLLMHandler:
         res = LayerResult()
         lookup = scheme_lookup(self.scheme, self.rules)
         fisher = self._fisher(f"fisher_{ctx.index:03d}.safetensors")
-        for group in ctx.adapter.sequential_for(ctx.layer):
-            for name in group:
-                w = get_weight(ctx.adapter, ctx.layer, name)
-                full = full_weight_name(ctx.adapter, ctx.index, name)
-                scheme = lookup(full)
-                if keeps_float(scheme, w, full):
-                    continue
-                assert scheme is not None
-                qw = self.round(w, scheme, fisher.get(name), full)
-                set_weight(ctx.adapter, ctx.layer, name, qw.dequantize(w.dtype))
-                res.weights[name] = qw.to("cpu")
+        for name, w, full, scheme in layer_weights(ctx, lookup):
+            qw = self.round(w, scheme, fisher.get(name), full)
+            set_weight(ctx.adapter, ctx.layer, name, qw.dequantize(w.dtype))
+            res.weights[name] = qw.to("cpu")
         return res
 
     def quantize_linear(self, name: str, w: torch.Tensor, scheme: QuantScheme, inputs: list[torch.Tensor] | None,
