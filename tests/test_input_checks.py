@@ -357,11 +357,13 @@ def test_sharded_index_is_validated(stories_copy):
 
 def test_every_reader_of_user_safetensors_validates_first():
     """Only models/checkpoint.py opens user safetensors (after validating the header); the result
-    store, the selfgen cache and the evaluation's reference cache read lowbit's own files."""
+    store, the selfgen cache, the evaluation's reference cache and SqueezeLLM's scratch and Fisher
+    cache (written by lowbit, stamped last) read lowbit's own files."""
     src = Path(__file__).resolve().parents[1] / "src" / "lowbit"
     users = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
                    if "safe_open(" in p.read_text() or "load_file(" in p.read_text())
-    assert set(users) <= {"models/checkpoint.py", "models/selfgen.py", "models/store.py", "eval/perplexity.py"}, users
+    assert set(users) <= {"models/checkpoint.py", "models/selfgen.py", "models/store.py", "eval/perplexity.py",
+                          "methods/squeezellm.py"}, users
 
 
 # --- 4: tensors against the architecture --------------------------------------------------------------
