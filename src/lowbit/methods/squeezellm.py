@@ -96,17 +96,13 @@ def fisher_diagonal(config: Any, ckpt: Any, calib: Any, folder: Path, device: to
     """Write the Fisher diagonal of every decoder-layer linear to ``folder/fisher_{i:03d}.safetensors``
     (layer-relative names; ``fisher_outer.safetensors`` holds ``lm_head.weight`` when ``lm_head``);
     returns the number of layers. See the module doc."""
-    from lowbit.models.adapters import check_model, get_adapter, get_submodule
-    from lowbit.models.capture import build_skeleton, capture_all_layer_args, free_outer, materialise_outer
+    from lowbit.models.adapters import get_submodule
+    from lowbit.models.capture import capture_all_layer_args, free_outer, layer_stack, materialise_outer
     from lowbit.models.layers import free_layer, load_layer_weights, run_layer
     from lowbit.progress import bar
 
     device = torch.device(device)
-    config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
-    adapter = get_adapter(config)
-    model = build_skeleton(config)
-    check_model(adapter, model)
-    layers = get_submodule(model, adapter.layers)
+    adapter, model, layers = layer_stack(config)
     n_layers = len(layers)
     materialise_outer(adapter, model, ckpt, device, dtype)
     ids_list, masks, kwargs, hidden = [], [], [], []

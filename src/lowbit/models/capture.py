@@ -19,7 +19,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 
-from .adapters import Adapter, get_submodule, is_expert_slot
+from .adapters import Adapter, check_model, get_adapter, get_submodule, is_expert_slot
 
 # --- the skeleton and the inputs of layer 0 -------------------------------------------------------
 
@@ -52,6 +52,16 @@ def build_skeleton(config: Any) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config)
     model.eval()
     return model
+
+
+def layer_stack(config: Any) -> tuple[Adapter, nn.Module, nn.ModuleList]:
+    """What a layer-streaming pass starts from: the architecture's adapter, the meta skeleton (checked
+    against it; SDPA attention unless the config names another) and its decoder layers."""
+    config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    adapter = get_adapter(config)
+    model = build_skeleton(config)
+    check_model(adapter, model)
+    return adapter, model, get_submodule(model, adapter.layers)
 
 
 def materialise_outer(adapter: Adapter, model: nn.Module, ckpt: Any, device: torch.device, dtype: torch.dtype) -> None:

@@ -30,9 +30,9 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.memory import trim
 
-from .adapters import Adapter, check_model, get_adapter, get_submodule
+from .adapters import Adapter, get_submodule
 from .calibration import CalibrationData
-from .capture import build_skeleton, capture_all_layer_args, free_outer, materialise_outer
+from .capture import capture_all_layer_args, free_outer, layer_stack, materialise_outer
 from .layers import LayerContext, LayerHandler, LayerInputs, apply_result, free_layer, load_layer_weights, run_layer
 from .manifest import (
     finished_layers,
@@ -107,11 +107,7 @@ def stream_quantize(
     from lowbit.progress import bar
 
     device = torch.device(device)
-    config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
-    adapter = get_adapter(config)
-    model = build_skeleton(config)
-    check_model(adapter, model)
-    layers = get_submodule(model, adapter.layers)
+    adapter, model, layers = layer_stack(config)
     n_layers = len(layers)
 
     scratch = None
